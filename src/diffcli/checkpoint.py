@@ -1,0 +1,145 @@
+"""Checkpoints as safetensors, never pickle.
+
+- `model.safetensors`: weights (EMA) plus metadata {"format": "diffcli", "config": JSON
+  of the run config, "class_names": JSON list, "step", "epoch", "version"}. Enough to sample.
+- `train_state.safetensors`: raw and EMA weights, optimizer moments, RNG states; its
+  metadata holds the scalars (step, epoch, optimizer hyper-parameters) as JSON.
+
+Every write goes to a temporary file in the same folder, is fsynced, then renamed
+over the target, so a crash leaves either the old file or the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+from diffcli.errors import UserError
+
+FORMAT = "diffcli"
+MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_tensors(path: Path, tensors: dict, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
+
+
+def read_header(path: str | Path) -> dict:
+    """The safetensors JSON header (tensor dtypes, shapes, metadata) without reading the weights."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint '{path}' does not exist.")
+    if path.is_dir():
+        raise UserError(f"'{path}' is a folder; pass the .safetensors file inside it (usually {path / 'model.safetensors'}).")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(9)
+            if raw[:2] == b"PK" or raw[:1] == b"\x80":  # zip (torch.save) or pickle protocol >= 2
+                raise UserError(f"'{path}' looks like a pickle/PyTorch file; diffcli loads only .safetensors and never unpickles files.")
+            if len(raw) < 9 or raw[8:9] != b"{":
+                raise ValueError("it does not start with a safetensors header")
+            (n,) = struct.unpack("<Q", raw[:8])
+            if n > MAX_HEADER or n > path.stat().st_size - 8:
+                raise ValueError("its header runs past the end of the file")
+            f.seek(8)
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("its header is not a JSON object")
+    except PermissionError:
+        raise UserError(f"'{path}' cannot be read (permission denied).") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"'{path}' is not a readable safetensors file: {e}.") from None
+    return header
+
+
+def model_metadata(header: dict) -> dict:
+    """The diffcli metadata of a model file: config (dict), class_names (list), step, epoch, version."""
+    meta = header.get("__metadata__") or {}
+    if meta.get("format") != FORMAT or "config" not in meta:
+        raise UserError("this safetensors file was not written by diffcli (no diffcli config in its metadata).")
+    try:
+        return {
+            "config": json.loads(meta["config"]),
+            "class_names": json.loads(meta.get("class_names", "[]")),
+            "step": int(meta.get("step", 0)),
+            "epoch": float(meta.get("epoch", 0)),
+            "version": meta.get("version", "?"),
+        }
+    except (ValueError, TypeError):
+        raise UserError("the diffcli metadata in this checkpoint is damaged.") from None
+
+
+def save_model(path: Path, state_dict: dict, cfg_dict: dict, class_names: list[str], step: int, epoch: float) -> None:
+    from diffcli import __version__
+
+    metadata = {
+        "format": FORMAT,
+        "version": __version__,
+        "config": json.dumps(cfg_dict),
+        "class_names": json.dumps(class_names),
+        "step": str(step),
+        "epoch": f"{epoch:.4f}",
+    }
+    save_tensors(path, state_dict, metadata)
+
+
+def load_model(path: str | Path, device="cpu"):
+    """Build the U-Net from a model file. Returns (model in eval mode, RunConfig, metadata)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from diffcli.config import from_dict
+    from diffcli.unet import UNet
+
+    path = Path(path)
+    meta = model_metadata(read_header(path))
+    cfg = from_dict(meta["config"])
+    model = UNet(cfg.model)
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"'{path}' could not be read: it looks truncated or damaged ({e}).") from None
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    bad_shape = [k for k in expected if k in tensors and tensors[k].shape != expected[k].shape]
+    if missing or unexpected or bad_shape:
+        what = (f"{len(missing)} missing" if missing else "") or (f"{len(unexpected)} unexpected" if unexpected else "") \
+            or f"{len(bad_shape)} with the wrong shape (e.g. {bad_shape[0]})"
+        raise UserError(f"'{path}' does not match its own config: {what} weights.")
+    model.load_state_dict(tensors)
+    return model.to(device).eval(), cfg, meta

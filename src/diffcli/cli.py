@@ -1,0 +1,454 @@
+"""The `diffcli` command: parse options, call one core function, print with rich.
+
+torch is imported inside the commands, never at module level, so `diffcli --help`
+answers quickly.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from diffcli import __version__
+from diffcli.errors import UserError
+
+app = typer.Typer(
+    name="diffcli",
+    help="Train class-conditional diffusion models on small image datasets and sample from them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+EXIT_USER_ERROR = 1  # a problem the user can fix; usage errors from the parser exit 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell convention
+
+
+def user_errors(fn):
+    """Print a UserError as one sentence on stderr and exit non-zero, without a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(EXIT_USER_ERROR) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted.")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+    return wrapper
+
+
+def _setup_logging() -> None:
+    import logging
+
+    from rich.logging import RichHandler
+
+    log = logging.getLogger("diffcli")
+    if not log.handlers:
+        log.addHandler(RichHandler(console=err_console, show_time=False, show_path=False))
+        log.setLevel(logging.INFO)
+
+
+def _version(value: bool):
+    if value:
+        console.print(f"diffcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit.")):
+    """Train class-conditional diffusion models on small image datasets and sample from them."""
+
+
+# --- train ------------------------------------------------------------------------
+
+@app.command()
+@user_errors
+def train(
+    data: Optional[str] = typer.Option(None, help="shapes (built in, no download), mnist, fashion-mnist, cifar10, or a folder of images (sub-folders = classes)."),
+    data_root: Optional[str] = typer.Option(None, help="Where named datasets live or are downloaded to [default: $DIFFCLI_DATA_ROOT, else ~/.cache/diffcli/datasets]."),
+    image_size: Optional[int] = typer.Option(None, help="Resize images to this size [default: the dataset's own]."),
+    out: Path = typer.Option(Path("runs/latest"), help="Run folder: model.safetensors, train_state, config.yaml, metrics.jsonl, samples/."),
+    preset: Optional[str] = typer.Option(None, help="Model size: tiny (tests), small (MNIST on a CPU, the default), base (DDPM CIFAR-10, 35.7M)."),
+    config: Optional[Path] = typer.Option(None, help="YAML config (the same format as a run's config.yaml); options given here override it."),
+    epochs: Optional[float] = typer.Option(None, help="Stop after this many passes over the data [default: 10 when no other limit is set]."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps."),
+    minutes: Optional[float] = typer.Option(None, help="Wall-clock budget: stop cleanly, save and sample when it is spent."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per step [preset]."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate of AdamW [preset]."),
+    lr_schedule: Optional[str] = typer.Option(None, help="constant or cosine (after warm-up)."),
+    warmup_steps: Optional[int] = typer.Option(None, help="Linear learning-rate warm-up steps [preset]."),
+    ema_decay: Optional[float] = typer.Option(None, help="EMA decay of the weights used for sampling [preset]."),
+    label_dropout: Optional[float] = typer.Option(None, help="Share of labels dropped, for classifier-free guidance [0.1]."),
+    grad_clip: Optional[float] = typer.Option(None, help="Clip the gradient norm at this value; 0 turns clipping off [1.0]."),
+    timesteps: Optional[int] = typer.Option(None, help="Diffusion steps T [1000]."),
+    schedule: Optional[str] = typer.Option(None, help="Noise schedule: linear or cosine [cosine]."),
+    prediction: Optional[str] = typer.Option(None, help="What the network predicts: eps or v [eps]."),
+    flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help="Random horizontal flips [on for cifar10 and folders]."),
+    sample_every: Optional[int] = typer.Option(None, help="Steps between checkpoints and sample grids [preset]."),
+    device: Optional[str] = typer.Option(None, help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps."),
+    seed: Optional[int] = typer.Option(None, help="Seed for initialisation, data order and noise [0]."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start over in an --out folder that holds another run."),
+):
+    """Train a class-conditional diffusion model."""
+    _setup_logging()
+    from diffcli import config as C
+
+    cli_values = {
+        "model": {},
+        "diffusion": {"timesteps": timesteps, "schedule": schedule, "prediction": prediction},
+        "data": {"name": data, "root": data_root, "image_size": image_size, "flip": flip},
+        "train": {"epochs": epochs, "max_steps": max_steps, "minutes": minutes, "batch_size": batch_size, "lr": lr,
+                  "lr_schedule": lr_schedule, "warmup_steps": warmup_steps, "ema_decay": ema_decay,
+                  "label_dropout": label_dropout, "grad_clip": grad_clip, "sample_every": sample_every,
+                  "device": device, "seed": seed},
+    }
+    if resume:
+        from diffcli.training import load_state
+
+        cfg, _, _ = load_state(out)
+        # A resumed run keeps its recipe; only where to stop and where to run may change.
+        stop = {k: cli_values["train"][k] for k in ("epochs", "max_steps", "minutes", "device") if cli_values["train"][k] is not None}
+        if stop:
+            cfg.train.epochs = cfg.train.max_steps = cfg.train.minutes = None
+            C.apply_overrides(cfg, {"train": stop})
+        C.validate(cfg)
+    else:
+        cfg = C.build_config(preset, str(config) if config else None, cli_values)
+    _run_training(cfg, out, resume, overwrite)
+
+
+def _run_training(cfg, out: Path, resume: bool, overwrite: bool) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from diffcli import data as D
+    from diffcli.devices import describe
+    from diffcli.training import prepare_out, train as train_loop
+
+    prepare_out(out, resume, overwrite)
+    with console.status(f"loading {cfg.data.name} ..."):
+        data = D.load(cfg.data.name, cfg.data.root, cfg.data.image_size, cfg.train.seed)
+    _resolve_data_settings(cfg, data)
+    _print_dataset(data)
+
+    stop_requested = {"count": 0}
+
+    def on_sigint(signum, frame):
+        stop_requested["count"] += 1
+        if stop_requested["count"] > 1:
+            raise KeyboardInterrupt
+        err_console.print("[yellow]stopping after this step and saving (Ctrl-C again to quit at once)...[/]")
+
+    progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
+    task = {}
+
+    def report(event, **info):
+        if event == "start":
+            console.print(f"device: [bold]{describe(info['device'])}[/]; {info['params']:,} parameters; "
+                          f"batch {info['batch']}, {info['steps_per_epoch']} steps per epoch"
+                          + (f"; budget {info['budget_s'] / 60:g} min" if info["budget_s"] else ""), highlight=False)
+            total = info["total_steps"] if info["total_steps"] else info["budget_s"]
+            task["by_time"] = not info["total_steps"]
+            task["t0"] = time.monotonic()
+            task["id"] = progress.add_task("train", total=total, completed=0 if task["by_time"] else info["step"], info="")
+        elif event == "step":
+            if task["by_time"]:
+                progress.update(task["id"], completed=min(time.monotonic() - task["t0"], progress.tasks[0].total))
+            else:
+                progress.update(task["id"], completed=info["step"])
+        elif event == "log":
+            progress.update(task["id"], info=f"step {info['step']} loss {info['loss']:.4f} {info['images_per_s']:.0f} img/s")
+        elif event == "grid":
+            progress.console.print(f"step {info['step']}: checkpoint and sample grid [cyan]{info['path']}[/]", highlight=False)
+
+    old_handler = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        with progress:
+            result = train_loop(cfg, data, out, resume, report, should_stop=lambda: stop_requested["count"] > 0)
+    finally:
+        signal.signal(signal.SIGINT, old_handler)
+    console.print(f"[bold green]done[/]: {result.step} steps ({result.epoch:.2f} epochs), stopped by {result.stopped_by}.")
+    console.print(f"model: [cyan]{result.model_path}[/]")
+    if result.grid_path:
+        console.print(f"samples: [cyan]{result.grid_path}[/]")
+    console.print(f"next: diffcli sample --ckpt {result.model_path} --label all --out samples.png", highlight=False)
+    if result.stopped_by == "interrupt":
+        raise typer.Exit(EXIT_INTERRUPTED)
+
+
+def _resolve_data_settings(cfg, data) -> None:
+    """Fill the model's data-dependent fields and the data defaults into the config."""
+    from diffcli.config import validate
+
+    n, c, h, w = data.images.shape
+    cfg.model.image_size, cfg.model.in_channels, cfg.model.num_classes = h, c, data.num_classes
+    if cfg.data.flip is None:
+        cfg.data.flip = cfg.data.name not in ("shapes", "mnist", "fashion-mnist")  # digits and arrows have a handedness
+    levels = len(cfg.model.channel_mult)
+    if h % 2 ** (levels - 1):
+        raise UserError(f"image size {h} is not divisible by {2 ** (levels - 1)} (the {levels}-level U-Net halves it "
+                        f"{levels - 1} times); pass --image-size with a multiple of {2 ** (levels - 1)}.")
+    validate(cfg)
+
+
+def _print_dataset(data) -> None:
+    import torch
+
+    n, c, h, w = data.images.shape
+    table = Table(title=f"dataset: {data.name}", show_header=False, title_justify="left")
+    table.add_row("images", f"{n:,}")
+    table.add_row("size", f"{h}x{w}, {c} channel{'s' if c > 1 else ''}, uint8 {int(data.images.min())}..{int(data.images.max())}")
+    if data.class_names:
+        counts = torch.bincount(data.labels, minlength=data.num_classes).tolist()
+        shown = ", ".join(f"{name} {k}" for name, k in list(zip(data.class_names, counts))[:12])
+        table.add_row("classes", f"{data.num_classes}: {shown}{' ...' if data.num_classes > 12 else ''}")
+        if min(counts) * 2 < max(counts):
+            err_console.print(f"[yellow]warning:[/] classes are unbalanced ({min(counts)} to {max(counts)} images).")
+    else:
+        table.add_row("classes", "none (unconditional)")
+    console.print(table)
+    if n < 1000:
+        err_console.print(f"[yellow]warning:[/] only {n} images: a diffusion model this size may memorise them.")
+
+
+# --- sample -----------------------------------------------------------------------
+
+@app.command()
+@user_errors
+def sample(
+    ckpt: Path = typer.Option(..., help="A model.safetensors written by `diffcli train`."),
+    label: str = typer.Option("all", help="Class to draw: an index, a class name, several joined by commas, or all."),
+    n: int = typer.Option(8, help="Images per label."),
+    sampler: str = typer.Option("ddim", help="ddpm (stochastic, all T steps), ddim (deterministic with --eta 0) or dpm++ (DPM-Solver++ 2M)."),
+    steps: Optional[int] = typer.Option(None, help="Sampling steps [ddim 50, dpm++ 20, ddpm T]."),
+    eta: float = typer.Option(0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like."),
+    guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance weight: 1 plain conditional, 0 unconditional [2.0]."),
+    variance: str = typer.Option("beta_tilde", help="DDPM step variance: beta_tilde (posterior) or beta."),
+    clip: bool = typer.Option(True, "--clip/--no-clip", help="Clip the predicted x0 to the data range at every step."),
+    seed: int = typer.Option(0, help="Image i is made from seed SEED+i, whatever the batch size."),
+    out: Path = typer.Option(Path("samples.png"), help="The grid image to write (one row per label)."),
+    save_individual: Optional[Path] = typer.Option(None, help="Also write every image as its own PNG into this folder."),
+    batch_size: int = typer.Option(64, help="Images per forward pass."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
+):
+    """Generate images from a trained model."""
+    from diffcli.samplers import SAMPLERS
+
+    if sampler not in SAMPLERS:
+        raise UserError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}.")
+    for name, value, low in (("--n", n, 1), ("--batch-size", batch_size, 1)):
+        if value < low:
+            raise UserError(f"{name} must be at least {low}, got {value}.")
+    if guidance is not None and guidance < 0:
+        raise UserError(f"--guidance must be 0 or more, got {guidance:g}.")
+    if eta < 0:
+        raise UserError(f"--eta must be 0 or more, got {eta:g}.")
+    if variance not in ("beta_tilde", "beta"):
+        raise UserError("--variance must be beta_tilde or beta.")
+
+    import torch
+
+    from diffcli.checkpoint import load_model
+    from diffcli.devices import describe, pick_device
+    from diffcli.generate import DEFAULT_GUIDANCE, generate
+    from diffcli.images import grid, save, to_pil
+    from diffcli.schedules import make_schedule
+
+    dev = pick_device(device)
+    model, cfg, meta = load_model(ckpt, dev)
+    T = cfg.diffusion.timesteps
+    if steps is not None and not 1 <= steps <= T:
+        raise UserError(f"--steps must be between 1 and T={T}, got {steps}.")
+    if sampler == "ddpm" and steps not in (None, T):
+        raise UserError(f"ddpm runs all T={T} steps; for fewer steps use --sampler ddim (with --eta 1 for a stochastic one).")
+    labels = parse_labels(label, meta["class_names"])
+    guidance = DEFAULT_GUIDANCE if guidance is None else guidance
+    schedule = make_schedule(cfg.diffusion.schedule, T)
+    per_image = [lab for lab in labels for _ in range(n)]
+    seeds = list(range(seed, seed + len(per_image)))
+    used_steps = T if sampler == "ddpm" else (steps or {"ddim": 50, "dpm++": 20}[sampler])
+    with console.status(f"sampling {len(per_image)} images with {sampler}, {used_steps} steps on {describe(dev)} ..."):
+        t0 = time.perf_counter()
+        imgs = generate(model, schedule, cfg.diffusion.prediction, per_image, seeds, sampler, used_steps, guidance, eta,
+                        variance, clip, batch_size)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+    ncol = n if len(labels) > 1 else max(1, round(n ** 0.5 + 0.49))
+    try:
+        save(grid(imgs, ncol), out)
+        if save_individual:
+            names = meta["class_names"]
+            for i, (img, lab, s) in enumerate(zip(imgs, per_image, seeds)):
+                tag = names[lab] if lab < len(names) else "uncond"
+                save(to_pil(img), save_individual / f"{i:05d}_{_safe(tag)}_seed{s}.png")
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not write the images to '{out}': {e}.") from None
+    console.print(f"wrote [cyan]{out}[/]: {len(per_image)} images, {sampler} {used_steps} steps, guidance {guidance:g}, "
+                  f"{seconds:.1f} s ({len(per_image) / seconds:.1f} images/s) on {describe(dev)}", highlight=False)
+
+
+def _safe(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in text)
+
+
+def parse_labels(text: str, class_names: list[str]) -> list[int]:
+    """'all', '3', 'cat', '1,cat,7' -> class indices; unconditional models take only 'all'."""
+    k = len(class_names)
+    if k == 0:
+        if text.strip().lower() not in ("all", ""):
+            raise UserError("this model was trained without classes; use --label all.")
+        return [0]  # index num_classes (= 0) is the "no label" token
+    if text.strip().lower() == "all":
+        return list(range(k))
+    lower = {name.lower(): i for i, name in enumerate(class_names)}
+    out = []
+    for part in (p.strip() for p in text.split(",")):
+        if part.lower() in lower:
+            out.append(lower[part.lower()])
+        elif part.lstrip("-").isdigit():
+            i = int(part)
+            if not 0 <= i < k:
+                raise UserError(f"--label {i} is out of range: this model has classes 0..{k - 1}.")
+            out.append(i)
+        else:
+            shown = ", ".join(class_names[:12]) + (" ..." if k > 12 else "")
+            raise UserError(f"unknown class '{part}'; this model's classes are: {shown}.")
+    return out
+
+
+# --- noise-preview ----------------------------------------------------------------
+
+@app.command("noise-preview")
+@user_errors
+def noise_preview(
+    image: Path = typer.Argument(..., help="Any PNG/JPEG/GIF/BMP/WebP image."),
+    out: Path = typer.Option(Path("noise_preview.png"), help="Where to write the strip."),
+    steps: Optional[str] = typer.Option(None, help="Comma-separated timesteps to show, e.g. 0,50,100,250,500,999."),
+    frames: int = typer.Option(8, help="Evenly spaced frames from t=0 to T-1 (when --steps is not given)."),
+    schedule: str = typer.Option("cosine", help="linear, cosine, or all (one row per schedule)."),
+    timesteps: int = typer.Option(1000, help="Diffusion steps T."),
+    image_size: int = typer.Option(64, help="The image is center-cropped and resized to this size."),
+    seed: int = typer.Option(0, help="Seed of the noise."),
+):
+    """Show what the forward (noising) process does to an image."""
+    from diffcli.schedules import SCHEDULES
+
+    names = list(SCHEDULES) if schedule == "all" else [schedule]
+    if any(s not in SCHEDULES for s in names):
+        raise UserError(f"unknown schedule '{schedule}'; choose one of {', '.join(SCHEDULES)} or all.")
+    if timesteps < 2:
+        raise UserError(f"--timesteps must be at least 2, got {timesteps}.")
+    if not 4 <= image_size <= 1024:
+        raise UserError(f"--image-size must be between 4 and 1024, got {image_size}.")
+    if steps:
+        try:
+            ts = [int(s) for s in steps.split(",") if s.strip()]
+        except ValueError:
+            raise UserError(f"--steps must be comma-separated integers, got '{steps}'.") from None
+        bad = [t for t in ts if not 0 <= t < timesteps]
+        if bad or not ts:
+            raise UserError(f"--steps must lie in 0..{timesteps - 1}; got {bad or steps}.")
+    else:
+        if not 1 <= frames <= 100:
+            raise UserError(f"--frames must be between 1 and 100, got {frames}.")
+        from diffcli.preview import even_steps
+
+        ts = even_steps(timesteps, frames)
+    if not image.exists():
+        raise UserError(f"image '{image}' does not exist.")
+    if image.is_dir():
+        raise UserError(f"'{image}' is a folder; give an image file.")
+
+    from diffcli.images import open_image, save
+    from diffcli.preview import noise_preview as draw
+
+    try:
+        img = open_image(image)
+    except ValueError as e:
+        raise UserError(f"cannot use '{image}': {e}.") from None
+    except OSError as e:
+        raise UserError(f"cannot read '{image}' ({e.strerror}).") from None
+    try:
+        save(draw(img, names, timesteps, ts, image_size, seed), out)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not write '{out}': {e}.") from None
+    console.print(f"wrote [cyan]{out}[/]: t = {', '.join(map(str, ts))} ({', '.join(names)}, T={timesteps})", highlight=False)
+
+
+# --- inspect ------------------------------------------------------------------------
+
+@app.command()
+@user_errors
+def inspect(
+    ckpt: Path = typer.Argument(..., help="A .safetensors file written by diffcli."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+):
+    """Tell what a checkpoint holds (reads only the file's header)."""
+    from diffcli.checkpoint import read_header, model_metadata
+
+    header = read_header(ckpt)
+    meta = model_metadata(header)
+    info = summarize(header, meta, ckpt.stat().st_size)
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    table = Table(title=str(ckpt), show_header=False, title_justify="left")
+    for key, value in info.items():
+        table.add_row(key.replace("_", " "), ", ".join(map(str, value)) if isinstance(value, list) else str(value))
+    console.print(table)
+
+
+def summarize(header: dict, meta: dict, file_size: int) -> dict:
+    cfg = meta["config"]
+    m, d, t = cfg.get("model", {}), cfg.get("diffusion", {}), cfg.get("train", {})
+    params, dtypes = 0, set()
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        count = 1
+        for dim in entry.get("shape", []):
+            count *= dim
+        params += count
+        dtypes.add(entry.get("dtype", "?"))
+    return {
+        "architecture": f"U-Net, {m.get('base_channels')} channels x {m.get('channel_mult')}, "
+                        f"{m.get('num_res_blocks')} blocks/level, attention at levels {m.get('attn_levels')}",
+        "preset": t.get("preset"),
+        "parameters": params,
+        "dtype": ", ".join(sorted(dtypes)),
+        "image_size": m.get("image_size"),
+        "channels": m.get("in_channels"),
+        "classes": meta["class_names"] or "none (unconditional)",
+        "schedule": d.get("schedule"),
+        "timesteps": d.get("timesteps"),
+        "prediction": d.get("prediction"),
+        "training_step": meta["step"],
+        "epochs": meta["epoch"],
+        "ema_decay": t.get("ema_decay"),
+        "dataset": cfg.get("data", {}).get("name"),
+        "diffcli_version": meta["version"],
+        "file_size": f"{file_size / 1e6:.1f} MB",
+    }
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

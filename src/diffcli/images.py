@@ -1,0 +1,147 @@
+"""uint8 image tensors (N, C, H, W) <-> PIL, grids, labelled strips.
+
+Everything here works on uint8; the [-1, 1] model range is converted in data.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+PAD = 2  # pixels between grid cells
+
+
+def to_pil(img: torch.Tensor) -> Image.Image:
+    """(C, H, W) uint8 -> PIL (L for one channel, RGB for three)."""
+    arr = img.detach().cpu().permute(1, 2, 0).numpy()
+    if arr.shape[2] == 1:
+        return Image.fromarray(arr[:, :, 0], mode="L")
+    return Image.fromarray(arr, mode="RGB")
+
+
+def grid(images: torch.Tensor, ncol: int, pad: int = PAD, fill: int = 255) -> Image.Image:
+    """Tile N images row by row, `ncol` per row; size (rows*(H+pad)+pad, ncol*(W+pad)+pad)."""
+    n, c, h, w = images.shape
+    ncol = max(1, min(ncol, n))
+    nrow = -(-n // ncol)
+    canvas = torch.full((c, nrow * (h + pad) + pad, ncol * (w + pad) + pad), fill, dtype=torch.uint8)
+    for i in range(n):
+        r, k = divmod(i, ncol)
+        y, x = pad + r * (h + pad), pad + k * (w + pad)
+        canvas[:, y:y + h, x:x + w] = images[i]
+    return to_pil(canvas)
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has one bitmap size only
+        return ImageFont.load_default()
+
+
+def caption_below(img: Image.Image, text: str, scale: int = 1) -> Image.Image:
+    """Add a white band under `img` holding `text` (scaled so it stays readable on 28-px frames)."""
+    font = _font(10)
+    band = 14
+    out = Image.new("RGB", (img.width, img.height + band * scale), "white")
+    out.paste(img.convert("RGB"), (0, 0))
+    label = Image.new("RGB", (img.width // scale + 1, band), "white")
+    ImageDraw.Draw(label).text((1, 1), text, fill="black", font=font)
+    out.paste(label.resize((label.width * scale, band * scale), Image.NEAREST).crop((0, 0, img.width, band * scale)),
+              (0, img.height))
+    return out
+
+
+def hstack(images: list[Image.Image], pad: int = PAD) -> Image.Image:
+    h = max(i.height for i in images)
+    out = Image.new("RGB", (sum(i.width for i in images) + pad * (len(images) + 1), h + 2 * pad), "white")
+    x = pad
+    for i in images:
+        out.paste(i.convert("RGB"), (x, pad))
+        x += i.width + pad
+    return out
+
+
+def vstack(images: list[Image.Image], pad: int = 0) -> Image.Image:
+    w = max(i.width for i in images)
+    out = Image.new("RGB", (w, sum(i.height for i in images) + pad * (len(images) - 1)), "white")
+    y = 0
+    for i in images:
+        out.paste(i.convert("RGB"), (0, y))
+        y += i.height + pad
+    return out
+
+
+def save(img: Image.Image, path: str | Path) -> Path:
+    """Save by extension (PNG unless told otherwise), creating the parent folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+MAX_PIXELS = 64_000_000  # refuse larger images instead of exhausting memory (e.g. 10000x10000)
+
+
+def open_image(path: str | Path, channels: int | None = None) -> Image.Image:
+    """Open any PIL-readable image as 'L' (channels=1) or 'RGB' (channels=3).
+
+    channels=None keeps grayscale as 'L' and turns everything else into 'RGB'.
+    Palette and alpha images are flattened onto white; 16-bit grayscale is scaled,
+    not clipped; the first frame of an animation is used. Raises ValueError with a
+    readable reason when the file is not a usable image.
+    """
+    from PIL import UnidentifiedImageError
+
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    try:
+        with Image.open(path) as im:
+            im.seek(0)
+            if im.width * im.height > MAX_PIXELS:
+                raise ValueError(f"it is {im.width}x{im.height} pixels, more than the {MAX_PIXELS:,} diffcli reads")
+            im.load()
+            img = im.copy()
+    except (UnidentifiedImageError, Image.DecompressionBombError):
+        raise ValueError("it is not an image PIL can read") from None
+    except (OSError, SyntaxError, EOFError) as e:
+        raise ValueError(f"it could not be decoded ({e})") from None
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit (or 32-bit int) grayscale: scale to 8 bits instead of clipping at 255.
+        import numpy as np
+
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray((arr / top * 255).round().clip(0, 255).astype("uint8"), mode="L")
+    elif img.mode == "F":
+        img = img.convert("L")
+    if img.mode in ("P", "PA", "LA", "RGBA", "La", "RGBa"):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img).convert("RGB")
+    gray = img.mode in ("L", "1")
+    if channels == 1 or (channels is None and gray):
+        return img.convert("L")
+    return img.convert("RGB")
+
+
+def center_square(img: Image.Image, size: int) -> Image.Image:
+    """Center-crop to a square, then resize to size x size (antialiased)."""
+    side = min(img.size)
+    left, top = (img.width - side) // 2, (img.height - side) // 2
+    img = img.crop((left, top, left + side, top + side))
+    if side != size:
+        img = img.resize((size, size), Image.BICUBIC if side < size else Image.LANCZOS)
+    return img
+
+
+def pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL 'L' or 'RGB' -> (C, H, W) uint8."""
+    import numpy as np
+
+    arr = np.asarray(img, dtype=np.uint8)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()

@@ -1,0 +1,296 @@
+"""The training loop: ε- or v-prediction MSE, AdamW, warm-up, EMA, checkpoints, grids.
+
+`train()` prints nothing; it reports through `report(event, **info)` so the CLI can
+draw a progress bar (events: "start", "step", "log", "grid", "checkpoint", "done").
+
+Randomness: one CPU generator (`batch_gen`) draws timesteps, noise, label dropout and
+flips; each epoch's data order comes from a generator seeded with (seed, epoch). The
+batch generator's state is saved with the training state, so a resumed run continues
+the same random sequence.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from diffcli import checkpoint
+from diffcli.config import RunConfig, from_dict, save_yaml, to_dict
+from diffcli.data import ImageData, to_model_range
+from diffcli.devices import autocast, pick_device
+from diffcli.errors import UserError
+from diffcli.generate import DEFAULT_GUIDANCE, generate
+from diffcli.images import grid, save
+from diffcli.schedules import Schedule, make_schedule, q_sample, v_target
+from diffcli.unet import UNet
+
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "train_state.safetensors"
+LOG_EVERY = 50  # steps between metrics lines (and the only host syncs for the loss)
+DEFAULT_EPOCHS = 10  # when no stopping rule is given
+GRID_COLUMNS = 8
+GRID_MAX_ROWS = 10
+GRID_STEPS = 25  # DDIM steps for the grids drawn during training: cheap, good enough to judge progress
+
+
+@dataclass
+class TrainResult:
+    step: int
+    epoch: float
+    out: Path
+    model_path: Path
+    grid_path: Path | None
+    stopped_by: str  # "steps", "epochs", "minutes" or "interrupt"
+
+
+def batch_inputs(x0: torch.Tensor, labels: torch.Tensor, T: int, null_label: int, label_dropout: float,
+                 gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training inputs for one batch: t ~ U{0..T-1}, ε ~ N(0, I), and labels replaced by
+    the "no label" index with probability `label_dropout` (Ho & Salimans 2022, Alg. 1)."""
+    b = x0.shape[0]
+    t = torch.randint(0, T, (b,), generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    drop = torch.rand(b, generator=gen) < label_dropout
+    return t, noise, torch.where(drop, torch.full_like(labels, null_label), labels)
+
+
+def diffusion_loss(model, schedule: Schedule, prediction: str, x0, t, noise, y) -> torch.Tensor:
+    """Ho et al. 2020, eq. 14 (L_simple) for ε; the same MSE on v for v-prediction."""
+    x_t = q_sample(schedule, x0, t, noise)
+    target = noise if prediction == "eps" else v_target(schedule, x0, t, noise)
+    return F.mse_loss(model(x_t, t, y).float(), target)
+
+
+def lr_at(step: int, cfg, progress: float) -> float:
+    """Linear warm-up, then constant or cosine decay; `progress` in [0, 1] is the share of the run done."""
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    decay = 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) if cfg.lr_schedule == "cosine" else 1.0
+    return cfg.lr * warm * decay
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """EMA warm-up (1 + n) / (10 + n), capped at `decay`: early on the average follows the
+    weights closely, so short runs are not sampled from an average of random inits."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    ema_params = list(ema.parameters())
+    torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1 - decay)
+
+
+# --- training state without pickle -----------------------------------------
+
+def _state_tensors(model, ema, opt, batch_gen) -> tuple[dict, dict]:
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    opt_sd = opt.state_dict()
+    for pid, st in opt_sd["state"].items():
+        for k, v in st.items():
+            tensors[f"opt.{pid}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    tensors["rng.batch"] = batch_gen.get_state()
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {"param_groups": opt_sd["param_groups"]}
+    return tensors, meta
+
+
+def save_state(out: Path, cfg: RunConfig, model, ema, opt, batch_gen, step: int, epoch: float, class_names) -> None:
+    tensors, meta = _state_tensors(model, ema, opt, batch_gen)
+    metadata = {
+        "format": checkpoint.FORMAT,
+        "config": json.dumps(to_dict(cfg)),
+        "class_names": json.dumps(class_names),
+        "step": str(step),
+        "epoch": repr(epoch),
+        "optimizer": json.dumps(meta),
+    }
+    checkpoint.save_tensors(out / STATE_FILE, tensors, metadata)
+    checkpoint.save_model(out / MODEL_FILE, ema.state_dict(), to_dict(cfg), class_names, step, epoch)
+
+
+def load_state(out: Path) -> tuple[RunConfig, dict, dict]:
+    """(config, metadata, tensors) of a run's training state."""
+    from safetensors.torch import load_file
+
+    path = out / STATE_FILE
+    if not path.is_file():
+        raise UserError(f"cannot resume: '{path}' does not exist (is '{out}' a diffcli run folder?).")
+    meta = checkpoint.model_metadata(checkpoint.read_header(path))
+    raw = checkpoint.read_header(path)["__metadata__"]
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:
+        raise UserError(f"cannot resume: '{path}' is damaged ({e}).") from None
+    meta["optimizer"] = json.loads(raw["optimizer"])
+    meta["epoch"] = float(raw["epoch"])
+    return from_dict(meta["config"]), meta, tensors
+
+
+def _restore(tensors: dict, meta: dict, model, ema, opt, batch_gen) -> None:
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    state: dict[int, dict] = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, pid, name = k.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+    batch_gen.set_state(tensors["rng.batch"])
+    torch.set_rng_state(tensors["rng.torch"])
+
+
+# --- the loop ------------------------------------------------------------------
+
+def prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix two runs in one folder; check it is writable before any work."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out '{out}' is a file; give a folder for the run.")
+    holds_run = (out / STATE_FILE).exists() or (out / MODEL_FILE).exists()
+    if holds_run and not (resume or overwrite):
+        raise UserError(f"'{out}' already holds a run; pass --resume to continue it or --overwrite to start over.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to the output folder '{out}' ({e.strerror}).") from None
+
+
+def sample_grid(ema, cfg: RunConfig, schedule: Schedule, class_names: list[str], path: Path, seed: int) -> Path:
+    """One row per class (up to GRID_MAX_ROWS), same seeds in every row."""
+    rows = list(range(min(len(class_names), GRID_MAX_ROWS))) or [cfg.model.num_classes]  # unconditional: null
+    labels = [r for r in rows for _ in range(GRID_COLUMNS)]
+    seeds = [seed + i for _ in rows for i in range(GRID_COLUMNS)]
+    imgs = generate(ema, schedule, cfg.diffusion.prediction, labels, seeds, "ddim", GRID_STEPS, DEFAULT_GUIDANCE)
+    return save(grid(imgs, GRID_COLUMNS), path)
+
+
+def train(cfg: RunConfig, data: ImageData, out: Path, resume: bool = False,
+          report: Callable[..., None] = lambda event, **info: None,
+          should_stop: Callable[[], bool] = lambda: False) -> TrainResult:
+    tc = cfg.train
+    device = pick_device(tc.device)
+    torch.manual_seed(tc.seed)  # dropout inside the network uses the global generator
+    batch_gen = torch.Generator().manual_seed(tc.seed)
+    schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
+
+    model = UNet(cfg.model).to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
+                            fused=device.type == "cuda")
+    step = 0
+    if resume:
+        _, meta, tensors = load_state(out)
+        _restore(tensors, meta, model, ema, opt, batch_gen)
+        step = meta["step"]
+        _truncate_metrics(out / "metrics.jsonl", step)
+    save_yaml(cfg, out / "config.yaml")
+
+    n = data.images.shape[0]
+    batch = min(tc.batch_size, n)
+    steps_per_epoch = n // batch  # drop the ragged last batch: every step sees `batch` images
+    limits = [tc.max_steps or math.inf, (tc.epochs or (DEFAULT_EPOCHS if not (tc.max_steps or tc.minutes) else math.inf)) * steps_per_epoch]
+    total_steps = math.ceil(min(limits)) if min(limits) < math.inf else None
+    budget_s = tc.minutes * 60 if tc.minutes else None
+
+    images = data.images.to(device)  # uint8 on the device: decoded once, no loader in the loop
+    null = cfg.model.num_classes
+    flip = bool(cfg.data.flip)
+    report("start", device=device, steps_per_epoch=steps_per_epoch, total_steps=total_steps, batch=batch,
+           budget_s=budget_s, step=step, params=sum(p.numel() for p in model.parameters()))
+
+    model.train()
+    start = time.monotonic()
+    last_log_t, last_log_step = start, step
+    loss_sum = torch.zeros((), device=device)
+    grid_path = None
+    stopped_by = "steps"
+    order, order_epoch = None, -1
+    while True:
+        elapsed = time.monotonic() - start
+        if total_steps is not None and step >= total_steps:
+            stopped_by = "steps" if total_steps == tc.max_steps else "epochs"
+            break
+        if budget_s is not None and elapsed >= budget_s:
+            stopped_by = "minutes"
+            break
+        if should_stop():
+            stopped_by = "interrupt"
+            break
+        epoch, pos = divmod(step, steps_per_epoch)
+        if epoch != order_epoch:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(tc.seed * 1_000_003 + epoch))
+            order_epoch = epoch
+        idx = order[pos * batch:(pos + 1) * batch]
+        x0 = to_model_range(images[idx.to(device)])
+        t, noise, y = batch_inputs(x0, data.labels[idx], schedule.T, null, tc.label_dropout if null else 0.0, batch_gen)
+        if flip:
+            mirrored = torch.rand(batch, generator=batch_gen) < 0.5
+            x0 = torch.where(mirrored.to(device)[:, None, None, None], x0.flip(-1), x0)
+        t, noise, y = t.to(device), noise.to(device), y.to(device)
+
+        progress = max(step / total_steps if total_steps else 0.0, elapsed / budget_s if budget_s else 0.0)
+        lr = lr_at(step, tc, progress)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        with autocast(device):
+            loss = diffusion_loss(model, schedule, cfg.diffusion.prediction, x0, t, noise, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if tc.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        opt.step()
+        ema_update(ema, model, ema_decay_at(step, tc.ema_decay))
+        loss_sum += loss.detach()
+        step += 1
+        report("step", step=step)
+
+        if step % LOG_EVERY == 0:
+            mean_loss = (loss_sum / (step - last_log_step)).item()
+            if not math.isfinite(mean_loss):
+                raise UserError(f"the loss became {mean_loss} before step {step}; lower --lr (now {tc.lr:g}) "
+                                f"or keep --grad-clip on; the last checkpoint in '{out}' is intact.")
+            now = time.monotonic()
+            record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": mean_loss, "lr": lr,
+                      "images_per_s": batch * (step - last_log_step) / (now - last_log_t), "elapsed_s": now - start}
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            report("log", **record)
+            loss_sum.zero_()
+            last_log_t, last_log_step = now, step
+        if step % tc.sample_every == 0:
+            grid_path = _checkpoint(out, cfg, model, ema, opt, batch_gen, step, steps_per_epoch, data, schedule, report)
+            last_log_t = time.monotonic()  # keep images/s about training, not sampling
+
+    if step > 0 and step % tc.sample_every != 0:
+        grid_path = _checkpoint(out, cfg, model, ema, opt, batch_gen, step, steps_per_epoch, data, schedule, report)
+    report("done", step=step, stopped_by=stopped_by)
+    return TrainResult(step, step / steps_per_epoch, out, out / MODEL_FILE, grid_path, stopped_by)
+
+
+def _checkpoint(out, cfg, model, ema, opt, batch_gen, step, steps_per_epoch, data, schedule, report) -> Path:
+    save_state(out, cfg, model, ema, opt, batch_gen, step, step / steps_per_epoch, data.class_names)
+    report("checkpoint", step=step, path=out / MODEL_FILE)
+    path = sample_grid(ema, cfg, schedule, data.class_names, out / "samples" / f"step_{step:07d}.png", cfg.train.seed)
+    shutil.copyfile(path, out / "samples" / "latest.png")
+    report("grid", step=step, path=path)
+    return path
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop metrics logged after the checkpoint we continue from."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    checkpoint.atomic_write_bytes(path, ("\n".join(keep) + "\n" if keep else "").encode())

@@ -1,0 +1,160 @@
+"""The conditional U-Net: `forward(x, t, y) -> prediction` (ε or v, same shape as x).
+
+Layout follows DDPM's network (Ho et al. 2020, App. B; Nichol & Dhariwal 2021):
+residual blocks with GroupNorm, time and class embeddings injected by scale-shift
+("AdaGN", Dhariwal & Nichol 2021, §3), self-attention at chosen levels and in the
+middle, skip connections between matching levels. Class index `num_classes` is the
+"no label" token used for classifier-free guidance (Ho & Salimans 2022).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffcli.config import ModelConfig
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    # 32 groups as in DDPM once there are enough channels; narrow layers keep
+    # at least 4 channels per group so the statistics stay meaningful.
+    groups = math.gcd(channels, max(1, min(32, channels // 4)))
+    return nn.GroupNorm(groups, channels)
+
+
+def zero_init(module: nn.Module) -> nn.Module:
+    # Residual branches start as the identity, which keeps early training stable.
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of integer timesteps (Vaswani et al. 2017, §3.5), shape (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, dim % 2))
+
+
+class ResBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, scale_shift: bool):
+        super().__init__()
+        self.scale_shift = scale_shift
+        self.norm1 = group_norm(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, 2 * out_ch if scale_shift else out_ch)
+        self.norm2 = group_norm(out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        e = self.emb(emb)[:, :, None, None]
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:  # DDPM's original: add the embedding before the second norm
+            h = self.norm2(h + e)
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    def __init__(self, channels: int, head_channels: int):
+        super().__init__()
+        self.heads = max(1, channels // head_channels)
+        self.norm = group_norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = zero_init(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)  # each (b, heads, hw, c/heads)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class Level(nn.Module):
+    """Residual blocks (each optionally followed by attention) at one resolution."""
+
+    def __init__(self, in_chs: list[int], out_ch: int, emb_dim: int, cfg: ModelConfig, attn: bool):
+        super().__init__()
+        self.blocks = nn.ModuleList(ResBlock(c, out_ch, emb_dim, cfg.dropout, cfg.scale_shift) for c in in_chs)
+        self.attns = nn.ModuleList(Attention(out_ch, cfg.head_channels) if attn else nn.Identity() for _ in in_chs)
+
+
+class UNet(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        levels = len(cfg.channel_mult)
+        if cfg.image_size % 2 ** (levels - 1):
+            raise ValueError(f"image size {cfg.image_size} is not divisible by 2^{levels - 1} (the U-Net's downsampling)")
+        ch = cfg.base_channels
+        emb_dim = 4 * ch
+        self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.class_emb = nn.Embedding(cfg.num_classes + 1, emb_dim)  # last row: "no label"
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+
+        chans = [ch * m for m in cfg.channel_mult]
+        skip_chs = [ch]
+        self.down = nn.ModuleList()
+        self.downsample = nn.ModuleList()
+        cur = ch
+        for i, out in enumerate(chans):
+            ins = [cur] + [out] * (cfg.num_res_blocks - 1)
+            self.down.append(Level(ins, out, emb_dim, cfg, i in cfg.attn_levels))
+            cur = out
+            skip_chs += [out] * cfg.num_res_blocks
+            if i < levels - 1:
+                self.downsample.append(nn.Conv2d(cur, cur, 3, stride=2, padding=1))
+                skip_chs.append(cur)
+
+        self.mid1 = ResBlock(cur, cur, emb_dim, cfg.dropout, cfg.scale_shift)
+        self.mid_attn = Attention(cur, cfg.head_channels)
+        self.mid2 = ResBlock(cur, cur, emb_dim, cfg.dropout, cfg.scale_shift)
+
+        self.up = nn.ModuleList()
+        self.upsample = nn.ModuleList()
+        for i, out in reversed(list(enumerate(chans))):
+            ins = []
+            for _ in range(cfg.num_res_blocks + 1):
+                ins.append(cur + skip_chs.pop())
+                cur = out
+            self.up.append(Level(ins, out, emb_dim, cfg, i in cfg.attn_levels))
+            if i > 0:
+                self.upsample.append(nn.Conv2d(cur, cur, 3, padding=1))
+
+        self.norm_out = group_norm(cur)
+        self.conv_out = zero_init(nn.Conv2d(cur, cfg.in_channels, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        emb = self.time_mlp(timestep_embedding(t, self.cfg.base_channels)) + self.class_emb(y)
+        emb = F.silu(emb)  # every consumer applies Linear to SiLU(emb); do it once
+        h = self.conv_in(x)
+        skips = [h]
+        for i, level in enumerate(self.down):
+            for block, attn in zip(level.blocks, level.attns):
+                h = attn(block(h, emb))
+                skips.append(h)
+            if i < len(self.downsample):
+                h = self.downsample[i](h)
+                skips.append(h)
+        h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
+        for i, level in enumerate(self.up):
+            for block, attn in zip(level.blocks, level.attns):
+                h = attn(block(torch.cat([h, skips.pop()], dim=1), emb))
+            if i < len(self.upsample):
+                h = self.upsample[i](F.interpolate(h, scale_factor=2.0, mode="nearest"))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
