@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from diffcli import __version__
+from diffcli.config import DEFAULT_GUIDANCE
 from diffcli.errors import UserError
 
 app = typer.Typer(
@@ -80,6 +81,7 @@ def train(
     data: Optional[str] = typer.Option(None, help="shapes (built in, no download), mnist, fashion-mnist, cifar10, or a folder of images (sub-folders = classes)."),
     data_root: Optional[str] = typer.Option(None, help="Where named datasets live or are downloaded to [default: $DIFFCLI_DATA_ROOT, else ~/.cache/diffcli/datasets]."),
     image_size: Optional[int] = typer.Option(None, help="Resize images to this size [default: the dataset's own]."),
+    limit: Optional[int] = typer.Option(None, help="Use only the first N images (quick experiments)."),
     out: Path = typer.Option(Path("runs/latest"), help="Run folder: model.safetensors, train_state, config.yaml, metrics.jsonl, samples/."),
     preset: Optional[str] = typer.Option(None, help="Model size: tiny (tests), small (MNIST on a CPU, the default), base (DDPM CIFAR-10, 35.7M)."),
     config: Optional[Path] = typer.Option(None, help="YAML config (the same format as a run's config.yaml); options given here override it."),
@@ -110,16 +112,16 @@ def train(
     cli_values = {
         "model": {},
         "diffusion": {"timesteps": timesteps, "schedule": schedule, "prediction": prediction},
-        "data": {"name": data, "root": data_root, "image_size": image_size, "flip": flip},
+        "data": {"name": data, "root": data_root, "image_size": image_size, "flip": flip, "limit": limit},
         "train": {"epochs": epochs, "max_steps": max_steps, "minutes": minutes, "batch_size": batch_size, "lr": lr,
                   "lr_schedule": lr_schedule, "warmup_steps": warmup_steps, "ema_decay": ema_decay,
                   "label_dropout": label_dropout, "grad_clip": grad_clip, "sample_every": sample_every,
                   "device": device, "seed": seed},
     }
     if resume:
-        from diffcli.training import load_state
+        from diffcli.training import run_config
 
-        cfg, _, _ = load_state(out)
+        cfg = run_config(out)
         # A resumed run keeps its recipe; only where to stop and where to run may change.
         stop = {k: cli_values["train"][k] for k in ("epochs", "max_steps", "minutes", "device") if cli_values["train"][k] is not None}
         if stop:
@@ -140,7 +142,7 @@ def _run_training(cfg, out: Path, resume: bool, overwrite: bool) -> None:
 
     prepare_out(out, resume, overwrite)
     with console.status(f"loading {cfg.data.name} ..."):
-        data = D.load(cfg.data.name, cfg.data.root, cfg.data.image_size, cfg.train.seed)
+        data = D.load(cfg.data.name, cfg.data.root, cfg.data.image_size, cfg.data.limit)
     _resolve_data_settings(cfg, data)
     _print_dataset(data)
 
@@ -198,10 +200,10 @@ def _resolve_data_settings(cfg, data) -> None:
     cfg.model.image_size, cfg.model.in_channels, cfg.model.num_classes = h, c, data.num_classes
     if cfg.data.flip is None:
         cfg.data.flip = cfg.data.name not in ("shapes", "mnist", "fashion-mnist")  # digits and arrows have a handedness
-    levels = len(cfg.model.channel_mult)
-    if h % 2 ** (levels - 1):
-        raise UserError(f"image size {h} is not divisible by {2 ** (levels - 1)} (the {levels}-level U-Net halves it "
-                        f"{levels - 1} times); pass --image-size with a multiple of {2 ** (levels - 1)}.")
+    factor = cfg.model.patch_size * 2 ** (len(cfg.model.channel_mult) - 1)
+    if h % factor:
+        raise UserError(f"image size {h} is not divisible by {factor} (the U-Net's patch size times its downsampling); "
+                        f"pass --image-size with a multiple of {factor}.")
     validate(cfg)
 
 
@@ -236,7 +238,7 @@ def sample(
     sampler: str = typer.Option("ddim", help="ddpm (stochastic, all T steps), ddim (deterministic with --eta 0) or dpm++ (DPM-Solver++ 2M)."),
     steps: Optional[int] = typer.Option(None, help="Sampling steps [ddim 50, dpm++ 20, ddpm T]."),
     eta: float = typer.Option(0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like."),
-    guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance weight: 1 plain conditional, 0 unconditional [2.0]."),
+    guidance: Optional[float] = typer.Option(None, help=f"Classifier-free guidance weight: 1 plain conditional, 0 unconditional [{DEFAULT_GUIDANCE:g}]."),
     variance: str = typer.Option("beta_tilde", help="DDPM step variance: beta_tilde (posterior) or beta."),
     clip: bool = typer.Option(True, "--clip/--no-clip", help="Clip the predicted x0 to the data range at every step."),
     seed: int = typer.Option(0, help="Image i is made from seed SEED+i, whatever the batch size."),
@@ -246,7 +248,7 @@ def sample(
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
 ):
     """Generate images from a trained model."""
-    from diffcli.samplers import SAMPLERS
+    from diffcli.samplers import DEFAULT_STEPS, SAMPLERS
 
     if sampler not in SAMPLERS:
         raise UserError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}.")
@@ -264,7 +266,7 @@ def sample(
 
     from diffcli.checkpoint import load_model
     from diffcli.devices import describe, pick_device
-    from diffcli.generate import DEFAULT_GUIDANCE, generate
+    from diffcli.generate import generate
     from diffcli.images import grid, save, to_pil
     from diffcli.schedules import make_schedule
 
@@ -280,7 +282,7 @@ def sample(
     schedule = make_schedule(cfg.diffusion.schedule, T)
     per_image = [lab for lab in labels for _ in range(n)]
     seeds = list(range(seed, seed + len(per_image)))
-    used_steps = T if sampler == "ddpm" else (steps or {"ddim": 50, "dpm++": 20}[sampler])
+    used_steps = T if sampler == "ddpm" else (steps or DEFAULT_STEPS[sampler])
     with console.status(f"sampling {len(per_image)} images with {sampler}, {used_steps} steps on {describe(dev)} ..."):
         t0 = time.perf_counter()
         imgs = generate(model, schedule, cfg.diffusion.prediction, per_image, seeds, sampler, used_steps, guidance, eta,

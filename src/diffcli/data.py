@@ -56,10 +56,13 @@ def default_root() -> Path:
     return Path(cache) / "diffcli" / "datasets"
 
 
-def load(name: str, root: str | None = None, image_size: int | None = None, seed: int = 0) -> ImageData:
-    """Load a named dataset (training split) or an image folder, resized to `image_size` if given."""
+def load(name: str, root: str | None = None, image_size: int | None = None, limit: int | None = None) -> ImageData:
+    """Load a named dataset (training split) or an image folder, resized to `image_size`
+    if given, keeping only the first `limit` images if given."""
     if name == "shapes":
-        return make_shapes(size=image_size or 32, seed=seed)
+        per_class = SHAPES_PER_CLASS if limit is None else -(-limit // len(SHAPES))
+        data = make_shapes(size=image_size or 32, per_class=per_class)  # one fixed dataset, like MNIST
+        return _first(data, limit)
     if name in ("mnist", "fashion-mnist", "cifar10"):
         data = load_torchvision(name, Path(root).expanduser() if root else default_root())
     elif Path(name).expanduser().is_dir():
@@ -68,8 +71,15 @@ def load(name: str, root: str | None = None, image_size: int | None = None, seed
         raise UserError(f"--data '{name}' is a file; give a dataset name ({', '.join(NAMED)}) or a folder of images.")
     else:
         raise UserError(f"--data '{name}' is neither a dataset name ({', '.join(NAMED)}) nor an existing folder.")
+    data = _first(data, limit)
     if image_size and image_size != data.images.shape[-1]:
         data.images = resize(data.images, image_size)
+    return data
+
+
+def _first(data: ImageData, limit: int | None) -> ImageData:
+    if limit is not None:
+        data.images, data.labels = data.images[:limit], data.labels[:limit]
     return data
 
 
@@ -108,6 +118,7 @@ def load_torchvision(name: str, root: Path) -> ImageData:
 
     cls_name, folder, files = TORCHVISION[name]
     cls = getattr(tvd, cls_name)
+    root = _writable_root(root, folder)
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -132,6 +143,27 @@ def load_torchvision(name: str, root: Path) -> ImageData:
         class_names = [str(i) for i in range(10)] if name == "mnist" else list(ds.classes)
     labels = torch.as_tensor(ds.targets, dtype=torch.long)
     return ImageData(images, labels, class_names, name)
+
+
+def _writable_root(root: Path, folder: str) -> Path:
+    """torchvision extracts archives next to themselves. When the files sit in a read-only
+    folder (no write bits, e.g. a shared dataset directory), copy them into the cache
+    first and read from there, instead of failing or writing into someone else's folder."""
+    import hashlib
+    import shutil
+    import stat
+
+    raw = root / folder
+    if not raw.is_dir() or raw.stat().st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
+        return root
+    copy_root = default_root() / "read-only-copies" / hashlib.sha1(str(raw.resolve()).encode()).hexdigest()[:12]
+    target = copy_root / folder
+    target.mkdir(parents=True, exist_ok=True)
+    for f in raw.iterdir():
+        if f.is_file() and not (target / f.name).exists():
+            shutil.copyfile(f, target / f.name)
+    log.info("%s is read-only; reading a copy in %s", raw, target)
+    return copy_root
 
 
 # --- image folders ---------------------------------------------------------
@@ -226,7 +258,7 @@ def _luma(rgb: torch.Tensor) -> torch.Tensor:
 
 def make_shapes(size: int = 32, per_class: int = SHAPES_PER_CLASS, seed: int = 0) -> ImageData:
     """10 classes of coloured shapes with random position, size, rotation and colours on
-    two-colour gradient backgrounds. Deterministic from `seed`; shapes are drawn at 4x
+    backgrounds of varied colour with a gentle gradient. Deterministic from `seed`; shapes are drawn at 4x
     and box-filtered down, so edges are antialiased."""
     from PIL import Image, ImageDraw
 
@@ -236,17 +268,22 @@ def make_shapes(size: int = 32, per_class: int = SHAPES_PER_CLASS, seed: int = 0
     ss = 4 * size  # supersampling
     outlines = [_polygon(k) for k in SHAPES]
 
-    radius = (0.28 + 0.17 * torch.rand(n, generator=g)) * size
-    angle = torch.rand(n, generator=g) * 2 * math.pi
-    cx = radius + torch.rand(n, generator=g) * (size - 2 * radius)
-    cy = radius + torch.rand(n, generator=g) * (size - 2 * radius)
+    # Nuisance variation is kept moderate (rotation within ±30° of upright, radius 30-42% of
+    # the image, the shape kept whole inside it, a gentle gradient) so a few CPU minutes go
+    # into learning the outlines: with full 360° rotation a 3-minute run still drew blobs.
+    radius = (0.30 + 0.12 * torch.rand(n, generator=g)) * size
+    angle = (torch.rand(n, generator=g) - 0.5) * math.radians(60)
+    cx = size / 2 + (torch.rand(n, generator=g) - 0.5) * 0.9 * (size - 2 * radius)
+    cy = size / 2 + (torch.rand(n, generator=g) - 0.5) * 0.9 * (size - 2 * radius)
 
-    # Background: gradient between two colours along a random direction. Foreground: a
-    # colour whose brightness differs from the background's by at least 0.3, redrawn until so.
-    bg = torch.rand(n, 2, 3, generator=g)
+    # Background: a random colour with a gentle gradient (±0.15) along a random direction.
+    # Foreground: a colour whose brightness differs from the background's by at least 0.35.
+    base = torch.rand(n, 3, generator=g) * 0.7 + 0.15
+    tilt = (torch.rand(n, 3, generator=g) - 0.5) * 0.3
+    bg = torch.stack([base - tilt, base + tilt], dim=1).clamp(0, 1)
     fg = torch.rand(n, 3, generator=g)
-    for _ in range(50):
-        bad = (_luma(fg) - _luma(bg).mean(1)).abs() < 0.3
+    for _ in range(100):
+        bad = (_luma(fg) - _luma(bg).mean(1)).abs() < 0.35
         if not bad.any():
             break
         fg[bad] = torch.rand(int(bad.sum()), 3, generator=g)

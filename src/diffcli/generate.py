@@ -9,11 +9,11 @@ from __future__ import annotations
 import torch
 
 from diffcli import samplers
+from diffcli.config import DEFAULT_GUIDANCE
 from diffcli.data import from_model_range
 from diffcli.devices import autocast
 from diffcli.schedules import Schedule
 
-DEFAULT_GUIDANCE = 2.0  # a little guidance sharpens class identity of briefly trained models
 
 
 @torch.no_grad()

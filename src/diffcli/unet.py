@@ -95,13 +95,18 @@ class UNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         levels = len(cfg.channel_mult)
-        if cfg.image_size % 2 ** (levels - 1):
-            raise ValueError(f"image size {cfg.image_size} is not divisible by 2^{levels - 1} (the U-Net's downsampling)")
+        factor = cfg.patch_size * 2 ** (levels - 1)
+        if cfg.image_size % factor:
+            raise ValueError(f"image size {cfg.image_size} is not divisible by {factor} (patch size x the U-Net's downsampling)")
         ch = cfg.base_channels
         emb_dim = 4 * ch
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.class_emb = nn.Embedding(cfg.num_classes + 1, emb_dim)  # last row: "no label"
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+        # patch_size p > 1: the image enters as (C·p², H/p, W/p) by space-to-depth and leaves
+        # by depth-to-space (pixel shuffle, Shi et al. 2016), so every level works at 1/p²
+        # of the pixels - the cheap way to spend a CPU's FLOPs on layout rather than texture.
+        self.patch = cfg.patch_size
+        self.conv_in = nn.Conv2d(cfg.in_channels * self.patch**2, ch, 3, padding=1)
 
         chans = [ch * m for m in cfg.channel_mult]
         skip_chs = [ch]
@@ -133,12 +138,12 @@ class UNet(nn.Module):
                 self.upsample.append(nn.Conv2d(cur, cur, 3, padding=1))
 
         self.norm_out = group_norm(cur)
-        self.conv_out = zero_init(nn.Conv2d(cur, cfg.in_channels, 3, padding=1))
+        self.conv_out = zero_init(nn.Conv2d(cur, cfg.in_channels * self.patch**2, 3, padding=1))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         emb = self.time_mlp(timestep_embedding(t, self.cfg.base_channels)) + self.class_emb(y)
         emb = F.silu(emb)  # every consumer applies Linear to SiLU(emb); do it once
-        h = self.conv_in(x)
+        h = self.conv_in(F.pixel_unshuffle(x, self.patch) if self.patch > 1 else x)
         skips = [h]
         for i, level in enumerate(self.down):
             for block, attn in zip(level.blocks, level.attns):
@@ -153,7 +158,8 @@ class UNet(nn.Module):
                 h = attn(block(torch.cat([h, skips.pop()], dim=1), emb))
             if i < len(self.upsample):
                 h = self.upsample[i](F.interpolate(h, scale_factor=2.0, mode="nearest"))
-        return self.conv_out(F.silu(self.norm_out(h)))
+        out = self.conv_out(F.silu(self.norm_out(h)))
+        return F.pixel_shuffle(out, self.patch) if self.patch > 1 else out
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,0 +1,45 @@
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "MNIST" / "raw"
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    """No test writes into the user's cache or reads their DIFFCLI_DATA_ROOT."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("DIFFCLI_DATA_ROOT", raising=False)
+    torch.manual_seed(1234)  # tests that forget a generator still give the same numbers
+    yield
+
+
+@pytest.fixture
+def mnist_root(tmp_path) -> Path:
+    """A data root holding copies of the official MNIST .gz files (torchvision extracts into its root)."""
+    if not SHARED_MNIST.is_dir():
+        pytest.fail(f"the MNIST files are expected in {SHARED_MNIST} (../shared beside the checkout)")
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in SHARED_MNIST.glob("*.gz"):
+        shutil.copy(f, raw / f.name)
+    return tmp_path / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A run folder from a few steps of the tiny preset on 200 shapes images (~10 s on a CPU)."""
+    from diffcli.config import build_config
+    from diffcli.data import load
+    from diffcli.training import prepare_out, train
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    cfg = build_config("tiny", None, {"data": {"name": "shapes", "limit": 200}, "train": {"max_steps": 12, "sample_every": 100}})
+    data = load("shapes", limit=200)
+    cfg.model.image_size, cfg.model.in_channels, cfg.model.num_classes = 32, 3, data.num_classes
+    cfg.data.flip = False
+    prepare_out(out, resume=False, overwrite=False)
+    train(cfg, data, out)
+    return out

@@ -1,0 +1,101 @@
+import json
+import pickle
+
+import pytest
+import torch
+
+from diffcli.checkpoint import load_model, model_metadata, read_header, save_model
+from diffcli.config import preset_config, to_dict
+from diffcli.errors import UserError
+from diffcli.generate import generate
+from diffcli.schedules import make_schedule
+from diffcli.unet import UNet
+
+
+def small_model(tmp_path):
+    cfg = preset_config("tiny")
+    cfg.model.image_size, cfg.model.in_channels, cfg.model.num_classes = 16, 1, 3
+    torch.manual_seed(0)
+    model = UNet(cfg.model)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    path = tmp_path / "model.safetensors"
+    save_model(path, model.state_dict(), to_dict(cfg), ["a", "b", "c"], step=7, epoch=0.5)
+    return model, cfg, path
+
+
+def test_round_trip_gives_bit_identical_samples(tmp_path):
+    model, cfg, path = small_model(tmp_path)
+    loaded, cfg2, meta = load_model(path)
+    assert cfg2 == cfg and meta["class_names"] == ["a", "b", "c"] and meta["step"] == 7
+    schedule = make_schedule("cosine", 1000)
+    args = dict(labels=[0, 1, 2, 3], seeds=[5, 6, 7, 8], sampler="ddim", steps=5, guidance=2.0)
+    a = generate(model.eval(), schedule, "eps", **args)
+    b = generate(loaded, schedule, "eps", **args)
+    assert torch.equal(a, b)
+    assert a.shape == (4, 1, 16, 16) and a.dtype == torch.uint8
+    # and batching does not change image 2
+    c = generate(loaded, schedule, "eps", **{**args, "labels": [2], "seeds": [7]})
+    assert torch.equal(a[2], c[0])
+
+
+def test_header_is_read_without_the_weights(tmp_path):
+    _, cfg, path = small_model(tmp_path)
+    header = read_header(path)
+    meta = model_metadata(header)
+    assert meta["config"] == to_dict(cfg)
+    assert "conv_in.weight" in header
+
+
+def test_write_is_atomic_and_leaves_no_temporary_files(tmp_path):
+    _, _, path = small_model(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda p: p.write_bytes(b""), "not a readable safetensors"),
+    (lambda p: p.write_bytes(b"hello world, not weights"), "not a readable safetensors"),
+    (lambda p: p.write_bytes(pickle.dumps({"a": 1})), "pickle"),
+    (lambda p: torch.save({"w": torch.zeros(2)}, p), "pickle"),
+])
+def test_bad_files_are_refused(tmp_path, make, message):
+    path = tmp_path / "x.safetensors"
+    make(path)
+    with pytest.raises(UserError, match=message):
+        load_model(path)
+
+
+def test_truncated_file_is_refused(tmp_path):
+    _, _, path = small_model(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError):
+        load_model(path)
+
+
+def test_foreign_safetensors_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "other.safetensors"
+    save_file({"weight": torch.zeros(3)}, str(path))
+    with pytest.raises(UserError, match="not written by diffcli"):
+        load_model(path)
+
+
+def test_wrong_shapes_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    model, cfg, path = small_model(tmp_path)
+    sd = dict(model.state_dict())
+    sd["conv_in.weight"] = torch.zeros(1, 1, 1, 1)
+    meta = read_header(path)["__metadata__"]
+    save_file(sd, str(path), metadata=meta)
+    with pytest.raises(UserError, match="wrong shape"):
+        load_model(path)
+
+
+def test_missing_file_and_folder(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_model(tmp_path / "nope.safetensors")
+    with pytest.raises(UserError, match="folder"):
+        load_model(tmp_path)

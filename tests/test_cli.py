@@ -1,0 +1,178 @@
+"""The CLI as a user runs it: in-process with CliRunner and as a real subprocess."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from diffcli.cli import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result
+
+
+def assert_one_sentence_error(result, fragment):
+    assert result.exit_code == 1, (result.exit_code, result.output)
+    text = result.output  # CliRunner mixes stderr in
+    assert "Traceback" not in text
+    assert fragment in " ".join(text.split()), text
+    assert "error:" in text
+
+
+def test_help_is_fast_and_does_not_import_torch():
+    code = "import sys, diffcli.cli; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0, "cli.py imports torch at start-up"
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "diffcli", "--help"], capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 0 and "train" in proc.stdout and "noise-preview" in proc.stdout
+    assert elapsed < 1.5, f"python -m diffcli --help took {elapsed:.2f} s"
+
+
+def test_train_sample_inspect_end_to_end_in_process(tmp_path):
+    out = tmp_path / "run"
+    r = run("train", "--data", "shapes", "--limit", "64", "--preset", "tiny", "--max-steps", "6", "--out", out, "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert (out / "model.safetensors").exists() and (out / "config.yaml").exists()
+
+    grid = tmp_path / "all.png"
+    r = run("sample", "--ckpt", out / "model.safetensors", "--label", "all", "--n", "3", "--steps", "4", "--out", grid,
+            "--save-individual", tmp_path / "each")
+    assert r.exit_code == 0, r.output
+    img = Image.open(grid)
+    # 10 rows (one per class) x 3 columns of 32 px cells with 2 px padding
+    assert img.size == (3 * 34 + 2, 10 * 34 + 2)
+    assert len(list((tmp_path / "each").glob("*.png"))) == 30
+
+    r = run("sample", "--ckpt", out / "model.safetensors", "--label", "star", "--n", "4", "--sampler", "dpm++",
+            "--steps", "3", "--out", tmp_path / "star.png")
+    assert r.exit_code == 0, r.output
+    assert Image.open(tmp_path / "star.png").size == (2 * 34 + 2, 2 * 34 + 2)
+
+    r = run("inspect", out / "model.safetensors", "--json")
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.output)
+    assert info["training_step"] == 6 and info["timesteps"] == 1000 and info["classes"][5] == "star"
+    assert info["image_size"] == 32 and info["channels"] == 3 and info["parameters"] > 1000
+
+    # The run folder refuses a second run unless asked.
+    r = run("train", "--data", "shapes", "--limit", "64", "--preset", "tiny", "--max-steps", "2", "--out", out)
+    assert_one_sentence_error(r, "already holds a run")
+
+    # --config repeats a run from its config.yaml
+    r = run("train", "--config", out / "config.yaml", "--out", tmp_path / "again", "--max-steps", "6")
+    assert r.exit_code == 0, r.output
+
+
+def test_resume_continues_to_the_new_limit(tmp_path):
+    out = tmp_path / "run"
+    assert run("train", "--data", "shapes", "--limit", "64", "--preset", "tiny", "--max-steps", "4", "--out", out).exit_code == 0
+    r = run("train", "--out", out, "--resume", "--max-steps", "8")
+    assert r.exit_code == 0, r.output
+    from diffcli.checkpoint import model_metadata, read_header
+
+    assert model_metadata(read_header(out / "model.safetensors"))["step"] == 8
+
+
+def test_resume_is_exact_on_cpu(tmp_path):
+    """4 steps, then 4 more after a resume, equals 8 steps in one go (weights, EMA, RNG, data order)."""
+    from safetensors.torch import load_file
+
+    common = ["--data", "shapes", "--limit", "64", "--preset", "tiny", "--sample-every", "4"]
+    assert run("train", *common, "--max-steps", "8", "--out", tmp_path / "straight").exit_code == 0
+    assert run("train", *common, "--max-steps", "4", "--out", tmp_path / "split").exit_code == 0
+    assert run("train", "--out", tmp_path / "split", "--resume", "--max-steps", "8").exit_code == 0
+    a = load_file(str(tmp_path / "straight" / "train_state.safetensors"))
+    b = load_file(str(tmp_path / "split" / "train_state.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] == b[k]).all(), k
+
+
+def test_sample_errors_are_one_sentence(tiny_run, tmp_path):
+    ckpt = tiny_run / "model.safetensors"
+    assert_one_sentence_error(run("sample", "--ckpt", tmp_path / "missing.safetensors"), "does not exist")
+    assert_one_sentence_error(run("sample", "--ckpt", tiny_run), "is a folder")
+    assert_one_sentence_error(run("sample", "--ckpt", ckpt, "--label", "10"), "out of range")
+    assert_one_sentence_error(run("sample", "--ckpt", ckpt, "--label", "dragon"), "unknown class 'dragon'")
+    assert_one_sentence_error(run("sample", "--ckpt", ckpt, "--steps", "0"), "--steps must be between 1 and T=1000")
+    assert_one_sentence_error(run("sample", "--ckpt", ckpt, "--steps", "1001"), "--steps must be between 1 and T=1000")
+    assert_one_sentence_error(run("sample", "--ckpt", ckpt, "--n", "0"), "--n must be at least 1")
+    assert_one_sentence_error(run("sample", "--ckpt", ckpt, "--guidance", "-1"), "--guidance must be 0 or more")
+    assert_one_sentence_error(run("sample", "--ckpt", ckpt, "--sampler", "euler"), "unknown sampler")
+    assert_one_sentence_error(run("sample", "--ckpt", ckpt, "--sampler", "ddpm", "--steps", "10"), "ddpm runs all")
+    pt = tmp_path / "model.pt"
+    import torch
+
+    torch.save({"x": torch.zeros(1)}, pt)
+    assert_one_sentence_error(run("sample", "--ckpt", pt), "never unpickles")
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    assert_one_sentence_error(run("sample", "--ckpt", empty), "not a readable safetensors")
+
+
+def test_train_errors_are_one_sentence(tmp_path):
+    assert_one_sentence_error(run("train", "--data", tmp_path / "nope", "--out", tmp_path / "o"), "neither a dataset name")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  bach_size: 3\n")
+    assert_one_sentence_error(run("train", "--config", bad, "--out", tmp_path / "o"), "train.bach_size")
+    assert_one_sentence_error(run("train", "--out", tmp_path / "o", "--resume"), "cannot resume")
+    assert_one_sentence_error(run("train", "--lr", "-1", "--out", tmp_path / "o"), "train.lr must be positive")
+
+
+def make_picture(path, mode="RGB", size=(40, 30)):
+    Image.new(mode, size, color=100 if mode in ("L", "P") else (200, 30, 30)).save(path)
+    return path
+
+
+def test_noise_preview(tmp_path):
+    src = make_picture(tmp_path / "in.png", "RGBA")
+    out = tmp_path / "p.png"
+    r = run("noise-preview", src, "--out", out, "--frames", "5", "--image-size", "32")
+    assert r.exit_code == 0, r.output
+    strip = Image.open(out)
+    # 5 frames of 96 px (32 px scaled 3x for legible captions) with 2 px gaps, caption band 14 px
+    assert strip.size == (5 * 96 + 6 * 2, 96 + 14 + 4)
+    r = run("noise-preview", src, "--out", tmp_path / "all.png", "--schedule", "all", "--steps", "0,500,999", "--image-size", "32")
+    assert r.exit_code == 0, r.output
+    assert Image.open(tmp_path / "all.png").size == (3 * 96 + 4 * 2, 2 * (96 + 14 + 4 + 14))
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGB"])
+def test_noise_preview_accepts_image_modes(tmp_path, mode):
+    src = make_picture(tmp_path / "in.png", mode)
+    assert run("noise-preview", src, "--out", tmp_path / "p.png", "--frames", "2").exit_code == 0
+
+
+def test_noise_preview_errors(tmp_path):
+    text = tmp_path / "notes.png"
+    text.write_text("I am text")
+    assert_one_sentence_error(run("noise-preview", text), "not an image")
+    assert_one_sentence_error(run("noise-preview", tmp_path / "missing.png"), "does not exist")
+    src = make_picture(tmp_path / "in.png")
+    assert_one_sentence_error(run("noise-preview", src, "--steps", "0,1000"), "--steps must lie in 0..999")
+    assert_one_sentence_error(run("noise-preview", src, "--schedule", "sigmoid"), "unknown schedule")
+
+
+def test_real_subprocess_sample_and_inspect(tiny_run, tmp_path):
+    exe = Path(sys.executable).parent / "diffcli"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "diffcli"]
+    ckpt = tiny_run / "model.safetensors"
+    proc = subprocess.run(cmd + ["sample", "--ckpt", str(ckpt), "--label", "3", "--n", "4", "--sampler", "ddim", "--steps", "3",
+                                 "--out", str(tmp_path / "three.png")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "images/s" in proc.stdout
+    proc = subprocess.run(cmd + ["inspect", str(ckpt)], capture_output=True, text=True)
+    assert proc.returncode == 0 and "cosine" in proc.stdout
+    proc = subprocess.run(cmd + ["sample", "--ckpt", str(tmp_path / "nope.safetensors")], capture_output=True, text=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and "does not exist" in proc.stderr

@@ -1,0 +1,57 @@
+import pytest
+import yaml
+
+from diffcli.config import RunConfig, build_config, from_dict, preset_config, to_dict
+from diffcli.errors import UserError
+
+
+def test_precedence_defaults_preset_file_cli(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump({"train": {"lr": 0.005, "batch_size": 7}, "diffusion": {"schedule": "linear"}}))
+    cfg = build_config("tiny", str(f), {"train": {"batch_size": 3, "lr": None}})
+    assert cfg.train.preset == "tiny"
+    assert cfg.model.base_channels == 8  # preset
+    assert cfg.train.lr == 0.005  # file over preset
+    assert cfg.train.batch_size == 3  # command line over file
+    assert cfg.diffusion.schedule == "linear"
+
+
+def test_round_trip_through_yaml(tmp_path):
+    cfg = preset_config("base")
+    again = from_dict(yaml.safe_load(yaml.safe_dump(to_dict(cfg))))
+    assert again == cfg
+
+
+@pytest.mark.parametrize("content,key", [
+    ({"train": {"learning_rate": 1}}, "train.learning_rate"),
+    ({"trian": {"lr": 1}}, "trian"),
+    ({"train": {"batch_size": "big"}}, "train.batch_size"),
+    ({"train": {"batch_size": 1.5}}, "train.batch_size"),
+    ({"model": {"channel_mult": 2}}, "model.channel_mult"),
+    ({"data": {"flip": "yes"}}, "data.flip"),
+    ({"train": {"lr": -1}}, "train.lr"),
+    ({"diffusion": {"schedule": "sigmoid"}}, "diffusion.schedule"),
+    ({"diffusion": {"timesteps": 1}}, "diffusion.timesteps"),
+    ({"model": {"attn_levels": [5]}}, "model.attn_levels"),
+])
+def test_bad_config_names_the_key(tmp_path, content, key):
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump(content))
+    with pytest.raises(UserError, match=key.replace(".", r"\.")):
+        build_config(None, str(f), {})
+
+
+def test_unknown_preset_and_bad_yaml(tmp_path):
+    with pytest.raises(UserError, match="preset"):
+        build_config("huge", None, {})
+    f = tmp_path / "c.yaml"
+    f.write_text("train: [unclosed")
+    with pytest.raises(UserError, match="not valid YAML"):
+        build_config(None, str(f), {})
+    with pytest.raises(UserError, match="does not exist"):
+        build_config(None, str(tmp_path / "missing.yaml"), {})
+
+
+def test_defaults_are_valid():
+    build_config(None, None, {})
+    assert RunConfig().train.preset == "small"

@@ -1,0 +1,98 @@
+import json
+import math
+
+import pytest
+import torch
+
+from diffcli.config import preset_config
+from diffcli.training import batch_inputs, ema_decay_at, ema_update, lr_at
+
+
+def test_timesteps_are_uniform_chi_square():
+    g = torch.Generator().manual_seed(0)
+    T, n = 50, 50_000
+    x0 = torch.zeros(n, 1)
+    t, _, _ = batch_inputs(x0, torch.zeros(n, dtype=torch.long), T, 10, 0.1, g)
+    counts = torch.bincount(t, minlength=T).double()
+    assert t.min() == 0 and t.max() == T - 1
+    chi2 = ((counts - n / T) ** 2 / (n / T)).sum().item()
+    # chi-square with 49 dof: P(chi2 > 85) ≈ 1e-3
+    assert chi2 < 85, f"timestep histogram chi2={chi2:.1f}"
+
+
+def test_noise_is_standard_normal_not_uniform():
+    g = torch.Generator().manual_seed(1)
+    n = 200_000
+    _, noise, _ = batch_inputs(torch.zeros(n, 1), torch.zeros(n, dtype=torch.long), 1000, 10, 0.1, g)
+    assert abs(noise.mean().item()) < 5 / math.sqrt(n), "noise mean"
+    assert abs(noise.var().item() - 1) < 5 * math.sqrt(2 / n), "noise variance"
+    kurtosis = (noise**4).mean().item()  # 3 for a normal, 1.8 for a uniform
+    assert abs(kurtosis - 3) < 0.1, f"noise kurtosis {kurtosis}"
+
+
+def test_label_dropout_rate_within_binomial_bounds():
+    g = torch.Generator().manual_seed(2)
+    n, p = 100_000, 0.1
+    labels = torch.randint(0, 10, (n,), generator=torch.Generator().manual_seed(3))
+    _, _, y = batch_inputs(torch.zeros(n, 1), labels, 1000, 10, p, g)
+    dropped = (y == 10).sum().item()
+    sd = math.sqrt(n * p * (1 - p))
+    assert abs(dropped - n * p) < 5 * sd, f"dropped {dropped} of {n}"
+    kept = y != 10
+    assert torch.equal(y[kept], labels[kept]), "labels that are kept must not change"
+
+
+def test_lr_warmup_then_cosine():
+    tc = preset_config("small").train
+    tc.lr, tc.warmup_steps, tc.lr_schedule = 1.0, 10, "cosine"
+    assert lr_at(0, tc, 0.0) == pytest.approx(0.1)
+    assert lr_at(9, tc, 0.0) == pytest.approx(1.0)
+    assert lr_at(100, tc, 0.5) == pytest.approx(0.5)
+    assert lr_at(100, tc, 1.0) == pytest.approx(0.0)
+    tc.lr_schedule = "constant"
+    assert lr_at(100, tc, 0.9) == 1.0
+
+
+def test_ema_follows_the_weights_by_its_decay():
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    before = a.weight.detach().clone()
+    ema_update(a, b, 0.9)
+    assert torch.allclose(a.weight, 0.9 * before + 0.1 * b.weight)
+    assert ema_decay_at(0, 0.999) == pytest.approx(0.1)
+    assert ema_decay_at(10**6, 0.999) == 0.999
+
+
+def test_tiny_run_writes_everything(tiny_run):
+    names = {p.name for p in tiny_run.iterdir()}
+    assert {"model.safetensors", "train_state.safetensors", "config.yaml", "metrics.jsonl", "samples"} <= names
+    lines = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [] or all(math.isfinite(r["loss"]) for r in lines)
+    assert (tiny_run / "samples" / "step_0000012.png").exists() and (tiny_run / "samples" / "latest.png").exists()
+
+
+def test_training_reduces_the_loss():
+    """Forty steps on one repeated batch: the ε-MSE must fall well below its starting value of ~1."""
+    from diffcli.data import make_shapes, to_model_range
+    from diffcli.schedules import make_schedule
+    from diffcli.training import diffusion_loss
+    from diffcli.unet import UNet
+
+    cfg = preset_config("tiny").model
+    cfg.image_size, cfg.num_classes = 16, 10
+    torch.manual_seed(0)
+    model = UNet(cfg)
+    data = make_shapes(size=16, per_class=2)
+    x0 = to_model_range(data.images)
+    schedule = make_schedule("cosine", 100)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    t = torch.randint(20, 100, (20,), generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    losses = []
+    for _ in range(40):
+        loss = diffusion_loss(model, schedule, "eps", x0, t, noise, data.labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] > 0.8 and losses[-1] < 0.5 * losses[0], losses[::10]

@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+from diffcli.config import ModelConfig, preset_config
+from diffcli.unet import UNet, count_parameters, timestep_embedding
+
+
+def tiny(**kw):
+    cfg = preset_config("tiny").model
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+@pytest.mark.parametrize("channels,size,mult", [(1, 28, (1, 2, 2)), (3, 32, (1, 2)), (3, 24, (1, 2, 2, 2)), (1, 12, (1,))])
+def test_output_shape_matches_input(channels, size, mult):
+    cfg = tiny(in_channels=channels, image_size=size, channel_mult=mult, attn_levels=(len(mult) - 1,))
+    model = UNet(cfg)
+    x = torch.randn(2, channels, size, size)
+    out = model(x, torch.tensor([0, 999]), torch.tensor([3, cfg.num_classes]))  # a label and "no label"
+    assert out.shape == x.shape
+
+
+def test_size_not_divisible_by_downsampling_is_refused():
+    with pytest.raises(ValueError, match="divisible"):
+        UNet(tiny(image_size=30, channel_mult=(1, 2, 2)))
+
+
+def test_base_preset_is_the_ddpm_cifar10_network():
+    cfg = preset_config("base").model
+    cfg.image_size, cfg.in_channels, cfg.num_classes = 32, 3, 10
+    n = count_parameters(UNet(cfg))
+    # DDPM reports 35.7M for CIFAR-10; ours adds a 11x512 class embedding (5,632 weights).
+    assert abs(n - 35.7e6) < 0.1e6, n
+
+
+def test_conditioning_changes_the_output():
+    torch.manual_seed(0)
+    model = UNet(tiny())
+    for p in model.parameters():  # zero-initialised output layers would hide the conditioning
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.randn(1, 3, 32, 32)
+    a = model(x, torch.tensor([10]), torch.tensor([1]))
+    assert not torch.allclose(a, model(x, torch.tensor([10]), torch.tensor([2])))
+    assert not torch.allclose(a, model(x, torch.tensor([500]), torch.tensor([1])))
+
+
+def test_zero_initialised_output_starts_at_zero():
+    model = UNet(tiny())
+    out = model(torch.randn(2, 3, 32, 32), torch.tensor([1, 2]), torch.tensor([0, 1]))
+    assert torch.count_nonzero(out) == 0
+
+
+def test_timestep_embedding_is_sinusoidal():
+    emb = timestep_embedding(torch.tensor([0, 5]), 8)
+    assert emb.shape == (2, 8)
+    assert torch.allclose(emb[0], torch.tensor([1.0] * 4 + [0.0] * 4))
+    freqs = torch.exp(-torch.log(torch.tensor(10000.0)) * torch.arange(4) / 4)
+    assert torch.allclose(emb[1, :4], torch.cos(5 * freqs)) and torch.allclose(emb[1, 4:], torch.sin(5 * freqs))
+
+
+def test_gradients_reach_every_parameter():
+    model = UNet(tiny(dropout=0.1))
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    out = model(torch.randn(2, 3, 32, 32), torch.tensor([3, 700]), torch.tensor([0, 10]))
+    out.square().mean().backward()
+    dead = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not dead, dead
+
+
+def test_default_model_config_builds():
+    assert count_parameters(UNet(ModelConfig())) > 0
+
+
+def test_patch_size_two_keeps_shapes_and_divisibility():
+    cfg = tiny(patch_size=2, image_size=28, in_channels=1, channel_mult=(1, 2))
+    model = UNet(cfg)
+    x = torch.randn(2, 1, 28, 28)
+    assert model(x, torch.tensor([1, 2]), torch.tensor([0, 1])).shape == x.shape
+    with pytest.raises(ValueError, match="divisible by 8"):
+        UNet(tiny(patch_size=2, image_size=28, channel_mult=(1, 2, 2)))
