@@ -1,7 +1,6 @@
 """The CLI as a user runs it: in-process with CliRunner and as a real subprocess."""
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -141,11 +140,13 @@ def test_noise_preview(tmp_path):
     r = run("noise-preview", src, "--out", out, "--frames", "5", "--image-size", "32")
     assert r.exit_code == 0, r.output
     strip = Image.open(out)
-    # 5 frames of 96 px (32 px scaled 3x for legible captions) with 2 px gaps, caption band 14 px
-    assert strip.size == (5 * 96 + 6 * 2, 96 + 14 + 4)
+    # 5 frames of 96 px (32 px scaled 3x for legible captions) with 2 px gaps and padding,
+    # a two-line caption band of 26 px under each frame, a one-line band of 14 px under the row
+    row_height = 96 + 26 + 2 * 2 + 14
+    assert strip.size == (5 * 96 + 6 * 2, row_height)
     r = run("noise-preview", src, "--out", tmp_path / "all.png", "--schedule", "all", "--steps", "0,500,999", "--image-size", "32")
     assert r.exit_code == 0, r.output
-    assert Image.open(tmp_path / "all.png").size == (3 * 96 + 4 * 2, 2 * (96 + 14 + 4 + 14))
+    assert Image.open(tmp_path / "all.png").size == (3 * 96 + 4 * 2, 2 * row_height)
 
 
 @pytest.mark.parametrize("mode", ["L", "P", "RGB"])

@@ -1,6 +1,4 @@
-import gzip
 import hashlib
-import tarfile
 
 import numpy as np
 import pytest

@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import json
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -79,29 +78,30 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 @user_errors
 def train(
     data: Optional[str] = typer.Option(None, help="shapes (built in, no download), mnist, fashion-mnist, cifar10, or a folder of images (sub-folders = classes)."),
-    data_root: Optional[str] = typer.Option(None, help="Where named datasets live or are downloaded to [default: $DIFFCLI_DATA_ROOT, else ~/.cache/diffcli/datasets]."),
-    image_size: Optional[int] = typer.Option(None, help="Resize images to this size [default: the dataset's own]."),
+    data_root: Optional[str] = typer.Option(None, help="Where named datasets live or are downloaded to (default: $DIFFCLI_DATA_ROOT, else ~/.cache/diffcli/datasets)."),
+    image_size: Optional[int] = typer.Option(None, help="Resize images to this size (default: the dataset's own)."),
     limit: Optional[int] = typer.Option(None, help="Use only the first N images (quick experiments)."),
     out: Path = typer.Option(Path("runs/latest"), help="Run folder: model.safetensors, train_state, config.yaml, metrics.jsonl, samples/."),
     preset: Optional[str] = typer.Option(None, help="Model size: tiny (tests), small (MNIST on a CPU, the default), base (DDPM CIFAR-10, 35.7M)."),
     config: Optional[Path] = typer.Option(None, help="YAML config (the same format as a run's config.yaml); options given here override it."),
-    epochs: Optional[float] = typer.Option(None, help="Stop after this many passes over the data [default: 10 when no other limit is set]."),
+    epochs: Optional[float] = typer.Option(None, help="Stop after this many passes over the data (default: 10 when no other limit is set)."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps."),
     minutes: Optional[float] = typer.Option(None, help="Wall-clock budget: stop cleanly, save and sample when it is spent."),
-    batch_size: Optional[int] = typer.Option(None, help="Images per step [preset]."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate of AdamW [preset]."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per step (default: preset)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate of AdamW (default: preset)."),
     lr_schedule: Optional[str] = typer.Option(None, help="constant or cosine (after warm-up)."),
-    warmup_steps: Optional[int] = typer.Option(None, help="Linear learning-rate warm-up steps [preset]."),
-    ema_decay: Optional[float] = typer.Option(None, help="EMA decay of the weights used for sampling [preset]."),
-    label_dropout: Optional[float] = typer.Option(None, help="Share of labels dropped, for classifier-free guidance [0.1]."),
-    grad_clip: Optional[float] = typer.Option(None, help="Clip the gradient norm at this value; 0 turns clipping off [1.0]."),
-    timesteps: Optional[int] = typer.Option(None, help="Diffusion steps T [1000]."),
-    schedule: Optional[str] = typer.Option(None, help="Noise schedule: linear or cosine [cosine]."),
-    prediction: Optional[str] = typer.Option(None, help="What the network predicts: eps or v [eps]."),
-    flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help="Random horizontal flips [on for cifar10 and folders]."),
-    sample_every: Optional[int] = typer.Option(None, help="Steps between checkpoints and sample grids [preset]."),
+    warmup_steps: Optional[int] = typer.Option(None, help="Linear learning-rate warm-up steps (default: preset)."),
+    ema_decay: Optional[float] = typer.Option(None, help="EMA decay of the weights used for sampling (default: preset)."),
+    label_dropout: Optional[float] = typer.Option(None, help="Share of labels dropped, for classifier-free guidance (default: 0.1)."),
+    min_snr_gamma: Optional[float] = typer.Option(None, help="Min-SNR-γ loss weighting; 0 = plain MSE (default: 5)."),
+    grad_clip: Optional[float] = typer.Option(None, help="Clip the gradient norm at this value; 0 turns clipping off (default: 1.0)."),
+    timesteps: Optional[int] = typer.Option(None, help="Diffusion steps T (default: 1000)."),
+    schedule: Optional[str] = typer.Option(None, help="Noise schedule: linear or cosine (default: cosine)."),
+    prediction: Optional[str] = typer.Option(None, help="What the network predicts: eps or v (default: eps)."),
+    flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help="Random horizontal flips (default: on for cifar10 and folders)."),
+    sample_every: Optional[int] = typer.Option(None, help="Steps between checkpoints and sample grids (default: preset)."),
     device: Optional[str] = typer.Option(None, help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps."),
-    seed: Optional[int] = typer.Option(None, help="Seed for initialisation, data order and noise [0]."),
+    seed: Optional[int] = typer.Option(None, help="Seed for initialisation, data order and noise (default: 0)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over in an --out folder that holds another run."),
 ):
@@ -115,7 +115,7 @@ def train(
         "data": {"name": data, "root": data_root, "image_size": image_size, "flip": flip, "limit": limit},
         "train": {"epochs": epochs, "max_steps": max_steps, "minutes": minutes, "batch_size": batch_size, "lr": lr,
                   "lr_schedule": lr_schedule, "warmup_steps": warmup_steps, "ema_decay": ema_decay,
-                  "label_dropout": label_dropout, "grad_clip": grad_clip, "sample_every": sample_every,
+                  "label_dropout": label_dropout, "min_snr_gamma": min_snr_gamma, "grad_clip": grad_clip, "sample_every": sample_every,
                   "device": device, "seed": seed},
     }
     if resume:
@@ -236,9 +236,9 @@ def sample(
     label: str = typer.Option("all", help="Class to draw: an index, a class name, several joined by commas, or all."),
     n: int = typer.Option(8, help="Images per label."),
     sampler: str = typer.Option("ddim", help="ddpm (stochastic, all T steps), ddim (deterministic with --eta 0) or dpm++ (DPM-Solver++ 2M)."),
-    steps: Optional[int] = typer.Option(None, help="Sampling steps [ddim 50, dpm++ 20, ddpm T]."),
+    steps: Optional[int] = typer.Option(None, help="Sampling steps (default: ddim 50, dpm++ 20, ddpm T)."),
     eta: float = typer.Option(0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like."),
-    guidance: Optional[float] = typer.Option(None, help=f"Classifier-free guidance weight: 1 plain conditional, 0 unconditional [{DEFAULT_GUIDANCE:g}]."),
+    guidance: Optional[float] = typer.Option(None, help=f"Classifier-free guidance weight: 1 plain conditional, 0 unconditional (default: {DEFAULT_GUIDANCE:g})."),
     variance: str = typer.Option("beta_tilde", help="DDPM step variance: beta_tilde (posterior) or beta."),
     clip: bool = typer.Option(True, "--clip/--no-clip", help="Clip the predicted x0 to the data range at every step."),
     seed: int = typer.Option(0, help="Image i is made from seed SEED+i, whatever the batch size."),
@@ -411,7 +411,8 @@ def inspect(
         return
     table = Table(title=str(ckpt), show_header=False, title_justify="left")
     for key, value in info.items():
-        table.add_row(key.replace("_", " "), ", ".join(map(str, value)) if isinstance(value, list) else str(value))
+        text = ", ".join(map(str, value)) if isinstance(value, list) else f"{value:,}" if isinstance(value, int) else str(value)
+        table.add_row(key.replace("_", " "), text)
     console.print(table)
 
 

@@ -41,16 +41,16 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-def caption_below(img: Image.Image, text: str, scale: int = 1) -> Image.Image:
-    """Add a white band under `img` holding `text` (scaled so it stays readable on 28-px frames)."""
+def caption_below(img: Image.Image, text: str) -> Image.Image:
+    """Add a white band under `img` holding `text` (one line of 12 px per line of text)."""
     font = _font(10)
-    band = 14
-    out = Image.new("RGB", (img.width, img.height + band * scale), "white")
+    lines = text.split("\n")
+    band = 12 * len(lines) + 2
+    out = Image.new("RGB", (img.width, img.height + band), "white")
     out.paste(img.convert("RGB"), (0, 0))
-    label = Image.new("RGB", (img.width // scale + 1, band), "white")
-    ImageDraw.Draw(label).text((1, 1), text, fill="black", font=font)
-    out.paste(label.resize((label.width * scale, band * scale), Image.NEAREST).crop((0, 0, img.width, band * scale)),
-              (0, img.height))
+    draw = ImageDraw.Draw(out)
+    for i, line in enumerate(lines):
+        draw.text((2, img.height + 1 + 12 * i), line, fill="black", font=font)
     return out
 
 

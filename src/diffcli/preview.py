@@ -19,7 +19,7 @@ def even_steps(T: int, frames: int) -> list[int]:
 
 def noise_preview(image: Image.Image, schedule_names: list[str], T: int, ts: list[int], size: int, seed: int) -> Image.Image:
     """A strip of x_t for each schedule (one row each), every frame captioned with t and
-    sqrt(ᾱ_t), the share of the original signal left. All rows share one noise draw,
+    sqrt(ᾱ_t), the factor on the original image in x_t. All rows share one noise draw,
     so rows differ only by schedule."""
     x0 = to_model_range(pil_to_tensor(center_square(image, size)))[None]
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
@@ -33,8 +33,7 @@ def noise_preview(image: Image.Image, schedule_names: list[str], T: int, ts: lis
             frame = Image.fromarray(from_model_range(xt)[0].permute(1, 2, 0).squeeze(-1).numpy())
             frame = frame.resize((size * scale, size * scale), Image.NEAREST)
             signal = schedule.alphas_cumprod[t].sqrt().item()
-            frames.append(caption_below(frame, f"t={t} {signal:.2f}", scale=1))
-        row = hstack(frames)
-        rows.append(caption_below(row, f"{name} schedule, T={T}; label: t and sqrt(alpha_bar_t)") if len(schedule_names) > 1 else row)
+            frames.append(caption_below(frame, f"t={t}\nsignal {signal:.2f}"))
+        rows.append(caption_below(hstack(frames), f"{name} schedule, T={T}; signal = sqrt(alpha_bar_t)"))
     return vstack(rows)
 
