@@ -18,12 +18,17 @@ S = 0.5
 N = 4000
 
 
-def oracle(schedule, mu=MU, s=S):
-    def denoise(x, t, y):
+def eps_oracle(schedule, mu=MU, s=S):
+    """The exact ε-predicting "network" for per-class Gaussian data."""
+    def network(x, t, y):
         abar = schedule.alphas_cumprod[t].reshape(-1, 1)
         m = mu[y]
         return (1 - abar).sqrt() * (x - abar.sqrt() * m) / (abar * s**2 + 1 - abar)
-    return denoise
+    return network
+
+
+def oracle(schedule, mu=MU, s=S):
+    return samplers.predictions(eps_oracle(schedule, mu, s), schedule, "eps")
 
 
 def batch_randn(seed):
@@ -60,10 +65,8 @@ def test_broken_oracle_is_caught():
     """The moment check above can fail: an oracle off by one timestep, or one that
     forgets the data variance, gives samples that fail it."""
     schedule = make_schedule("linear", 1000)
-    good = oracle(schedule)
-
-    def off_by_one(x, t, y):
-        return good(x, (t + 20).clamp(max=999), y)
+    good = eps_oracle(schedule)
+    off_by_one = samplers.predictions(lambda x, t, y: good(x, (t + 20).clamp(max=999), y), schedule, "eps")
 
     wrong_var = oracle(schedule, s=1.0)
     for broken in (off_by_one, wrong_var):
@@ -142,9 +145,23 @@ def test_guidance_weight_one_is_the_conditional_model_and_others_follow_eq6():
     assert torch.allclose(out, 5 + 3 * (y[:, None].float() - 5))
 
 
-def test_v_prediction_wrapper_gives_eps():
+def test_guiding_the_v_output_equals_guiding_eps():
+    """ε is affine in v for a fixed x_t, so guidance commutes with the conversion."""
     schedule = make_schedule("cosine", 1000)
-    eps_model = oracle(schedule)
+    g = torch.Generator().manual_seed(0)
+    x, t, y = torch.randn(6, 2, generator=g), torch.randint(0, 1000, (6,), generator=g), torch.tensor([0, 1] * 3)
+    v_net = lambda x, t, y: torch.sin(x + y[:, None]) * (1 + t[:, None] / 1000)  # any function will do
+    abar = schedule.alphas_cumprod[t].reshape(-1, 1)
+    eps_of = lambda v: (1 - abar).sqrt() * x + abar.sqrt() * v
+    w, null = 2.5, 1
+    eps_guided, _ = samplers.predictions(samplers.guided(v_net, w, null), schedule, "v")(x, t, y)
+    cond, uncond = eps_of(v_net(x, t, y)), eps_of(v_net(x, t, torch.full_like(y, null)))
+    assert torch.allclose(eps_guided, uncond + w * (cond - uncond), atol=1e-5)
+
+
+def test_v_prediction_gives_the_same_eps_and_x0():
+    schedule = make_schedule("cosine", 1000)
+    eps_model = eps_oracle(schedule)
 
     def v_model(x, t, y):
         abar = schedule.alphas_cumprod[t].reshape(-1, 1)
@@ -152,8 +169,10 @@ def test_v_prediction_wrapper_gives_eps():
         x0 = (x - (1 - abar).sqrt() * eps) / abar.sqrt()
         return abar.sqrt() * eps - (1 - abar).sqrt() * x0
 
-    x, t, y = torch.randn(8, 2), torch.randint(0, 1000, (8,)), torch.zeros(8, dtype=torch.long)
-    assert torch.allclose(samplers.as_eps(v_model, schedule, "v")(x, t, y), eps_model(x, t, y), atol=1e-4)
+    x, t, y = torch.randn(8, 2), torch.randint(0, 990, (8,)), torch.zeros(8, dtype=torch.long)
+    eps_v, x0_v = samplers.predictions(v_model, schedule, "v")(x, t, y)
+    eps_e, x0_e = samplers.predictions(eps_model, schedule, "eps")(x, t, y)
+    assert torch.allclose(eps_v, eps_e, atol=1e-4) and torch.allclose(x0_v, x0_e, atol=1e-3)
 
 
 def test_per_image_noise_does_not_depend_on_batch():

@@ -35,9 +35,9 @@ def generate(model: torch.nn.Module, schedule: Schedule, prediction: str, labels
         with autocast(device):
             return model(x, t, y)
 
-    denoise = samplers.as_eps(network, schedule, prediction)
     if cfg.num_classes > 0:
-        denoise = samplers.guided(denoise, guidance, null)
+        network = samplers.guided(network, guidance, null)
+    denoise = samplers.predictions(network, schedule, prediction)
     out = []
     for start in range(0, len(seeds), batch_size):
         chunk = slice(start, start + batch_size)

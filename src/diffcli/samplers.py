@@ -1,11 +1,14 @@
 """Samplers as pure functions, in the style of NVlabs/edm's `generate.py`.
 
-Each takes a denoiser `denoise(x_t, t, y) -> ε̂` (t a (B,) long tensor of 0-indexed
-timesteps), a `Schedule`, the starting noise x_T, labels y, and — where noise is
-drawn on the way — a `randn_like(x)` source. No model classes are imported here:
-`as_eps` and `guided` build the denoiser from any network-like callable.
+Each takes a denoiser `denoise(x_t, t, y) -> (ε̂, x̂0)` (t a (B,) long tensor of
+0-indexed timesteps), a `Schedule`, the starting noise x_T, labels y, and — where noise
+is drawn on the way — a `randn_like(x)` source. No model classes are imported here:
+`predictions` and `guided` build the denoiser from any network-like callable.
 
-An optional `callback(step, t, x_t, x0_hat)` sees every step (for trajectories).
+One update of each sampler is its own function (`ddpm_step`, `ddim_step`), the
+stateless counterpart of diffusers' `scheduler.step(model_output, t, x)`; the loops
+only choose timesteps and draw noise. An optional `callback(step, t, x_t, x0_hat)`
+sees every step (for trajectories).
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ from typing import Callable, Optional
 
 import torch
 
-from diffcli.schedules import Schedule, eps_from_v, eps_from_x0, x0_from_eps
+from diffcli.schedules import Schedule, eps_from_v, eps_from_x0, x0_from_eps, x0_from_v
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Network = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
 RandnLike = Callable[[torch.Tensor], torch.Tensor]
 Callback = Optional[Callable[[int, int, torch.Tensor, torch.Tensor], None]]
 
@@ -41,37 +45,44 @@ class PerImageNoise:
         return torch.stack(draws).to(device=like.device, dtype=like.dtype)
 
 
-def as_eps(model: Callable, schedule: Schedule, prediction: str) -> Denoiser:
-    """Turn a network predicting ε or v into a denoiser predicting ε."""
-    if prediction == "eps":
-        return model
-    if prediction != "v":
+def guided(network: Network, scale: float, null_label: int) -> Network:
+    """Classifier-free guidance (Ho & Salimans 2022, eq. 6): out = out(x, ∅) + w (out(x, y) - out(x, ∅)).
+
+    Applied to the raw network output: ε, v and x̂0 are all affine in it for a fixed x_t,
+    so guiding the output is the same as guiding ε. w = 1 is the plain conditional model
+    and w = 0 the unconditional one, each one forward pass; any other w is one pass of 2B.
+    """
+    if scale == 1.0:
+        return network
+
+    def guided_network(x, t, y):
+        null = torch.full_like(y, null_label)
+        if scale == 0.0:
+            return network(x, t, null)
+        out = network(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
+        cond, uncond = out.chunk(2)
+        return uncond + scale * (cond - uncond)
+
+    return guided_network
+
+
+def predictions(network: Network, schedule: Schedule, prediction: str) -> Denoiser:
+    """Turn a network predicting ε or v into a denoiser returning (ε̂, x̂0).
+
+    Both come straight from the output, as in diffusers: for v, x̂0 = sqrt(ᾱ) x - sqrt(1-ᾱ) v
+    never divides by sqrt(ᾱ), which is ~5e-5 at the last cosine timestep.
+    """
+    if prediction not in ("eps", "v"):
         raise ValueError(f"unknown prediction target {prediction!r}")
 
     def denoise(x, t, y):
         abar = schedule.alphas_cumprod.to(x.device)[t].reshape(-1, *([1] * (x.ndim - 1)))
-        return eps_from_v(x, model(x, t, y).to(x.dtype), abar)
+        out = network(x, t, y).float()
+        if prediction == "eps":
+            return out, x0_from_eps(x, out, abar)
+        return eps_from_v(x, out, abar), x0_from_v(x, out, abar)
 
     return denoise
-
-
-def guided(denoise: Denoiser, scale: float, null_label: int) -> Denoiser:
-    """Classifier-free guidance (Ho & Salimans 2022, eq. 6 in ε form):
-    ε̃ = ε(x, ∅) + w (ε(x, y) - ε(x, ∅)). w = 1 is the plain conditional model and
-    w = 0 the unconditional one; both then need one forward pass, others one pass of 2B.
-    """
-    if scale == 1.0:
-        return denoise
-
-    def guided_denoise(x, t, y):
-        null = torch.full_like(y, null_label)
-        if scale == 0.0:
-            return denoise(x, t, null)
-        eps = denoise(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
-        cond, uncond = eps.chunk(2)
-        return uncond + scale * (cond - uncond)
-
-    return guided_denoise
 
 
 def _abar(schedule: Schedule, t: int, like: torch.Tensor) -> torch.Tensor:
@@ -80,39 +91,53 @@ def _abar(schedule: Schedule, t: int, like: torch.Tensor) -> torch.Tensor:
     return value.to(device=like.device, dtype=torch.float32)
 
 
-def _predict(denoise, schedule, x, t, y, clip_x0):
+def _predict(denoise, x, t, y, clip_x0, schedule):
     """ε̂ and x̂0 at timestep t; with clipping, ε̂ is recomputed from the clipped x̂0 so both agree."""
-    abar = _abar(schedule, t, x)
-    eps = denoise(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long), y).float()
-    x0 = x0_from_eps(x, eps, abar)
+    eps, x0 = denoise(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long), y)
     if clip_x0:
         x0 = x0.clamp(-1, 1)
-        eps = eps_from_x0(x, x0, abar)
+        eps = eps_from_x0(x, x0, _abar(schedule, t, x))
     return eps, x0
+
+
+def ddpm_step(schedule: Schedule, x: torch.Tensor, t: int, x0: torch.Tensor, noise: torch.Tensor | None,
+              variance: str = "beta_tilde") -> torch.Tensor:
+    """x_{t-1} ~ q(x_{t-1} | x_t, x̂0) (Ho et al. 2020, eq. 7):
+    μ̃ = sqrt(ᾱ_{t-1}) β_t / (1-ᾱ_t) x̂0 + sqrt(α_t) (1-ᾱ_{t-1}) / (1-ᾱ_t) x_t, plus σ z with
+    σ² = β̃_t = β_t (1-ᾱ_{t-1}) / (1-ᾱ_t) ("beta_tilde") or β_t ("beta"); no noise at t = 0."""
+    abar_t, abar_prev = _abar(schedule, t, x), _abar(schedule, t - 1, x)
+    beta_t = schedule.betas[t].to(x.device)
+    mean = (abar_prev.sqrt() * beta_t / (1 - abar_t)) * x0 + ((1 - beta_t).sqrt() * (1 - abar_prev) / (1 - abar_t)) * x
+    if t == 0:
+        return mean
+    var = beta_t * (1 - abar_prev) / (1 - abar_t) if variance == "beta_tilde" else beta_t
+    return mean + var.sqrt() * noise
+
+
+def ddim_step(schedule: Schedule, x: torch.Tensor, t: int, s: int, eps: torch.Tensor, x0: torch.Tensor,
+              eta: float = 0.0, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """DDIM (Song et al. 2021, eq. 12) from t to s < t (s = -1: ᾱ = 1, after the last step):
+    x_s = sqrt(ᾱ_s) x̂0 + sqrt(1 - ᾱ_s - σ²) ε̂ + σ z with eq. 16's
+    σ = η sqrt((1-ᾱ_s)/(1-ᾱ_t)) sqrt(1 - ᾱ_t/ᾱ_s)."""
+    abar_t, abar_s = _abar(schedule, t, x), _abar(schedule, s, x)
+    sigma = eta * ((1 - abar_s) / (1 - abar_t) * (1 - abar_t / abar_s)).clamp(min=0).sqrt()
+    out = abar_s.sqrt() * x0 + (1 - abar_s - sigma**2).clamp(min=0).sqrt() * eps
+    if eta > 0 and s >= 0:
+        out = out + sigma * noise
+    return out
 
 
 def ddpm(denoise: Denoiser, schedule: Schedule, noise: torch.Tensor, labels: torch.Tensor, randn_like: RandnLike,
          variance: str = "beta_tilde", clip_x0: bool = True, callback: Callback = None) -> torch.Tensor:
-    """Ancestral sampling through all T steps (Ho et al. 2020, Alg. 2, written with the
-    posterior q(x_{t-1} | x_t, x̂0) of eq. 7). variance: "beta_tilde" (β̃_t, eq. 7, the
-    default) or "beta" (β_t); both appear in §3.2 of the paper."""
+    """Ancestral sampling through all T steps (Ho et al. 2020, Alg. 2, with `ddpm_step`)."""
     if variance not in ("beta_tilde", "beta"):
         raise ValueError(f"unknown variance {variance!r}")
     x = noise.float()
-    betas = schedule.betas
     for i, t in enumerate(range(schedule.T - 1, -1, -1)):
-        eps, x0 = _predict(denoise, schedule, x, t, labels, clip_x0)
-        abar_t, abar_prev = _abar(schedule, t, x), _abar(schedule, t - 1, x)
-        beta_t = betas[t].to(x.device)
-        # eq. 7: μ̃ = sqrt(ᾱ_{t-1}) β_t / (1-ᾱ_t) x0 + sqrt(α_t) (1-ᾱ_{t-1}) / (1-ᾱ_t) x_t
-        mean = (abar_prev.sqrt() * beta_t / (1 - abar_t)) * x0 + ((1 - beta_t).sqrt() * (1 - abar_prev) / (1 - abar_t)) * x
+        _, x0 = _predict(denoise, x, t, labels, clip_x0, schedule)
         if callback is not None:
             callback(i, t, x, x0)
-        if t > 0:
-            var = beta_t * (1 - abar_prev) / (1 - abar_t) if variance == "beta_tilde" else beta_t
-            x = mean + var.sqrt() * randn_like(x)
-        else:
-            x = mean
+        x = ddpm_step(schedule, x, t, x0, randn_like(x) if t > 0 else None, variance)
     return x
 
 
@@ -131,24 +156,18 @@ def timesteps(T: int, steps: int) -> list[int]:
 def ddim(denoise: Denoiser, schedule: Schedule, noise: torch.Tensor, labels: torch.Tensor, steps: int,
          eta: float = 0.0, randn_like: RandnLike | None = None, clip_x0: bool = True,
          callback: Callback = None) -> torch.Tensor:
-    """DDIM (Song et al. 2021, eq. 12) from t to the next timestep s (ᾱ_s = 1 after the last):
-    x_s = sqrt(ᾱ_s) x̂0 + sqrt(1 - ᾱ_s - σ²) ε̂ + σ z, with eq. 16's
-    σ = η sqrt((1-ᾱ_s)/(1-ᾱ_t)) sqrt(1 - ᾱ_t/ᾱ_s). η = 0 is deterministic; η = 1 with
-    all T steps is DDPM's ancestral sampler with variance β̃_t."""
+    """DDIM on the trailing `timesteps`. η = 0 is deterministic; η = 1 with all T steps is
+    DDPM's ancestral sampler with variance β̃_t (σ² of eq. 16 equals β̃_t then)."""
     if eta > 0 and randn_like is None:
         raise ValueError("ddim with eta > 0 draws noise: pass randn_like")
     x = noise.float()
     ts = timesteps(schedule.T, steps)
     for i, t in enumerate(ts):
         s = ts[i + 1] if i + 1 < len(ts) else -1
-        eps, x0 = _predict(denoise, schedule, x, t, labels, clip_x0)
-        abar_t, abar_s = _abar(schedule, t, x), _abar(schedule, s, x)
-        sigma = eta * ((1 - abar_s) / (1 - abar_t) * (1 - abar_t / abar_s)).clamp(min=0).sqrt()
+        eps, x0 = _predict(denoise, x, t, labels, clip_x0, schedule)
         if callback is not None:
             callback(i, t, x, x0)
-        x = abar_s.sqrt() * x0 + (1 - abar_s - sigma**2).clamp(min=0).sqrt() * eps
-        if eta > 0 and s >= 0:
-            x = x + sigma * randn_like(x)
+        x = ddim_step(schedule, x, t, s, eps, x0, eta, randn_like(x) if eta > 0 and s >= 0 else None)
     return x
 
 
@@ -164,7 +183,7 @@ def dpmpp_2m(denoise: Denoiser, schedule: Schedule, noise: torch.Tensor, labels:
     x0_prev, h_prev = None, None
     for i, t in enumerate(ts):
         s = ts[i + 1] if i + 1 < len(ts) else -1
-        _, x0 = _predict(denoise, schedule, x, t, labels, clip_x0)
+        _, x0 = _predict(denoise, x, t, labels, clip_x0, schedule)
         if callback is not None:
             callback(i, t, x, x0)
         if s < 0:
