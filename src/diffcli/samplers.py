@@ -171,6 +171,23 @@ def ddim(denoise: Denoiser, schedule: Schedule, noise: torch.Tensor, labels: tor
     return x
 
 
+def ddim_invert(denoise: Denoiser, schedule: Schedule, x0: torch.Tensor, labels: torch.Tensor, steps: int) -> torch.Tensor:
+    """Run the deterministic DDIM ODE forward, data -> noise, over the same trailing
+    timesteps `ddim` walks down (Song et al. 2021, §4.3; Dhariwal & Nichol 2021, App. F):
+    x_t = sqrt(ᾱ_t) x̂0 + sqrt(1-ᾱ_t) ε̂, with ε̂ taken at the previous, less noisy point.
+    The first step, from the clean image, evaluates the model at the smallest listed
+    timestep, as diffusers' DDIMInverseScheduler does. Unclipped, so it is invertible."""
+    ts = timesteps(schedule.T, steps)[::-1]  # ascending
+    x = x0.float()
+    for i, t in enumerate(ts):
+        s = ts[i - 1] if i > 0 else -1  # where x is now; -1: the clean image
+        eps, _ = denoise(x, torch.full((x.shape[0],), max(s, ts[0]), device=x.device, dtype=torch.long), labels)
+        abar_s, abar_t = _abar(schedule, s, x), _abar(schedule, t, x)
+        x0_hat = (x - (1 - abar_s).sqrt() * eps) / abar_s.sqrt()
+        x = abar_t.sqrt() * x0_hat + (1 - abar_t).sqrt() * eps
+    return x
+
+
 def dpmpp_2m(denoise: Denoiser, schedule: Schedule, noise: torch.Tensor, labels: torch.Tensor, steps: int,
              clip_x0: bool = True, callback: Callback = None) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), deterministic, on the same trailing
