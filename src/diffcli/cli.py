@@ -15,6 +15,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from diffcli import __version__
@@ -42,7 +43,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(EXIT_USER_ERROR) from None
         except KeyboardInterrupt:
             err_console.print("interrupted.")
@@ -174,6 +175,9 @@ def _run_training(cfg, out: Path, resume: bool, overwrite: bool) -> None:
                 progress.update(task["id"], completed=info["step"])
         elif event == "log":
             progress.update(task["id"], info=f"step {info['step']} loss {info['loss']:.4f} {info['images_per_s']:.0f} img/s")
+        elif event == "notice" and info["message"] not in task.setdefault("notices", set()):
+            task["notices"].add(info["message"])
+            progress.console.print(f"[yellow]note:[/] {escape(info['message'])}", highlight=False)
         elif event == "grid":
             progress.console.print(f"step {info['step']}: checkpoint and sample grid [cyan]{info['path']}[/]", highlight=False)
 
@@ -246,6 +250,8 @@ def sample(
     save_individual: Optional[Path] = typer.Option(None, help="Also write every image as its own PNG into this folder."),
     batch_size: int = typer.Option(64, help="Images per forward pass."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
+    trajectory: Optional[Path] = typer.Option(None, help="Also draw the denoising trajectory: a .png strip (x_t and predicted x0, one row per image) or a .gif animation."),
+    frames: int = typer.Option(8, help="Steps shown in --trajectory, evenly spaced."),
 ):
     """Generate images from a trained model."""
     from diffcli.samplers import DEFAULT_STEPS, SAMPLERS
@@ -261,13 +267,17 @@ def sample(
         raise UserError(f"--eta must be 0 or more, got {eta:g}.")
     if variance not in ("beta_tilde", "beta"):
         raise UserError("--variance must be beta_tilde or beta.")
+    if trajectory is not None and trajectory.suffix.lower() not in (".png", ".gif"):
+        raise UserError(f"--trajectory must end in .png or .gif, got '{trajectory.name}'.")
+    if not 1 <= frames <= 100:
+        raise UserError(f"--frames must be between 1 and 100, got {frames}.")
 
     import torch
 
     from diffcli.checkpoint import load_model
     from diffcli.devices import describe, pick_device
-    from diffcli.generate import generate
-    from diffcli.images import grid, save, to_pil
+    from diffcli.generate import Trajectory, generate
+    from diffcli.images import grid, save, to_pil, trajectory_gif, trajectory_strip
     from diffcli.schedules import make_schedule
 
     dev = pick_device(device)
@@ -285,8 +295,9 @@ def sample(
     used_steps = T if sampler == "ddpm" else (steps or DEFAULT_STEPS[sampler])
     with console.status(f"sampling {len(per_image)} images with {sampler}, {used_steps} steps on {describe(dev)} ..."):
         t0 = time.perf_counter()
+        recorder = Trajectory(used_steps, frames) if trajectory else None
         imgs = generate(model, schedule, cfg.diffusion.prediction, per_image, seeds, sampler, used_steps, guidance, eta,
-                        variance, clip, batch_size)
+                        variance, clip, batch_size, callback=recorder)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
@@ -298,10 +309,21 @@ def sample(
             for i, (img, lab, s) in enumerate(zip(imgs, per_image, seeds)):
                 tag = names[lab] if lab < len(names) else "uncond"
                 save(to_pil(img), save_individual / f"{i:05d}_{_safe(tag)}_seed{s}.png")
+        if trajectory and trajectory.suffix.lower() == ".gif":
+            trajectory_gif(recorder.xt, recorder.x0, imgs, trajectory)
+        elif trajectory:
+            save(trajectory_strip(recorder.xt, recorder.x0, recorder.timesteps, imgs, scale=_scale(imgs)), trajectory)
     except (OSError, ValueError) as e:
         raise UserError(f"could not write the images to '{out}': {e}.") from None
     console.print(f"wrote [cyan]{out}[/]: {len(per_image)} images, {sampler} {used_steps} steps, guidance {guidance:g}, "
                   f"{seconds:.1f} s ({len(per_image) / seconds:.1f} images/s) on {describe(dev)}", highlight=False)
+    if trajectory:
+        console.print(f"trajectory: [cyan]{trajectory}[/] (t = {', '.join(map(str, recorder.timesteps))})", highlight=False)
+
+
+def _scale(imgs) -> int:
+    """Enlarge small images in figures so their captions (~48 px of text) fit under them."""
+    return max(1, 48 // imgs.shape[-1] + (48 % imgs.shape[-1] > 0))
 
 
 def _safe(text: str) -> str:
@@ -333,13 +355,93 @@ def parse_labels(text: str, class_names: list[str]) -> list[int]:
     return out
 
 
+# --- compare --------------------------------------------------------------------------
+
+def _csv(text: str, kind, option: str) -> list:
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{option} must be a comma-separated list, got '{text}'.") from None
+    if not values:
+        raise UserError(f"{option} is empty.")
+    return values
+
+
+@app.command()
+@user_errors
+def compare(
+    ckpt: Path = typer.Option(..., help="A model.safetensors written by `diffcli train`."),
+    samplers: str = typer.Option("ddpm,ddim,dpm++", help="Comma-separated samplers, one row each."),
+    steps: str = typer.Option("10,20,50", help="Comma-separated step counts, one column each (ddpm always runs all T)."),
+    guidance: Optional[str] = typer.Option(None, help=f"Comma-separated guidance weights, a row each per sampler (default: {DEFAULT_GUIDANCE:g})."),
+    label: str = typer.Option("0", help="The class to draw (index or name)."),
+    n: int = typer.Option(4, help="Images per cell."),
+    seed: int = typer.Option(0, help="Seeds SEED..SEED+n-1: the same starting noise in every cell."),
+    out: Path = typer.Option(Path("compare.png"), help="The contact sheet to write."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
+):
+    """Contact sheet of samplers x steps (x guidance) from the same starting noise, each cell timed."""
+    from diffcli.samplers import SAMPLERS
+
+    names = _csv(samplers, str, "--samplers")
+    bad = [s for s in names if s not in SAMPLERS]
+    if bad:
+        raise UserError(f"unknown sampler '{bad[0]}'; choose from {', '.join(SAMPLERS)}.")
+    step_list = _csv(steps, int, "--steps")
+    weights = _csv(guidance, float, "--guidance") if guidance else [DEFAULT_GUIDANCE]
+    if any(w < 0 for w in weights):
+        raise UserError("--guidance values must be 0 or more.")
+    if not 1 <= n <= 64:
+        raise UserError(f"--n must be between 1 and 64, got {n}.")
+
+    from diffcli.checkpoint import load_model
+    from diffcli.devices import describe, pick_device
+    from diffcli.generate import sweep
+    from diffcli.images import contact_sheet, grid, save
+    from diffcli.schedules import make_schedule
+
+    dev = pick_device(device)
+    model, cfg, meta = load_model(ckpt, dev)
+    T = cfg.diffusion.timesteps
+    if any(not 1 <= k <= T for k in step_list):
+        raise UserError(f"--steps must lie between 1 and T={T}, got {steps}.")
+    lab = parse_labels(label, meta["class_names"])[0]
+    columns = sorted(set(step_list) | ({T} if "ddpm" in names else set()))
+    rows = [(s, w) for s in names for w in weights]
+    runs = [(s, k, w) for s, w in rows for k in columns if (k == T if s == "ddpm" else k in step_list)]
+    seeds = list(range(seed, seed + n))
+    with console.status(f"sampling {len(runs)} cells of {n} images on {describe(dev)} ..."):
+        results = dict(zip(runs, sweep(model, make_schedule(cfg.diffusion.schedule, T), cfg.diffusion.prediction,
+                                       lab, seeds, runs)))
+    cells = []
+    for s, w in rows:
+        row = []
+        for k in columns:
+            if (s, k, w) not in results:
+                row.append((None, "ddpm runs all T steps" if s == "ddpm" else ""))
+                continue
+            imgs, seconds = results[(s, k, w)]
+            g = grid(imgs, n)
+            scale = _scale(imgs)
+            row.append((g.resize((g.width * scale, g.height * scale), 0), f"{s} {k} steps w={w:g}: {seconds:.1f} s"))
+        cells.append(row)
+    try:
+        save(contact_sheet(cells), out)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not write '{out}': {e}.") from None
+    name = meta["class_names"][lab] if meta["class_names"] else "unconditional"
+    console.print(f"wrote [cyan]{out}[/]: {len(rows)} rows x {len(columns)} columns, label {name}, seeds {seed}..{seed + n - 1}",
+                  highlight=False)
+
+
 # --- noise-preview ----------------------------------------------------------------
 
 @app.command("noise-preview")
 @user_errors
 def noise_preview(
-    image: Path = typer.Argument(..., help="Any PNG/JPEG/GIF/BMP/WebP image."),
+    image: Optional[Path] = typer.Argument(None, help="Any PNG/JPEG/GIF/BMP/WebP image (optional with --plot)."),
     out: Path = typer.Option(Path("noise_preview.png"), help="Where to write the strip."),
+    plot: Optional[Path] = typer.Option(None, help="Also plot alpha_bar_t and log-SNR against t for the schedules (needs matplotlib)."),
     steps: Optional[str] = typer.Option(None, help="Comma-separated timesteps to show, e.g. 0,50,100,250,500,999."),
     frames: int = typer.Option(8, help="Evenly spaced frames from t=0 to T-1 (when --steps is not given)."),
     schedule: str = typer.Option("cosine", help="linear, cosine, or all (one row per schedule)."),
@@ -347,7 +449,7 @@ def noise_preview(
     image_size: int = typer.Option(64, help="The image is center-cropped and resized to this size."),
     seed: int = typer.Option(0, help="Seed of the noise."),
 ):
-    """Show what the forward (noising) process does to an image."""
+    """Show what the forward (noising) process does to an image, and plot the schedules."""
     from diffcli.schedules import SCHEDULES
 
     names = list(SCHEDULES) if schedule == "all" else [schedule]
@@ -371,6 +473,19 @@ def noise_preview(
         from diffcli.preview import even_steps
 
         ts = even_steps(timesteps, frames)
+    if image is None and plot is None:
+        raise UserError("give an image to noise, or --plot FILE.png for the schedule plot.")
+    if plot is not None:
+        from diffcli.plots import schedule_plot
+        from diffcli.schedules import make_schedule
+
+        try:
+            schedule_plot([make_schedule(name, timesteps) for name in SCHEDULES], plot)  # the plot compares them all
+        except OSError as e:
+            raise UserError(f"could not write '{plot}': {e.strerror}.") from None
+        console.print(f"wrote [cyan]{plot}[/]: alpha_bar_t and log-SNR for {', '.join(SCHEDULES)} (T={timesteps})", highlight=False)
+        if image is None:
+            return
     if not image.exists():
         raise UserError(f"image '{image}' does not exist.")
     if image.is_dir():
@@ -397,15 +512,19 @@ def noise_preview(
 @app.command()
 @user_errors
 def inspect(
-    ckpt: Path = typer.Argument(..., help="A .safetensors file written by diffcli."),
+    ckpt: Path = typer.Argument(..., help="A .safetensors file written by diffcli, or a run folder."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ):
-    """Tell what a checkpoint holds (reads only the file's header)."""
+    """Tell what a checkpoint (or a run folder) holds; reads only file headers."""
     from diffcli.checkpoint import read_header, model_metadata
 
-    header = read_header(ckpt)
+    run_dir = ckpt if ckpt.is_dir() and (ckpt / "model.safetensors").exists() else None
+    path = ckpt / "model.safetensors" if run_dir else ckpt
+    header = read_header(path)
     meta = model_metadata(header)
-    info = summarize(header, meta, ckpt.stat().st_size)
+    info = summarize(header, meta, path.stat().st_size)
+    if run_dir:
+        info.update(run_summary(run_dir))
     if as_json:
         print(json.dumps(info, indent=2))
         return
@@ -414,6 +533,22 @@ def inspect(
         text = ", ".join(map(str, value)) if isinstance(value, list) else f"{value:,}" if isinstance(value, int) else str(value)
         table.add_row(key.replace("_", " "), text)
     console.print(table)
+
+
+def run_summary(run_dir: Path) -> dict:
+    """The last metrics line and the latest pictures of a run folder."""
+    from diffcli.plots import read_metrics
+
+    records = read_metrics(run_dir / "metrics.jsonl")
+    info = {}
+    if records:
+        last = records[-1]
+        info.update({"last_step": last["step"], "last_loss": round(last["loss"], 5),
+                     "images_per_s": round(last["images_per_s"], 1), "minutes_trained": round(last["elapsed_s"] / 60, 1)})
+    for key, name in (("latest_grid", "samples/latest.png"), ("loss_curve", "loss.png")):
+        if (run_dir / name).exists():
+            info[key] = str(run_dir / name)
+    return info
 
 
 def summarize(header: dict, meta: dict, file_size: int) -> dict:

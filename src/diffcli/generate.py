@@ -49,3 +49,60 @@ def generate(model: torch.nn.Module, schedule: Schedule, prediction: str, labels
                             variance=variance, clip_x0=clip_x0, callback=cb)
         out.append(from_model_range(x).cpu())
     return torch.cat(out)
+
+
+class Trajectory:
+    """A `generate` callback that keeps x_t and x̂0 at `frames` evenly spaced steps.
+
+    After sampling: `steps` (the step indices kept), `timesteps` (their t), and
+    `xt`, `x0` as uint8 tensors (frames, N, C, H, W) in image order.
+    """
+
+    def __init__(self, total_steps: int, frames: int):
+        from diffcli.preview import even_steps
+
+        self.keep = set(even_steps(total_steps, min(frames, total_steps)))
+        self._xt: dict[int, list] = {}
+        self._x0: dict[int, list] = {}
+        self._t: dict[int, int] = {}
+
+    def __call__(self, start: int, i: int, t: int, x: torch.Tensor, x0: torch.Tensor) -> None:
+        if i in self.keep:  # chunks arrive in image order, so appending keeps that order
+            self._xt.setdefault(i, []).append(from_model_range(x).cpu())
+            self._x0.setdefault(i, []).append(from_model_range(x0).cpu())
+            self._t[i] = t
+
+    @property
+    def steps(self) -> list[int]:
+        return sorted(self._xt)
+
+    @property
+    def timesteps(self) -> list[int]:
+        return [self._t[i] for i in self.steps]
+
+    @property
+    def xt(self) -> torch.Tensor:
+        return torch.stack([torch.cat(self._xt[i]) for i in self.steps])
+
+    @property
+    def x0(self) -> torch.Tensor:
+        return torch.stack([torch.cat(self._x0[i]) for i in self.steps])
+
+
+def sweep(model, schedule: Schedule, prediction: str, label: int, seeds: list[int],
+          runs: list[tuple[str, int, float]], eta: float = 0.0) -> list[tuple[torch.Tensor, float]]:
+    """Sample the same seeds (so the same starting noise) once per (sampler, steps, guidance)
+    in `runs`; returns (images, seconds) for each, timed with the device synchronised."""
+    import time
+
+    device = next(model.parameters()).device
+    results = []
+    for sampler, steps, guidance in runs:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        imgs = generate(model, schedule, prediction, [label] * len(seeds), seeds, sampler, steps, guidance, eta)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        results.append((imgs, time.perf_counter() - start))
+    return results

@@ -314,7 +314,19 @@ def _checkpoint(out, cfg, model, ema, opt, batch_gen, step, steps_per_epoch, dat
     path = sample_grid(ema, cfg, schedule, data.class_names, out / "samples" / f"step_{step:07d}.png", cfg.train.seed)
     shutil.copyfile(path, out / "samples" / "latest.png")
     report("grid", step=step, path=path)
+    _plot_loss(out, report)
     return path
+
+
+def _plot_loss(out: Path, report) -> None:
+    """Refresh loss.png beside the grids; without matplotlib, say so once and go on."""
+    from diffcli.plots import loss_curve
+
+    try:
+        if loss_curve(out / "metrics.jsonl", out / "loss.png"):
+            report("loss_curve", path=out / "loss.png")
+    except UserError as e:
+        report("notice", message=str(e), once=True)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

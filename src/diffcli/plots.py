@@ -1,0 +1,90 @@
+"""Line plots (schedules, training curves) with matplotlib, an optional extra.
+
+`pip install 'diffcli[plots]'` brings matplotlib; without it these functions raise a
+UserError that says so, and training simply skips its loss curve.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from diffcli.errors import UserError
+
+MISSING = "plots need matplotlib, an optional extra: pip install 'diffcli[plots]' (or pip install matplotlib)."
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, never a window
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError(MISSING) from None
+    return plt
+
+
+def schedule_plot(schedules, path: Path, dpi: int = 100) -> Path:
+    """ᾱ_t and log-SNR = log(ᾱ_t / (1 - ᾱ_t)) against t, one line per schedule."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5), dpi=dpi)
+    for s in schedules:
+        abar = s.alphas_cumprod.double()
+        t = range(s.T)
+        left.plot(t, abar.tolist(), label=f"{s.name}")
+        right.plot(t, (abar / (1 - abar)).log().tolist(), label=f"{s.name}")
+    left.set(xlabel="t", ylabel="alpha_bar_t (signal variance kept)", title=f"alpha_bar_t, T={schedules[0].T}")
+    right.set(xlabel="t", ylabel="log SNR_t", title="log-SNR = log(alpha_bar / (1 - alpha_bar))")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash; the rest are still good
+    return records
+
+
+def loss_curve(metrics_path: Path, path: Path, dpi: int = 100) -> Path | None:
+    """Loss per metrics line (faint), its exponential moving average (bold), and the
+    learning rate on a second axis, against the optimizer step."""
+    records = read_metrics(metrics_path)
+    if not records:
+        return None
+    plt = _pyplot()
+    steps = [r["step"] for r in records]
+    loss = [r["loss"] for r in records]
+    smooth, avg = [], None
+    for v in loss:  # EMA with a span of ~10 lines (500 steps at the default log interval)
+        avg = v if avg is None else 0.8 * avg + 0.2 * v
+        smooth.append(avg)
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=dpi)
+    ax.plot(steps, loss, color="tab:blue", alpha=0.3, label="loss")
+    ax.plot(steps, smooth, color="tab:blue", label="loss (smoothed)")
+    if all(v > 0 and math.isfinite(v) for v in loss):
+        ax.set_yscale("log")
+    ax.set(xlabel="step", ylabel="training loss")
+    ax.grid(alpha=0.3)
+    lr_ax = ax.twinx()
+    lr_ax.plot(steps, [r["lr"] for r in records], color="tab:orange", label="learning rate")
+    lr_ax.set_ylabel("learning rate", color="tab:orange")
+    lines = ax.get_legend_handles_labels()[0] + lr_ax.get_legend_handles_labels()[0]
+    ax.legend(lines, [ln.get_label() for ln in lines], loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
