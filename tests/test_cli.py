@@ -177,3 +177,13 @@ def test_real_subprocess_sample_and_inspect(tiny_run, tmp_path):
     assert proc.returncode == 0 and "cosine" in proc.stdout
     proc = subprocess.run(cmd + ["sample", "--ckpt", str(tmp_path / "nope.safetensors")], capture_output=True, text=True)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and "does not exist" in proc.stderr
+
+
+def test_resume_from_another_folder_with_a_relative_data_root(mnist_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(mnist_root.parent)  # mnist_root is tmp_path / "data"
+    r = run("train", "--data", "mnist", "--data-root", "data", "--limit", "64", "--preset", "tiny", "--max-steps", "2", "--out", "run")
+    assert r.exit_code == 0, r.output
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    r = run("train", "--out", tmp_path / "run", "--resume", "--max-steps", "4")
+    assert r.exit_code == 0, r.output

@@ -131,7 +131,19 @@ def train(
         C.validate(cfg)
     else:
         cfg = C.build_config(preset, str(config) if config else None, cli_values)
+        _absolute_data_paths(cfg)
     _run_training(cfg, out, resume, overwrite)
+
+
+def _absolute_data_paths(cfg) -> None:
+    """Write data paths into config.yaml as absolute paths, so `--resume` and `--config`
+    work from any folder (a relative 'data' would be looked up where the command runs)."""
+    from diffcli.data import NAMED
+
+    if cfg.data.root:
+        cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
+    if cfg.data.name not in NAMED:
+        cfg.data.name = str(Path(cfg.data.name).expanduser().resolve())
 
 
 def _run_training(cfg, out: Path, resume: bool, overwrite: bool) -> None:
@@ -544,7 +556,7 @@ def run_summary(run_dir: Path) -> dict:
     if records:
         last = records[-1]
         info.update({"last_step": last["step"], "last_loss": round(last["loss"], 5),
-                     "images_per_s": round(last["images_per_s"], 1), "minutes_trained": round(last["elapsed_s"] / 60, 1)})
+                     "images_per_s": round(last["images_per_s"], 1), "minutes_this_session": round(last["elapsed_s"] / 60, 1)})
     for key, name in (("latest_grid", "samples/latest.png"), ("loss_curve", "loss.png")):
         if (run_dir / name).exists():
             info[key] = str(run_dir / name)

@@ -68,10 +68,10 @@ def loss_curve(metrics_path: Path, path: Path, dpi: int = 100) -> Path | None:
     plt = _pyplot()
     steps = [r["step"] for r in records]
     loss = [r["loss"] for r in records]
-    smooth, avg = [], None
-    for v in loss:  # EMA with a span of ~10 lines (500 steps at the default log interval)
-        avg = v if avg is None else 0.8 * avg + 0.2 * v
-        smooth.append(avg)
+    smooth, avg = [], 0.0
+    for i, v in enumerate(loss):  # debiased EMA (as TensorBoard smooths), ~5 lines of memory
+        avg = 0.6 * avg + 0.4 * v
+        smooth.append(avg / (1 - 0.6 ** (i + 1)))
     fig, ax = plt.subplots(figsize=(7, 3.5), dpi=dpi)
     ax.plot(steps, loss, color="tab:blue", alpha=0.3, label="loss")
     ax.plot(steps, smooth, color="tab:blue", label="loss (smoothed)")
