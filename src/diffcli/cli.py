@@ -100,6 +100,7 @@ def train(
     schedule: Optional[str] = typer.Option(None, help="Noise schedule: linear or cosine (default: cosine)."),
     prediction: Optional[str] = typer.Option(None, help="What the network predicts: eps or v (default: eps)."),
     flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help="Random horizontal flips (default: on for cifar10 and folders)."),
+    on_nonfinite: Optional[str] = typer.Option(None, help="When the loss becomes NaN/inf: stop (keep the last checkpoint) or rollback (to the last good state, halving the LR) (default: stop)."),
     sample_every: Optional[int] = typer.Option(None, help="Steps between checkpoints and sample grids (default: preset)."),
     device: Optional[str] = typer.Option(None, help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps."),
     seed: Optional[int] = typer.Option(None, help="Seed for initialisation, data order and noise (default: 0)."),
@@ -116,7 +117,7 @@ def train(
         "data": {"name": data, "root": data_root, "image_size": image_size, "flip": flip, "limit": limit},
         "train": {"epochs": epochs, "max_steps": max_steps, "minutes": minutes, "batch_size": batch_size, "lr": lr,
                   "lr_schedule": lr_schedule, "warmup_steps": warmup_steps, "ema_decay": ema_decay,
-                  "label_dropout": label_dropout, "min_snr_gamma": min_snr_gamma, "grad_clip": grad_clip, "sample_every": sample_every,
+                  "label_dropout": label_dropout, "min_snr_gamma": min_snr_gamma, "grad_clip": grad_clip, "on_nonfinite": on_nonfinite, "sample_every": sample_every,
                   "device": device, "seed": seed},
     }
     if resume:

@@ -77,6 +77,7 @@ class TrainConfig:
     epochs: float | None = None
     max_steps: int | None = None
     minutes: float | None = None
+    on_nonfinite: str = "stop"  # NaN/inf loss: "stop" (keep the last checkpoint) or "rollback" (to the last good state)
     sample_every: int = 500  # steps between sample grids (and checkpoints)
     grid_steps: int = 25  # DDIM steps for those grids: cheap, good enough to judge progress
     seed: int = 0
@@ -238,6 +239,7 @@ def validate(cfg: RunConfig) -> None:
         (t.max_steps is None or t.max_steps >= 1, "train.max_steps must be at least 1"),
         (t.minutes is None or t.minutes > 0, "train.minutes must be positive"),
         (t.sample_every >= 1, "train.sample_every must be at least 1"),
+        (t.on_nonfinite in ("stop", "rollback"), "train.on_nonfinite must be 'stop' or 'rollback'"),
         (1 <= t.grid_steps <= d.timesteps, "train.grid_steps must be between 1 and diffusion.timesteps"),
         (t.device in ("auto", "cpu", "cuda", "mps") or t.device.startswith("cuda:"), "train.device must be auto, cpu, cuda or mps"),
     ]

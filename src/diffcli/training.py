@@ -34,7 +34,8 @@ from diffcli.unet import UNet
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.safetensors"
-LOG_EVERY = 50  # steps between metrics lines (and the only host syncs for the loss)
+LOG_EVERY = 50  # steps between metrics lines and non-finite checks (the only host syncs)
+MAX_ROLLBACKS = 3  # with on_nonfinite=rollback: give up after this many
 DEFAULT_EPOCHS = 10  # when no stopping rule is given
 GRID_COLUMNS = 8
 GRID_MAX_ROWS = 10
@@ -171,6 +172,19 @@ def _restore(tensors: dict, meta: dict, model, ema, opt, batch_gen) -> None:
 
 # --- the loop ------------------------------------------------------------------
 
+def checkpoint_bytes(params: int) -> int:
+    """Disk a run needs at most: train_state (weights, EMA, two Adam moments) + the model
+    file, each written beside its predecessor before the rename, plus room for grids."""
+    return 2 * (4 + 1) * 4 * params + 50_000_000
+
+
+def check_free_space(out: Path, params: int) -> None:
+    need, free = checkpoint_bytes(params), shutil.disk_usage(out).free
+    if free < need:
+        raise UserError(f"only {free / 1e6:.0f} MB free in '{out}', and this run's checkpoints need about "
+                        f"{need / 1e6:.0f} MB; free some space or choose another --out.")
+
+
 def prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
     """Refuse to mix two runs in one folder; check it is writable before any work."""
     if out.exists() and not out.is_dir():
@@ -231,7 +245,9 @@ def train(cfg: RunConfig, data: ImageData, out: Path, resume: bool = False,
     report("start", device=device, steps_per_epoch=steps_per_epoch, total_steps=total_steps, batch=batch,
            budget_s=budget_s, step=step, params=sum(p.numel() for p in model.parameters()))
 
+    check_free_space(out, sum(p.numel() for p in model.parameters()))
     model.train()
+    guard = NonFiniteGuard(tc.on_nonfinite, device)
     start = time.monotonic()
     last_log_t, last_log_step = start, step
     loss_sum = torch.zeros((), device=device)
@@ -262,7 +278,7 @@ def train(cfg: RunConfig, data: ImageData, out: Path, resume: bool = False,
         t, noise, y = t.to(device), noise.to(device), y.to(device)
 
         progress = max(step / total_steps if total_steps else 0.0, elapsed / budget_s if budget_s else 0.0)
-        lr = lr_at(step, tc, progress)
+        lr = lr_at(step, tc, progress) * guard.lr_scale
         for group in opt.param_groups:
             group["lr"] = lr
         with autocast(device):
@@ -275,8 +291,15 @@ def train(cfg: RunConfig, data: ImageData, out: Path, resume: bool = False,
         ema_update(ema, model, ema_decay_at(step, tc.ema_decay))
         loss_sum += loss.detach()
         step += 1
+        guard.watch(loss, step)
         report("step", step=step)
 
+        if step % LOG_EVERY == 0 or step % tc.sample_every == 0:
+            restored = guard.check(step, out, model, ema, opt, batch_gen, report)
+            if restored is not None:  # rolled back to the last good state
+                step = last_log_step = restored
+                loss_sum.zero_()
+                continue
         if step % LOG_EVERY == 0:
             _log_metrics(out, step, steps_per_epoch, loss_sum, step - last_log_step, lr, batch, (now := time.monotonic()),
                          last_log_t, start, tc.lr, report)
@@ -285,6 +308,7 @@ def train(cfg: RunConfig, data: ImageData, out: Path, resume: bool = False,
             grid_path = _checkpoint(out, cfg, model, ema, opt, batch_gen, step, steps_per_epoch, data, schedule, report)
             last_log_t = time.monotonic()  # keep images/s about training, not sampling
 
+    guard.check(step, out, model, ema, opt, batch_gen, report, final=True)
     if step > last_log_step:  # the tail since the last full interval, so short runs log too
         _log_metrics(out, step, steps_per_epoch, loss_sum, step - last_log_step, lr, batch, time.monotonic(),
                      last_log_t, start, tc.lr, report)
@@ -294,12 +318,53 @@ def train(cfg: RunConfig, data: ImageData, out: Path, resume: bool = False,
     return TrainResult(step, step / steps_per_epoch, out, out / MODEL_FILE, grid_path, stopped_by)
 
 
+class NonFiniteGuard:
+    """Notices a NaN/inf loss on the step it happens without a host sync per step: each
+    step records, on the device, the first step whose loss was not finite; `check` reads
+    that once per LOG_EVERY steps and before every checkpoint, so a bad state is never saved.
+
+    mode "stop": raise with the step and advice; the last checkpoint stays intact.
+    mode "rollback": go back to the state kept at the last good check, halve the learning
+    rate, and continue (at most MAX_ROLLBACKS times).
+    """
+
+    def __init__(self, mode: str, device: torch.device):
+        self.mode = mode
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.lr_scale = 1.0
+        self.rollbacks = 0
+        self.snapshot = None
+
+    def watch(self, loss: torch.Tensor, step: int) -> None:
+        self.first_bad.masked_fill_((self.first_bad < 0) & ~torch.isfinite(loss.detach()), step)
+
+    def check(self, step, out, model, ema, opt, batch_gen, report, final: bool = False) -> int | None:
+        bad = int(self.first_bad.item())
+        if bad < 0:
+            if self.mode == "rollback" and not final:
+                self.snapshot = (step, *(copy.deepcopy(m.state_dict()) for m in (model, ema, opt)), batch_gen.get_state())
+            return None
+        if self.mode == "rollback" and self.snapshot is not None and self.rollbacks < MAX_ROLLBACKS and not final:
+            good_step, m_sd, e_sd, o_sd, gen_state = self.snapshot
+            model.load_state_dict(m_sd)
+            ema.load_state_dict(e_sd)
+            opt.load_state_dict(copy.deepcopy(o_sd))
+            batch_gen.set_state(gen_state)
+            self.first_bad.fill_(-1)
+            self.lr_scale *= 0.5
+            self.rollbacks += 1
+            report("notice", message=f"the loss was not finite at step {bad}; rolled back to step {good_step} "
+                                     f"and halved the learning rate (rollback {self.rollbacks} of {MAX_ROLLBACKS}).")
+            return good_step
+        saved = checkpoint.model_metadata(checkpoint.read_header(out / MODEL_FILE))["step"] if (out / MODEL_FILE).exists() else None
+        kept = f"the last checkpoint (step {saved}) in '{out}' is intact" if saved is not None else "no checkpoint had been saved yet"
+        raise UserError(f"the loss became NaN or infinite at step {bad}; {kept}. Lower --lr, keep --grad-clip on, "
+                        f"or pass --on-nonfinite rollback.")
+
+
 def _log_metrics(out: Path, step, steps_per_epoch, loss_sum, steps, lr, batch, now, last_t, start, peak_lr, report):
     """Append one line to metrics.jsonl: the mean loss since the last line (one host sync)."""
     mean_loss = (loss_sum / steps).item()
-    if not math.isfinite(mean_loss):
-        raise UserError(f"the loss became {mean_loss} before step {step}; lower --lr (now {peak_lr:g}) "
-                        f"or keep --grad-clip on; the last checkpoint in '{out}' is intact.")
     record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": mean_loss, "lr": lr,
               "images_per_s": batch * steps / max(now - last_t, 1e-9), "elapsed_s": now - start}
     with open(out / "metrics.jsonl", "a") as f:
@@ -309,7 +374,11 @@ def _log_metrics(out: Path, step, steps_per_epoch, loss_sum, steps, lr, batch, n
 
 
 def _checkpoint(out, cfg, model, ema, opt, batch_gen, step, steps_per_epoch, data, schedule, report) -> Path:
-    save_state(out, cfg, model, ema, opt, batch_gen, step, step / steps_per_epoch, data.class_names)
+    try:
+        save_state(out, cfg, model, ema, opt, batch_gen, step, step / steps_per_epoch, data.class_names)
+    except OSError as e:  # disk full, folder removed, permissions changed mid-run
+        raise UserError(f"could not write the checkpoint for step {step} to '{out}' ({e.strerror or e}); "
+                        f"the previous checkpoint there is intact.") from None
     report("checkpoint", step=step, path=out / MODEL_FILE)
     path = sample_grid(ema, cfg, schedule, data.class_names, out / "samples" / f"step_{step:07d}.png", cfg.train.seed)
     shutil.copyfile(path, out / "samples" / "latest.png")
