@@ -1,0 +1,123 @@
+"""Errors a user can cause: exit code 1 and one readable sentence, never a traceback."""
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from diffcli.cli import app
+
+runner = CliRunner()
+
+
+def fails_cleanly(args, fragment):
+    r = runner.invoke(app, [str(a) for a in args])
+    text = " ".join(r.output.split())
+    assert r.exit_code == 1, (r.exit_code, r.output)
+    assert "Traceback" not in r.output and r.exception is None or isinstance(r.exception, SystemExit), r.output
+    assert text.count("error:") == 1, text  # warnings (e.g. a skipped file) may come first
+    assert fragment in text, text
+    return text
+
+
+def ok(args):
+    r = runner.invoke(app, [str(a) for a in args])
+    assert r.exit_code == 0, r.output
+    return r
+
+
+# --- noise-preview inputs ---------------------------------------------------------
+
+
+def test_noise_preview_on_awkward_images(tmp_path):
+    sixteen = tmp_path / "16bit.png"
+    Image.fromarray((np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)).save(sixteen)
+    cmyk = tmp_path / "cmyk.jpg"
+    Image.new("CMYK", (40, 40), (0, 255, 255, 0)).save(cmyk)
+    gif = tmp_path / "anim.gif"
+    frames = [Image.new("P", (30, 30), i * 40) for i in range(3)]
+    frames[0].save(gif, save_all=True, append_images=frames[1:])
+    for path in (sixteen, cmyk, gif):
+        ok(["noise-preview", path, "--frames", "2", "--image-size", "16", "--out", tmp_path / f"{path.stem}_out.png"])
+    # the 16-bit ramp was scaled, not clipped to white: the clean frame has dark and light pixels
+    strip = np.asarray(Image.open(tmp_path / "16bit_out.png").convert("L"))
+    assert strip[:40, :40].min() < 60 and strip[:40, :40].max() > 200
+
+
+@pytest.mark.parametrize("content,fragment", [
+    (b"", "not an image"),
+    (b"just some text, renamed", "not an image"),
+])
+def test_noise_preview_on_files_that_are_not_images(tmp_path, content, fragment):
+    path = tmp_path / "x.png"
+    path.write_bytes(content)
+    fails_cleanly(["noise-preview", path], fragment)
+
+
+def test_noise_preview_refuses_a_huge_image(tmp_path):
+    path = tmp_path / "huge.png"
+    Image.new("1", (10000, 10000)).save(path)  # 1-bit: 12 MB in memory, tiny on disk
+    fails_cleanly(["noise-preview", path], "10000x10000 pixels")
+
+
+def test_noise_preview_on_a_folder(tmp_path):
+    fails_cleanly(["noise-preview", tmp_path], "is a folder")
+
+
+# --- image folders ------------------------------------------------------------------
+
+
+def test_folder_with_mixed_sizes_and_modes_trains(tmp_path):
+    data = tmp_path / "data"
+    for cls, mode, size in (("a", "RGB", (40, 30)), ("a", "L", (16, 16)), ("b", "RGBA", (20, 50)), ("b", "P", (32, 32))):
+        (data / cls).mkdir(parents=True, exist_ok=True)
+        Image.new(mode, size).save(data / cls / f"{mode}_{size[0]}.png")
+    r = ok(["train", "--data", data, "--preset", "tiny", "--max-steps", "1", "--out", tmp_path / "run"])
+    assert "32x32, 3 channels" in " ".join(r.output.split())  # mixed sizes: 32 px; any colour image: RGB
+
+
+def test_empty_folder_and_folder_of_broken_images(tmp_path):
+    (tmp_path / "empty").mkdir()
+    fails_cleanly(["train", "--data", tmp_path / "empty", "--out", tmp_path / "run"], "no images")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "a.png").write_bytes(b"nope")
+    fails_cleanly(["train", "--data", tmp_path / "broken", "--out", tmp_path / "run"], "could be read")
+
+
+# --- configs and options ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("content,fragment", [
+    ({"train": {"bach_size": 3}}, "train.bach_size"),
+    ({"train": {"batch_size": "three"}}, "train.batch_size"),
+    ({"train": {"ema_decay": 1.5}}, "train.ema_decay"),
+    ({"data": {"image_size": 2}}, "data.image_size"),
+    (["a", "list"], "must hold a mapping"),
+])
+def test_bad_yaml_configs(tmp_path, content, fragment):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(content))
+    fails_cleanly(["train", "--config", path, "--out", tmp_path / "run"], fragment)
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--steps", "-3"], "--steps must be between 1 and T=1000"),
+    (["--label", "-1"], "out of range"),
+    (["--label", "Circle,dragon"], "unknown class 'dragon'"),
+    (["--eta", "-0.5"], "--eta must be 0 or more"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--variance", "big"], "--variance must be"),
+])
+def test_bad_sample_options(tiny_run, tmp_path, args, fragment):
+    fails_cleanly(["sample", "--ckpt", tiny_run / "model.safetensors", *args, "--out", tmp_path / "s.png"], fragment)
+
+
+def test_class_names_are_case_insensitive(tiny_run, tmp_path):
+    ok(["sample", "--ckpt", tiny_run / "model.safetensors", "--label", "CIRCLE,star", "--n", "1", "--steps", "2",
+        "--out", tmp_path / "s.png"])
+
+
+def test_out_folder_holding_another_run(tiny_run, tmp_path):
+    fails_cleanly(["train", "--data", "shapes", "--limit", "32", "--preset", "tiny", "--out", tiny_run], "already holds a run")
+    fails_cleanly(["train", "--data", "shapes", "--out", tiny_run / "model.safetensors"], "is a file")
