@@ -151,14 +151,36 @@ def _run_training(cfg, out: Path, resume: bool, overwrite: bool) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from diffcli import data as D
+    from diffcli import distributed
     from diffcli.devices import describe
     from diffcli.training import prepare_out, train as train_loop
 
-    prepare_out(out, resume, overwrite)
-    with console.status(f"loading {cfg.data.name} ..."):
-        data = D.load(cfg.data.name, cfg.data.root, cfg.data.image_size, cfg.data.limit)
-    _resolve_data_settings(cfg, data)
-    _print_dataset(data)
+    world, device = distributed.setup(cfg.train.device)
+    if world.active:
+        err_console.print(f"rank {world.rank} of {world.size}: {describe(device)}", highlight=False)
+    if not world.is_main:  # rank 0 speaks and writes for the run
+        console.quiet = err_console.quiet = True
+    try:
+        if world.is_main:
+            prepare_out(out, resume, overwrite)
+        # Rank 0 loads first (it may extract archives); the others then read what it left.
+        for turn in (True, False):
+            if world.is_main == turn:
+                with console.status(f"loading {cfg.data.name} ..."):
+                    data = D.load(cfg.data.name, cfg.data.root, cfg.data.image_size, cfg.data.limit)
+            distributed.barrier(world)
+        _resolve_data_settings(cfg, data)
+        _print_dataset(data)
+        _train_with_progress(cfg, data, out, resume, world, device)
+    finally:
+        distributed.shutdown(world)
+
+
+def _train_with_progress(cfg, data, out, resume, world, device) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from diffcli.devices import describe
+    from diffcli.training import train as train_loop
 
     stop_requested = {"count": 0}
 
@@ -174,8 +196,9 @@ def _run_training(cfg, out: Path, resume: bool, overwrite: bool) -> None:
 
     def report(event, **info):
         if event == "start":
+            ranks = f" over {info['world']} processes ({info['batch'] // info['world']} each)" if info["world"] > 1 else ""
             console.print(f"device: [bold]{describe(info['device'])}[/]; {info['params']:,} parameters; "
-                          f"batch {info['batch']}, {info['steps_per_epoch']} steps per epoch"
+                          f"global batch {info['batch']}{ranks}, {info['steps_per_epoch']} steps per epoch"
                           + (f"; budget {info['budget_s'] / 60:g} min" if info["budget_s"] else ""), highlight=False)
             total = info["total_steps"] if info["total_steps"] else info["budget_s"]
             task["by_time"] = not info["total_steps"]
@@ -197,7 +220,8 @@ def _run_training(cfg, out: Path, resume: bool, overwrite: bool) -> None:
     old_handler = signal.signal(signal.SIGINT, on_sigint)
     try:
         with progress:
-            result = train_loop(cfg, data, out, resume, report, should_stop=lambda: stop_requested["count"] > 0)
+            result = train_loop(cfg, data, out, resume, report, should_stop=lambda: stop_requested["count"] > 0,
+                                world=world, device=device)
     finally:
         signal.signal(signal.SIGINT, old_handler)
     console.print(f"[bold green]done[/]: {result.step} steps ({result.epoch:.2f} epochs), stopped by {result.stopped_by}.")

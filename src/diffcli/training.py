@@ -26,6 +26,7 @@ from diffcli import checkpoint
 from diffcli.config import DEFAULT_GUIDANCE, RunConfig, from_dict, save_yaml, to_dict
 from diffcli.data import ImageData, to_model_range
 from diffcli.devices import autocast, pick_device
+from diffcli.distributed import World, any_rank, barrier, check_batch, max_over_ranks, mean_over_ranks
 from diffcli.errors import UserError
 from diffcli.generate import generate
 from diffcli.images import grid, save
@@ -36,6 +37,7 @@ MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.safetensors"
 LOG_EVERY = 50  # steps between metrics lines and non-finite checks (the only host syncs)
 MAX_ROLLBACKS = 3  # with on_nonfinite=rollback: give up after this many
+STOP_CHECK_EVERY = 10  # steps between the ranks' vote on stopping (time budget, Ctrl-C)
 DEFAULT_EPOCHS = 10  # when no stopping rule is given
 GRID_COLUMNS = 8
 GRID_MAX_ROWS = 10
@@ -212,28 +214,42 @@ def sample_grid(ema, cfg: RunConfig, schedule: Schedule, class_names: list[str],
 
 def train(cfg: RunConfig, data: ImageData, out: Path, resume: bool = False,
           report: Callable[..., None] = lambda event, **info: None,
-          should_stop: Callable[[], bool] = lambda: False) -> TrainResult:
+          should_stop: Callable[[], bool] = lambda: False,
+          world: World = World(), device: torch.device | None = None) -> TrainResult:
+    """Train; with `world.active` (torchrun), every rank runs this with the same seed and
+    takes its contiguous share of each global batch, DDP averages the gradients, and only
+    rank 0 writes files. The random draws are made for the whole global batch on every
+    rank, so N processes follow a single process's trajectory step for step."""
     tc = cfg.train
-    device = pick_device(tc.device)
+    device = device or pick_device(tc.device)
     torch.manual_seed(tc.seed)  # dropout inside the network uses the global generator
     batch_gen = torch.Generator().manual_seed(tc.seed)
     schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
 
     # channels_last: ~12% faster convolutions on the CPU (oneDNN) and needed for tensor cores on CUDA
-    model = UNet(cfg.model).to(device, memory_format=torch.channels_last)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
+    net = UNet(cfg.model).to(device, memory_format=torch.channels_last)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
                             fused=device.type == "cuda")
     step = 0
     if resume:
         meta, tensors = load_state(out)
-        _restore(tensors, meta, model, ema, opt, batch_gen)
+        _restore(tensors, meta, net, ema, opt, batch_gen)
         step = meta["step"]
-        _truncate_metrics(out / "metrics.jsonl", step)
-    save_yaml(cfg, out / "config.yaml")
+        if world.is_main:
+            _truncate_metrics(out / "metrics.jsonl", step)
+    model = net
+    if world.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    if world.is_main:
+        save_yaml(cfg, out / "config.yaml")
 
     n = data.images.shape[0]
-    batch = min(tc.batch_size, n)
+    batch = min(tc.batch_size, n)  # the global batch: all ranks together
+    local = check_batch(world, batch)
+    mine = slice(world.rank * local, (world.rank + 1) * local)
     steps_per_epoch = n // batch  # drop the ragged last batch: every step sees `batch` images
     limits = [tc.max_steps or math.inf, (tc.epochs or (DEFAULT_EPOCHS if not (tc.max_steps or tc.minutes) else math.inf)) * steps_per_epoch]
     total_steps = math.ceil(min(limits)) if min(limits) < math.inf else None
@@ -243,9 +259,10 @@ def train(cfg: RunConfig, data: ImageData, out: Path, resume: bool = False,
     null = cfg.model.num_classes
     flip = bool(cfg.data.flip)
     report("start", device=device, steps_per_epoch=steps_per_epoch, total_steps=total_steps, batch=batch,
-           budget_s=budget_s, step=step, params=sum(p.numel() for p in model.parameters()))
+           budget_s=budget_s, step=step, params=sum(p.numel() for p in net.parameters()), world=world.size)
 
-    check_free_space(out, sum(p.numel() for p in model.parameters()))
+    if world.is_main:
+        check_free_space(out, sum(p.numel() for p in net.parameters()))
     model.train()
     guard = NonFiniteGuard(tc.on_nonfinite, device)
     start = time.monotonic()
@@ -259,12 +276,14 @@ def train(cfg: RunConfig, data: ImageData, out: Path, resume: bool = False,
         if total_steps is not None and step >= total_steps:
             stopped_by = "steps" if total_steps == tc.max_steps else "epochs"
             break
-        if budget_s is not None and elapsed >= budget_s:
-            stopped_by = "minutes"
-            break
-        if should_stop():
-            stopped_by = "interrupt"
-            break
+        # Time and Ctrl-C can differ between ranks; they agree every STOP_CHECK_EVERY steps.
+        if not world.active or step % STOP_CHECK_EVERY == 0:
+            if any_rank(world, budget_s is not None and elapsed >= budget_s, device):
+                stopped_by = "minutes"
+                break
+            if any_rank(world, should_stop(), device):
+                stopped_by = "interrupt"
+                break
         epoch, pos = divmod(step, steps_per_epoch)
         if epoch != order_epoch:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(tc.seed * 1_000_003 + epoch))
@@ -274,8 +293,8 @@ def train(cfg: RunConfig, data: ImageData, out: Path, resume: bool = False,
         t, noise, y = batch_inputs(x0, data.labels[idx], schedule.T, null, tc.label_dropout if null else 0.0, batch_gen)
         if flip:
             mirrored = torch.rand(batch, generator=batch_gen) < 0.5
-            x0 = torch.where(mirrored.to(device)[:, None, None, None], x0.flip(-1), x0)
-        t, noise, y = t.to(device), noise.to(device), y.to(device)
+            x0 = torch.where(mirrored.to(device)[:, None, None, None], x0.flip(-1), x0)  # (drawn for the global batch)
+        x0, t, noise, y = x0[mine], t[mine].to(device), noise[mine].to(device), y[mine].to(device)
 
         progress = max(step / total_steps if total_steps else 0.0, elapsed / budget_s if budget_s else 0.0)
         lr = lr_at(step, tc, progress) * guard.lr_scale
@@ -288,32 +307,33 @@ def train(cfg: RunConfig, data: ImageData, out: Path, resume: bool = False,
         if tc.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
-        ema_update(ema, model, ema_decay_at(step, tc.ema_decay))
+        ema_update(ema, net, ema_decay_at(step, tc.ema_decay))
         loss_sum += loss.detach()
         step += 1
         guard.watch(loss, step)
         report("step", step=step)
 
         if step % LOG_EVERY == 0 or step % tc.sample_every == 0:
-            restored = guard.check(step, out, model, ema, opt, batch_gen, report)
+            restored = guard.check(step, out, net, ema, opt, batch_gen, report, world)
             if restored is not None:  # rolled back to the last good state
                 step = last_log_step = restored
                 loss_sum.zero_()
                 continue
         if step % LOG_EVERY == 0:
             _log_metrics(out, step, steps_per_epoch, loss_sum, step - last_log_step, lr, batch, (now := time.monotonic()),
-                         last_log_t, start, tc.lr, report)
+                         last_log_t, start, report, world)
             last_log_t, last_log_step = now, step
-        if step % tc.sample_every == 0:
-            grid_path = _checkpoint(out, cfg, model, ema, opt, batch_gen, step, steps_per_epoch, data, schedule, report)
+        if step % tc.sample_every == 0 and world.is_main:
+            grid_path = _checkpoint(out, cfg, net, ema, opt, batch_gen, step, steps_per_epoch, data, schedule, report)
             last_log_t = time.monotonic()  # keep images/s about training, not sampling
 
-    guard.check(step, out, model, ema, opt, batch_gen, report, final=True)
+    guard.check(step, out, net, ema, opt, batch_gen, report, world, final=True)
     if step > last_log_step:  # the tail since the last full interval, so short runs log too
         _log_metrics(out, step, steps_per_epoch, loss_sum, step - last_log_step, lr, batch, time.monotonic(),
-                     last_log_t, start, tc.lr, report)
-    if step > 0 and step % tc.sample_every != 0:
-        grid_path = _checkpoint(out, cfg, model, ema, opt, batch_gen, step, steps_per_epoch, data, schedule, report)
+                     last_log_t, start, report, world)
+    if step > 0 and step % tc.sample_every != 0 and world.is_main:
+        grid_path = _checkpoint(out, cfg, net, ema, opt, batch_gen, step, steps_per_epoch, data, schedule, report)
+    barrier(world)  # nobody leaves before rank 0 has written the last checkpoint
     report("done", step=step, stopped_by=stopped_by)
     return TrainResult(step, step / steps_per_epoch, out, out / MODEL_FILE, grid_path, stopped_by)
 
@@ -338,8 +358,8 @@ class NonFiniteGuard:
     def watch(self, loss: torch.Tensor, step: int) -> None:
         self.first_bad.masked_fill_((self.first_bad < 0) & ~torch.isfinite(loss.detach()), step)
 
-    def check(self, step, out, model, ema, opt, batch_gen, report, final: bool = False) -> int | None:
-        bad = int(self.first_bad.item())
+    def check(self, step, out, model, ema, opt, batch_gen, report, world: World = World(), final: bool = False) -> int | None:
+        bad = int(max_over_ranks(world, self.first_bad).item())  # every rank sees the same verdict
         if bad < 0:
             if self.mode == "rollback" and not final:
                 self.snapshot = (step, *(copy.deepcopy(m.state_dict()) for m in (model, ema, opt)), batch_gen.get_state())
@@ -362,15 +382,17 @@ class NonFiniteGuard:
                         f"or pass --on-nonfinite rollback.")
 
 
-def _log_metrics(out: Path, step, steps_per_epoch, loss_sum, steps, lr, batch, now, last_t, start, peak_lr, report):
-    """Append one line to metrics.jsonl: the mean loss since the last line (one host sync)."""
-    mean_loss = (loss_sum / steps).item()
+def _log_metrics(out: Path, step, steps_per_epoch, loss_sum, steps, lr, batch, now, last_t, start, report, world):
+    """Append one line to metrics.jsonl: the mean loss since the last line over all ranks (one host sync)."""
+    mean_loss = mean_over_ranks(world, loss_sum / steps).item()
+    loss_sum.zero_()
+    if not world.is_main:
+        return
     record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": mean_loss, "lr": lr,
               "images_per_s": batch * steps / max(now - last_t, 1e-9), "elapsed_s": now - start}
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     report("log", **record)
-    loss_sum.zero_()
 
 
 def _checkpoint(out, cfg, model, ema, opt, batch_gen, step, steps_per_epoch, data, schedule, report) -> Path:

@@ -1,0 +1,57 @@
+"""torchrun on the CPU with gloo: two processes follow one process's trajectory."""
+
+import os
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+from diffcli.checkpoint import model_metadata, read_header
+
+ARGS = ["--data", "shapes", "--limit", "64", "--preset", "tiny", "--batch-size", "8", "--sample-every", "6", "--seed", "5"]
+
+
+def diffcli(*args, nproc=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if nproc:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m", "diffcli"]
+    else:
+        cmd = [sys.executable, "-m", "diffcli"]
+    return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_two_processes_equal_one_on_the_same_global_batches(tmp_path):
+    two = diffcli("train", *ARGS, "--max-steps", "6", "--out", tmp_path / "two", nproc=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "rank 0 of 2" in two.stderr and "rank 1 of 2" in two.stderr, "both ranks must have run"
+    assert "global batch 8 over 2 processes (4 each)" in " ".join(two.stdout.split())
+    one = diffcli("train", *ARGS, "--max-steps", "6", "--out", tmp_path / "one")
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    files = sorted(p.name for p in (tmp_path / "two").iterdir())
+    assert files.count("model.safetensors") == 1 and files.count("train_state.safetensors") == 1
+    assert not [f for f in files if f.endswith(".tmp")], files
+    steps = [line for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) == 1, "metrics were written by more than one rank"
+
+    a = load_file(str(tmp_path / "two" / "train_state.safetensors"))
+    b = load_file(str(tmp_path / "one" / "train_state.safetensors"))
+    for name in a:
+        if name.startswith(("model.", "ema.")):
+            assert torch.allclose(a[name], b[name], atol=1e-5, rtol=0), f"{name} differs by {(a[name] - b[name]).abs().max():.2e}"
+    assert torch.equal(a["rng.batch"], b["rng.batch"]), "the batch generator drifted"
+
+
+def test_resume_a_two_process_run_in_one_process(tmp_path):
+    two = diffcli("train", *ARGS, "--max-steps", "6", "--out", tmp_path / "run", nproc=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = diffcli("train", "--out", tmp_path / "run", "--resume", "--max-steps", "9")
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert model_metadata(read_header(tmp_path / "run" / "model.safetensors"))["step"] == 9
+
+
+def test_batch_that_does_not_divide_is_refused(tmp_path):
+    r = diffcli("train", *ARGS[:-4], "--batch-size", "7", "--max-steps", "2", "--out", tmp_path / "run", nproc=2)
+    assert r.returncode != 0
+    assert "does not divide among 2 processes" in " ".join(r.stderr.split()) and "Traceback" not in r.stderr.split("error:")[0][-200:]
