@@ -55,3 +55,27 @@ def test_batch_that_does_not_divide_is_refused(tmp_path):
     r = diffcli("train", *ARGS[:-4], "--batch-size", "7", "--max-steps", "2", "--out", tmp_path / "run", nproc=2)
     assert r.returncode != 0
     assert "does not divide among 2 processes" in " ".join(r.stderr.split()) and "Traceback" not in r.stderr.split("error:")[0][-200:]
+
+
+def test_a_dead_rank_stops_the_others_instead_of_hanging(tmp_path):
+    import re
+    import signal
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "diffcli",
+           "train", *ARGS, "--max-steps", "100000", "--sample-every", "100000", "--out", str(tmp_path / "run")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    pid = None
+    while pid is None:
+        line = proc.stderr.readline()
+        assert line, "torchrun ended before rank 1 started"
+        match = re.search(r"rank 1 of 2: .*pid (\d+)", line)
+        pid = int(match.group(1)) if match else None
+    time.sleep(2)  # into the training loop
+    os.kill(pid, signal.SIGKILL)
+    start = time.monotonic()
+    rest = proc.communicate(timeout=120)[1]
+    assert proc.returncode != 0, "a run with a dead rank must not report success"
+    assert time.monotonic() - start < 120
+    assert "rank: 1" in rest or "exitcode" in rest.lower() or "signal" in rest.lower(), rest[-2000:]

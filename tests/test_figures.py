@@ -4,7 +4,6 @@ valid image of the size its layout implies (computed here, not eyeballed)."""
 import json
 import sys
 
-import pytest
 from PIL import Image
 from typer.testing import CliRunner
 

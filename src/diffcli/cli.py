@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -148,16 +149,14 @@ def _absolute_data_paths(cfg) -> None:
 
 
 def _run_training(cfg, out: Path, resume: bool, overwrite: bool) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     from diffcli import data as D
     from diffcli import distributed
     from diffcli.devices import describe
-    from diffcli.training import prepare_out, train as train_loop
+    from diffcli.training import prepare_out
 
     world, device = distributed.setup(cfg.train.device)
     if world.active:
-        err_console.print(f"rank {world.rank} of {world.size}: {describe(device)}", highlight=False)
+        err_console.print(f"rank {world.rank} of {world.size}: {describe(device)}, pid {os.getpid()}", highlight=False)
     if not world.is_main:  # rank 0 speaks and writes for the run
         console.quiet = err_console.quiet = True
     try:
