@@ -12,13 +12,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _peers import diffcli_unet, diffusers_unet  # noqa: E402
+from _peers import diffcli_unet, diffusers_unet, timed  # noqa: E402
 
 from diffcli.devices import autocast, describe, pick_device  # noqa: E402
 from diffcli.generate import generate  # noqa: E402
@@ -44,15 +43,6 @@ def diffusers_ddim(unet, n, steps, guidance, device):
         x = sched.step(uncond + guidance * (cond - uncond), t, x).prev_sample
     return x
 
-
-def timed(fn, device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def main():

@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _peers import diffcli_unet, diffusers_unet  # noqa: E402
+from _peers import diffcli_unet, diffusers_unet, timed  # noqa: E402
 
 from diffcli.devices import autocast, describe, pick_device  # noqa: E402
 from diffcli.schedules import make_schedule, q_sample  # noqa: E402
@@ -59,16 +58,6 @@ def flops_per_image(model, forward, size):
     return fc.get_total_flops()
 
 
-def timed(step, steps, device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -100,7 +89,7 @@ def main():
             torch.cuda.reset_peak_memory_stats()
         for _ in range(args.rounds):  # interleaved: A B A B ...
             for name in impls:
-                rates[name].append(batch * args.steps / timed(steps[name], args.steps, device))
+                rates[name].append(batch * args.steps / timed(lambda s=steps[name]: [s() for _ in range(args.steps)], device))
         med = {name: statistics.median(r) for name, r in rates.items()}
         for name, (model, _, _) in impls.items():
             params = sum(p.numel() for p in model.parameters())
