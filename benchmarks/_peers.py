@@ -1,22 +1,6 @@
-"""What both benchmarks share: diffusers U-Nets configured to match diffcli's presets
-(same layout, parameters within 5%), and a timer that waits for the GPU."""
+"""diffusers U-Nets configured to match diffcli's presets (same layout, parameters within 5%)."""
 
 from __future__ import annotations
-
-import time
-
-
-def timed(fn, device) -> float:
-    """Seconds for fn(), with CUDA work finished before and after."""
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def diffusers_unet(preset: str, image_size: int = 32, channels: int = 3, num_classes: int = 10):

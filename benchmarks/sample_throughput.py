@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _peers import diffcli_unet, diffusers_unet, timed  # noqa: E402
+from _peers import diffcli_unet, diffusers_unet  # noqa: E402
 
-from diffcli.devices import autocast, describe, pick_device  # noqa: E402
+from diffcli.devices import autocast, describe, pick_device, timed  # noqa: E402
 from diffcli.generate import generate  # noqa: E402
 from diffcli.schedules import make_schedule  # noqa: E402
 
@@ -68,7 +68,7 @@ def main():
     rates = {name: [] for name in run}
     for _ in range(args.rounds):
         for name, fn in run.items():
-            rates[name].append(n / timed(fn, device))
+            rates[name].append(n / timed(fn, device)[1])
     print(f"device: {describe(device)}, torch {torch.__version__}; DDIM {args.steps} steps, guidance {args.guidance}, batch {n}")
     med = {name: statistics.median(r) for name, r in rates.items()}
     for name in run:
@@ -87,7 +87,7 @@ def main():
         for cmd in (["--help"], ["inspect", str(ckpt)],
                     ["sample", "--ckpt", str(ckpt), "--label", "all", "--n", str(max(1, n // 10)), "--steps", str(args.steps),
                      "--out", str(Path(tmp) / "s.png")]):
-            seconds = timed(lambda: subprocess.run(exe + cmd, capture_output=True, check=True), torch.device("cpu"))
+            _, seconds = timed(lambda: subprocess.run(exe + cmd, capture_output=True, check=True), torch.device("cpu"))
             print(f"whole process: diffcli {' '.join(cmd[:1])}: {seconds:.2f} s")
 
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _peers import diffcli_unet, diffusers_unet, timed  # noqa: E402
+from _peers import diffcli_unet, diffusers_unet  # noqa: E402
 
-from diffcli.devices import autocast, describe, pick_device  # noqa: E402
+from diffcli.devices import autocast, describe, pick_device, timed  # noqa: E402
 from diffcli.schedules import make_schedule, q_sample  # noqa: E402
 
 
@@ -89,7 +89,7 @@ def main():
             torch.cuda.reset_peak_memory_stats()
         for _ in range(args.rounds):  # interleaved: A B A B ...
             for name in impls:
-                rates[name].append(batch * args.steps / timed(lambda s=steps[name]: [s() for _ in range(args.steps)], device))
+                rates[name].append(batch * args.steps / timed(lambda s=steps[name]: [s() for _ in range(args.steps)], device)[1])
         med = {name: statistics.median(r) for name, r in rates.items()}
         for name, (model, _, _) in impls.items():
             params = sum(p.numel() for p in model.parameters())

@@ -69,8 +69,9 @@ def test_gradients_reach_every_parameter():
     assert not dead, dead
 
 
-def test_default_model_config_builds():
-    assert count_parameters(UNet(ModelConfig())) > 0
+def test_default_model_config_is_the_small_preset():
+    assert ModelConfig() == preset_config("small").model
+    assert count_parameters(UNet(ModelConfig())) == 718_211  # 32x32 RGB, 10 classes (README: 0.72M)
 
 
 def test_patch_size_two_keeps_shapes_and_divisibility():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import signal
 import time
@@ -308,10 +309,8 @@ def sample(
     if not 1 <= frames <= 100:
         raise UserError(f"--frames must be between 1 and 100, got {frames}.")
 
-    import torch
-
     from diffcli.checkpoint import load_model
-    from diffcli.devices import describe, pick_device
+    from diffcli.devices import describe, pick_device, timed
     from diffcli.generate import Trajectory, generate
     from diffcli.images import grid, save, to_pil, trajectory_gif, trajectory_strip
     from diffcli.schedules import make_schedule
@@ -330,14 +329,10 @@ def sample(
     seeds = list(range(seed, seed + len(per_image)))
     used_steps = T if sampler == "ddpm" else (steps or DEFAULT_STEPS[sampler])
     with console.status(f"sampling {len(per_image)} images with {sampler}, {used_steps} steps on {describe(dev)} ..."):
-        t0 = time.perf_counter()
         recorder = Trajectory(used_steps, frames) if trajectory else None
-        imgs = generate(model, schedule, cfg.diffusion.prediction, per_image, seeds, sampler, used_steps, guidance, eta,
-                        variance, clip, batch_size, callback=recorder)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
-    ncol = n if len(labels) > 1 else max(1, round(n ** 0.5 + 0.49))
+        imgs, seconds = timed(lambda: generate(model, schedule, cfg.diffusion.prediction, per_image, seeds, sampler,
+                                               used_steps, guidance, eta, variance, clip, batch_size, callback=recorder), dev)
+    ncol = n if len(labels) > 1 else math.ceil(n ** 0.5)  # one label: a square-ish grid
     try:
         save(grid(imgs, ncol), out)
         if save_individual:

@@ -25,8 +25,11 @@ DEFAULT_GUIDANCE = 3.0
 
 @dataclass
 class ModelConfig:
-    base_channels: int = 32
-    channel_mult: tuple[int, ...] = (1, 2, 2)
+    # The defaults are the `small` preset: a narrow full-resolution level and attention
+    # only at the lowest resolution, so a 32x32 training image costs 0.58 GFLOP and a
+    # 2-core CPU trains ~200 images/s (docs/results.md).
+    base_channels: int = 16
+    channel_mult: tuple[int, ...] = (1, 2, 4)
     num_res_blocks: int = 1
     # Attention by level index (0 = full resolution), not by pixel size, so one
     # preset serves 28x28 MNIST and 32x32 CIFAR alike. The middle block always has it.
@@ -61,9 +64,11 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
+    # The defaults are the `small` preset's, chosen on 3-minute CPU runs of shapes
+    # (batch 16 and lr 3e-3 both did worse; docs/results.md).
     preset: str = "small"
-    batch_size: int = 64
-    lr: float = 1e-3
+    batch_size: int = 32
+    lr: float = 2e-3
     lr_schedule: str = "constant"  # "constant" or "cosine" (decay to 0 at the last step)
     warmup_steps: int = 100
     weight_decay: float = 0.0
@@ -78,7 +83,7 @@ class TrainConfig:
     max_steps: int | None = None
     minutes: float | None = None
     on_nonfinite: str = "stop"  # NaN/inf loss: "stop" (keep the last checkpoint) or "rollback" (to the last good state)
-    sample_every: int = 500  # steps between sample grids (and checkpoints)
+    sample_every: int = 1000  # steps between sample grids (and checkpoints)
     grid_steps: int = 25  # DDIM steps for those grids: cheap, good enough to judge progress
     seed: int = 0
     device: str = "auto"
@@ -101,12 +106,8 @@ PRESETS: dict[str, dict[str, dict]] = {
         "model": dict(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_levels=(1,), head_channels=8),
         "train": dict(batch_size=16, lr=1e-3, warmup_steps=10, ema_decay=0.99, sample_every=50, grid_steps=4),
     },
-    # MNIST / shapes on a laptop CPU: narrow full-resolution level, attention only at
-    # the lowest resolution, so a training image costs ~0.1 GFLOP.
-    "small": {
-        "model": dict(base_channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, attn_levels=(2,), head_channels=32),
-        "train": dict(batch_size=32, lr=2e-3, warmup_steps=100, ema_decay=0.999, sample_every=1000),
-    },
+    # MNIST / shapes on a laptop CPU: the dataclass defaults above.
+    "small": {"model": {}, "train": {}},
     # The DDPM CIFAR-10 network (Ho et al. 2020, App. B): 128 channels, mult 1,2,2,2,
     # two blocks per level, attention at 16x16, dropout 0.1, additive time embedding:
     # 35.7M parameters (scale-shift would add 2.6M).

@@ -34,6 +34,17 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+def timed(fn, device: torch.device):
+    """(fn(), seconds), with queued CUDA work finished before the clock stops."""
+    import time
+
+    start = time.perf_counter()
+    result = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return result, time.perf_counter() - start
+
+
 def describe(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"

@@ -11,7 +11,7 @@ import torch
 from diffcli import samplers
 from diffcli.config import DEFAULT_GUIDANCE
 from diffcli.data import from_model_range
-from diffcli.devices import autocast
+from diffcli.devices import autocast, timed
 from diffcli.schedules import Schedule
 
 
@@ -93,16 +93,7 @@ def sweep(model, schedule: Schedule, prediction: str, label: int, seeds: list[in
           runs: list[tuple[str, int, float]], eta: float = 0.0) -> list[tuple[torch.Tensor, float]]:
     """Sample the same seeds (so the same starting noise) once per (sampler, steps, guidance)
     in `runs`; returns (images, seconds) for each, timed with the device synchronised."""
-    import time
-
     device = next(model.parameters()).device
-    results = []
-    for sampler, steps, guidance in runs:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        imgs = generate(model, schedule, prediction, [label] * len(seeds), seeds, sampler, steps, guidance, eta)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        results.append((imgs, time.perf_counter() - start))
-    return results
+    return [timed(lambda s=sampler, k=steps, w=guidance: generate(model, schedule, prediction, [label] * len(seeds), seeds,
+                                                                   s, k, w, eta), device)
+            for sampler, steps, guidance in runs]

@@ -88,10 +88,9 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 MAX_PIXELS = 64_000_000  # refuse larger images instead of exhausting memory (e.g. 10000x10000)
 
 
-def open_image(path: str | Path, channels: int | None = None) -> Image.Image:
-    """Open any PIL-readable image as 'L' (channels=1) or 'RGB' (channels=3).
+def open_image(path: str | Path) -> Image.Image:
+    """Open any PIL-readable image as 'L' (grayscale) or 'RGB' (everything else).
 
-    channels=None keeps grayscale as 'L' and turns everything else into 'RGB'.
     Palette and alpha images are flattened onto white; 16-bit grayscale is scaled,
     not clipped; the first frame of an animation is used. Raises ValueError with a
     readable reason when the file is not a usable image.
@@ -123,10 +122,7 @@ def open_image(path: str | Path, channels: int | None = None) -> Image.Image:
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, img).convert("RGB")
-    gray = img.mode in ("L", "1")
-    if channels == 1 or (channels is None and gray):
-        return img.convert("L")
-    return img.convert("RGB")
+    return img.convert("L" if img.mode in ("L", "1") else "RGB")
 
 
 def center_square(img: Image.Image, size: int) -> Image.Image:

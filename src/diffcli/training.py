@@ -1,7 +1,8 @@
 """The training loop: ε- or v-prediction MSE, AdamW, warm-up, EMA, checkpoints, grids.
 
 `train()` prints nothing; it reports through `report(event, **info)` so the CLI can
-draw a progress bar (events: "start", "step", "log", "grid", "checkpoint", "done").
+draw a progress bar (events: "start", "step", "log", "checkpoint", "grid", "loss_curve",
+"notice", "done").
 
 Randomness: one CPU generator (`batch_gen`) draws timesteps, noise, label dropout and
 flips; each epoch's data order comes from a generator seeded with (seed, epoch). The
@@ -47,7 +48,6 @@ GRID_MAX_ROWS = 10
 class TrainResult:
     step: int
     epoch: float
-    out: Path
     model_path: Path
     grid_path: Path | None
     stopped_by: str  # "steps", "epochs", "minutes" or "interrupt"
@@ -155,7 +155,6 @@ def load_state(out: Path) -> tuple[dict, dict]:
     except Exception as e:
         raise UserError(f"cannot resume: '{path}' is damaged ({e}).") from None
     meta["optimizer"] = json.loads(raw["optimizer"])
-    meta["epoch"] = float(raw["epoch"])
     return meta, tensors
 
 
@@ -258,11 +257,12 @@ def train(cfg: RunConfig, data: ImageData, out: Path, resume: bool = False,
     images = data.images.to(device)  # uint8 on the device: decoded once, no loader in the loop
     null = cfg.model.num_classes
     flip = bool(cfg.data.flip)
+    params = sum(p.numel() for p in net.parameters())
     report("start", device=device, steps_per_epoch=steps_per_epoch, total_steps=total_steps, batch=batch,
-           budget_s=budget_s, step=step, params=sum(p.numel() for p in net.parameters()), world=world.size)
+           budget_s=budget_s, step=step, params=params, world=world.size)
 
     if world.is_main:
-        check_free_space(out, sum(p.numel() for p in net.parameters()))
+        check_free_space(out, params)
     model.train()
     guard = NonFiniteGuard(tc.on_nonfinite, device)
     start = time.monotonic()
@@ -335,7 +335,7 @@ def train(cfg: RunConfig, data: ImageData, out: Path, resume: bool = False,
         grid_path = _checkpoint(out, cfg, net, ema, opt, batch_gen, step, steps_per_epoch, data, schedule, report)
     barrier(world)  # nobody leaves before rank 0 has written the last checkpoint
     report("done", step=step, stopped_by=stopped_by)
-    return TrainResult(step, step / steps_per_epoch, out, out / MODEL_FILE, grid_path, stopped_by)
+    return TrainResult(step, step / steps_per_epoch, out / MODEL_FILE, grid_path, stopped_by)
 
 
 class NonFiniteGuard:
@@ -417,12 +417,15 @@ def _plot_loss(out: Path, report) -> None:
         if loss_curve(out / "metrics.jsonl", out / "loss.png"):
             report("loss_curve", path=out / "loss.png")
     except UserError as e:
-        report("notice", message=str(e), once=True)
+        report("notice", message=str(e))
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop metrics logged after the checkpoint we continue from."""
+    """On resume, drop metrics logged after the checkpoint we continue from (and a last
+    line a kill cut short, which `read_metrics` skips)."""
+    from diffcli.plots import read_metrics
+
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    checkpoint.atomic_write_bytes(path, ("\n".join(keep) + "\n" if keep else "").encode())
+    keep = [json.dumps(r) + "\n" for r in read_metrics(path) if r.get("step", 0) <= step]
+    checkpoint.atomic_write_bytes(path, "".join(keep).encode())
