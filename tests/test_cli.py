@@ -187,3 +187,14 @@ def test_resume_from_another_folder_with_a_relative_data_root(mnist_root, tmp_pa
     monkeypatch.chdir(tmp_path / "elsewhere")
     r = run("train", "--out", tmp_path / "run", "--resume", "--max-steps", "4")
     assert r.exit_code == 0, r.output
+
+
+def test_resume_survives_a_metrics_line_cut_short_by_a_kill(tmp_path):
+    out = tmp_path / "run"
+    assert run("train", "--data", "shapes", "--limit", "64", "--preset", "tiny", "--max-steps", "4", "--out", out).exit_code == 0
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # what a SIGKILL mid-write leaves
+    r = run("train", "--out", out, "--resume", "--max-steps", "6")
+    assert r.exit_code == 0, r.output
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [rec["step"] for rec in lines] == [4, 6]
