@@ -465,6 +465,264 @@ def compare(
                   highlight=False)
 
 
+# --- classifier and eval ------------------------------------------------------------
+
+classifier_app = typer.Typer(help="Reference classifiers for `diffcli eval`.", no_args_is_help=True)
+app.add_typer(classifier_app, name="classifier")
+
+
+@classifier_app.command("train")
+@user_errors
+def classifier_train(
+    data: str = typer.Option(..., help="shapes, mnist, fashion-mnist, cifar10, or a folder of images (sub-folders = classes)."),
+    data_root: Optional[str] = typer.Option(None, help="Where named datasets live (default: $DIFFCLI_DATA_ROOT, else ~/.cache/diffcli/datasets)."),
+    image_size: Optional[int] = typer.Option(None, help="Resize images to this size: the size of the models it will judge."),
+    limit: Optional[int] = typer.Option(None, help="Train on only the first N training images (quick experiments)."),
+    out: Optional[Path] = typer.Option(None, help="The .safetensors file to write (default: DATA-classifier.safetensors)."),
+    epochs: float = typer.Option(3.0, help="Passes over the training split."),
+    batch_size: int = typer.Option(128, help="Images per step."),
+    lr: float = typer.Option(3e-3, help="Peak learning rate (one-cycle: warm-up, then cosine to zero)."),
+    width: Optional[int] = typer.Option(None, help="Channels at full resolution (default: 16)."),
+    seed: int = typer.Option(0, help="Seed for initialisation, data order and augmentation."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
+):
+    """Train the classifier that `diffcli eval` uses to judge class fidelity; scores it on the test split."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from diffcli import data as D
+    from diffcli.classifier import ClassifierConfig, held_out, save_classifier, train_classifier
+    from diffcli.devices import describe, pick_device
+
+    if epochs <= 0 or batch_size < 1 or lr <= 0 or (width is not None and width < 1) or (limit is not None and limit < 1):
+        raise UserError("--epochs, --batch-size, --lr, --width and --limit must be positive.")
+    out = out or Path(f"{_safe(Path(data).name if data not in D.NAMED else data)}-classifier.safetensors")
+    if out.exists() and not overwrite:
+        raise UserError(f"'{out}' already exists; pass --overwrite to replace it or choose another --out.")
+    dev = pick_device(device)
+    with console.status(f"loading {data} ..."):
+        train_data = D.load(data, data_root, image_size)
+        if data in D.NAMED:
+            test_data, held = D.load(data, data_root, image_size, split="test"), "test split"
+        else:
+            train_data, test_data = held_out(train_data)
+            held = "10% held out"
+        if limit:
+            train_data = D.ImageData(train_data.images[:limit], train_data.labels[:limit], train_data.class_names, train_data.name)
+    console.print(f"{data}: {len(train_data.labels):,} training images, {len(test_data.labels):,} test images ({held}); "
+                  f"{describe(dev)}", highlight=False)
+    progress = Progress(TextColumn("[bold]classifier"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
+    with progress:
+        task = progress.add_task("train", total=None, info="")
+
+        def report(event, step, total, loss):
+            if step % 20 == 0 or step == total:
+                progress.update(task, total=total, completed=step, info=f"loss {loss:.3f}")
+
+        model, scores = train_classifier(train_data, test_data, epochs, batch_size, lr, width or ClassifierConfig.width,
+                                         seed, dev, report)
+    try:
+        save_classifier(out, model, train_data.class_names, data, scores)
+    except OSError as e:
+        raise UserError(f"could not write '{out}' ({e.strerror}).") from None
+    console.print(f"test accuracy [bold]{scores['test_accuracy']:.2%}[/] on {scores['test_images']:,} images", highlight=False)
+    table = Table(show_header=False)
+    for name, acc in zip(train_data.class_names, scores["per_class_accuracy"]):
+        table.add_row(name, "-" if acc is None else f"{acc:.2%}")
+    console.print(table)
+    console.print(f"wrote [cyan]{out}[/]; next: diffcli eval --ckpt MODEL --classifier {out}", highlight=False)
+
+
+@app.command("eval")
+@user_errors
+def evaluate(
+    ckpt: Path = typer.Option(..., help="A model.safetensors written by `diffcli train`."),
+    classifier: Optional[Path] = typer.Option(None, help="A classifier from `diffcli classifier train`: class accuracy and classifier-FD."),
+    fid: bool = typer.Option(False, "--fid", help="Also compute Inception-v3 FID against the test split (slow on a CPU)."),
+    inception_weights: Optional[Path] = typer.Option(None, help="The FID Inception weights file, if not in torch's hub cache."),
+    memorisation: bool = typer.Option(True, "--memorisation/--no-memorisation", help="Distances to the nearest training images."),
+    pairs: Optional[Path] = typer.Option(None, help="Write a contact sheet of the samples closest to a training image."),
+    n: int = typer.Option(100, help="Images generated per class."),
+    sampler: str = typer.Option("ddim", help="ddpm, ddim or dpm++."),
+    steps: Optional[int] = typer.Option(None, help="Sampling steps (default: the sampler's)."),
+    guidance: Optional[float] = typer.Option(None, help=f"Classifier-free guidance weight (default: {DEFAULT_GUIDANCE:g})."),
+    seed: int = typer.Option(0, help="Image i is made from seed SEED+i."),
+    data: Optional[str] = typer.Option(None, help="The real images to compare with (default: the model's training data)."),
+    data_root: Optional[str] = typer.Option(None, help="Where that dataset lives (default: as when the model was trained)."),
+    real_n: Optional[int] = typer.Option(None, help="Use only the first N real test images as the reference (default: all)."),
+    batch_size: int = typer.Option(250, help="Images per forward pass while sampling."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+):
+    """Measure a model's samples: class accuracy, classifier-FD, memorisation, and Inception FID."""
+    from diffcli.samplers import SAMPLERS
+
+    if sampler not in SAMPLERS:
+        raise UserError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}.")
+    if n < 2:
+        raise UserError(f"--n must be at least 2 (a covariance needs two images), got {n}.")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}.")
+    if real_n is not None and real_n < 2:
+        raise UserError(f"--real-n must be at least 2, got {real_n}.")
+    if guidance is not None and guidance < 0:
+        raise UserError(f"--guidance must be 0 or more, got {guidance:g}.")
+    if not (classifier or fid or memorisation):
+        raise UserError("nothing to measure: give --classifier, --fid, or leave --memorisation on.")
+
+    from diffcli.checkpoint import load_model
+    from diffcli.devices import describe, pick_device
+
+    dev = pick_device(device)
+    model, cfg, meta = load_model(ckpt, dev)
+    report = _run_eval(ckpt, model, cfg, meta, dev, classifier, fid, inception_weights, memorisation, pairs, n, sampler, steps,
+                       guidance, seed, data or cfg.data.name, data_root or cfg.data.root, real_n, batch_size)
+    report["device"] = describe(dev)
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_eval(report, meta["class_names"])
+
+
+def _run_eval(ckpt, model, cfg, meta, dev, classifier, fid, inception_weights, memorisation, pairs, n, sampler, steps, guidance,
+              seed, data_name, data_root, real_n, batch_size) -> dict:
+    import torch
+
+    from diffcli import data as D
+    from diffcli import evaluation as E
+    from diffcli.devices import timed
+    from diffcli.generate import generate
+    from diffcli.samplers import DEFAULT_STEPS
+    from diffcli.schedules import make_schedule
+
+    T = cfg.diffusion.timesteps
+    if steps is not None and not 1 <= steps <= T:
+        raise UserError(f"--steps must be between 1 and T={T}, got {steps}.")
+    if sampler == "ddpm" and steps not in (None, T):
+        raise UserError(f"ddpm runs all T={T} steps; for fewer steps use --sampler ddim.")
+    clf = clf_meta = None
+    if classifier:
+        from diffcli.classifier import load_classifier
+
+        if not meta["class_names"]:
+            raise UserError("this model was trained without classes, so there is no class fidelity to measure; drop --classifier.")
+        clf, clf_meta = load_classifier(classifier, dev)
+        c = clf_meta["config"]
+        if (c.in_channels, c.image_size, c.num_classes) != (cfg.model.in_channels, cfg.model.image_size, cfg.model.num_classes):
+            raise UserError(f"the classifier takes {c.image_size}x{c.image_size}x{c.in_channels} images of {c.num_classes} classes, "
+                            f"but the model makes {cfg.model.image_size}x{cfg.model.image_size}x{cfg.model.in_channels} images "
+                            f"of {cfg.model.num_classes}; train one with --data {data_name} --image-size {cfg.model.image_size}.")
+    net = None
+    if fid:
+        from diffcli.inception import load_inception
+
+        with console.status("loading Inception-v3 ..."):
+            net, weights_hash = load_inception(inception_weights, dev)
+
+    # The real images first: a missing dataset should fail before minutes of sampling.
+    with console.status(f"loading {data_name} ..."):
+        train_data = D.load(data_name, data_root, cfg.model.image_size)
+        if data_name in D.NAMED:
+            real = D.load(data_name, data_root, cfg.model.image_size, split="test")
+            pool = None
+        else:
+            from diffcli.classifier import held_out
+
+            pool, real = held_out(train_data)
+        if real_n:
+            real = D.ImageData(real.images[:real_n], real.labels[:real_n], real.class_names, real.name)
+    shape = (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)
+    if tuple(train_data.images.shape[1:]) != shape:
+        raise UserError(f"'{data_name}' holds {tuple(train_data.images.shape[1:])} images but the model makes "
+                        f"{shape}; pass --data with the model's training data.")
+
+    classes = list(range(len(meta["class_names"]))) or [0]
+    labels = torch.tensor([k for k in classes for _ in range(n)])
+    used_steps = T if sampler == "ddpm" else (steps or DEFAULT_STEPS[sampler])
+    guidance = DEFAULT_GUIDANCE if guidance is None else guidance
+    schedule = make_schedule(cfg.diffusion.schedule, T)
+    with console.status(f"sampling {len(labels)} images with {sampler}, {used_steps} steps ..."):
+        images, seconds = timed(lambda: generate(model, schedule, cfg.diffusion.prediction, labels.tolist(),
+                                                 list(range(seed, seed + len(labels))), sampler, used_steps, guidance,
+                                                 batch_size=batch_size), dev)
+    report = {"model": str(ckpt), "images": len(labels), "sampler": sampler, "steps": used_steps,
+              "guidance": guidance, "seed": seed, "sampling_s": round(seconds, 2), "dataset": data_name}
+    floor_gen = torch.Generator().manual_seed(seed)
+    floor = train_data.images[torch.randperm(len(train_data.labels), generator=floor_gen)[:len(labels)]]
+    if clf is not None:
+        with console.status("classifying ..."):
+            report.update(E.class_fidelity(clf, images, labels, real.images, floor))
+        report["classifier"] = {"path": str(classifier), "test_accuracy": clf_meta["test_accuracy"]}
+    if memorisation:
+        with console.status("searching nearest training images ..."):
+            held = real.images[:max(len(labels), 1000)]
+            mem = E.memorisation(images, train_data.images, held, None if pool is None else pool.images)
+        if pairs:
+            _write_pairs(pairs, images, train_data.images, mem)
+        report.update({k: v for k, v in mem.items() if k not in ("nearest", "distances")})
+    if net is not None:
+        from diffcli.inception import fid as fid_of, real_stats
+
+        import hashlib
+
+        source = data_name if data_name in D.NAMED else "folder-" + hashlib.sha1(str(Path(data_name).resolve()).encode()).hexdigest()[:10]
+        key = f"{source}-{'test' if pool is None else 'held-out'}{len(real.labels)}-{cfg.model.image_size}px"
+        with console.status("Inception statistics of the real images (once; cached) ..."):
+            mu, cov, cached = real_stats(net, weights_hash, key, lambda: real.images)
+        with console.status("Inception features of the samples ..."):
+            report["fid"] = fid_of(net, images, mu, cov)
+        report["fid_reference"] = f"{len(real.labels)} real test images ({'cached' if cached else 'computed now'})"
+    return report
+
+
+def _write_pairs(path: Path, images, train_images, mem: dict, k: int = 16, per_row: int = 4) -> None:
+    """The k samples closest to a training image, each (left) beside that image (right),
+    closest first, captioned with their RMS distance."""
+    from diffcli.images import contact_sheet, hstack, save, to_pil
+
+    order = mem["distances"].argsort()[:k].tolist()
+    scale = _scale(images)
+
+    def big(img):
+        pic = to_pil(img)
+        return pic.resize((pic.width * scale, pic.height * scale), 0)
+
+    cells = [(hstack([big(images[i]), big(train_images[mem["nearest"][i]])]), f"d = {float(mem['distances'][i]):.3f}")
+             for i in order]
+    rows = [cells[i:i + per_row] for i in range(0, len(cells), per_row)]
+    rows[-1] += [(None, "")] * (per_row - len(rows[-1]))
+    try:
+        save(contact_sheet(rows), path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not write '{path}': {e}.") from None
+
+
+def _print_eval(report: dict, class_names: list[str]) -> None:
+    console.print(f"{report['images']:,} images from {report['model']}: {report['sampler']} {report['steps']} steps, "
+                  f"guidance {report['guidance']:g}, seeds {report['seed']}.., {report['sampling_s']:.1f} s on {report['device']}",
+                  highlight=False)
+    table = Table(show_header=True, title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("for scale")
+    if "class_accuracy" in report:
+        table.add_row("class accuracy", f"{report['class_accuracy']:.2%}",
+                      f"the classifier scores {report['classifier']['test_accuracy']:.2%} on real test images")
+        table.add_row("classifier-FD", f"{report['classifier_fd']:.3f}",
+                      f"real training images score {report['classifier_fd_real_floor']:.3f} (lower is better)")
+    if "fid" in report:
+        table.add_row("FID (Inception-v3)", f"{report['fid']:.2f}", f"against {report['fid_reference']}")
+    if "nn_ratio" in report:
+        table.add_row("nearest-training-image distance", f"{report['nn_distance_generated']:.3f}",
+                      f"median RMS; real test images: {report['nn_distance_real']:.3f} (ratio {report['nn_ratio']:.2f})")
+        table.add_row("samples closer than 99% of real", f"{report['close_share']:.1%}", "about 1% when nothing is copied")
+    console.print(table)
+    if "per_class_accuracy" in report:
+        shown = ", ".join(f"{name} {'-' if acc is None else f'{acc:.0%}'}" for name, acc in zip(class_names, report["per_class_accuracy"]))
+        console.print(f"class accuracy per class: {shown}", highlight=False)
+
+
 # --- noise-preview ----------------------------------------------------------------
 
 @app.command("noise-preview")
@@ -552,8 +810,10 @@ def inspect(
     run_dir = ckpt if ckpt.is_dir() and (ckpt / "model.safetensors").exists() else None
     path = ckpt / "model.safetensors" if run_dir else ckpt
     header = read_header(path)
-    meta = model_metadata(header)
-    info = summarize(header, meta, path.stat().st_size)
+    if (header.get("__metadata__") or {}).get("format") == "diffcli-classifier":
+        info = classifier_summary(header)
+    else:
+        info = summarize(header, model_metadata(header), path.stat().st_size)
     if run_dir:
         info.update(run_summary(run_dir))
     if as_json:
@@ -582,6 +842,17 @@ def run_summary(run_dir: Path) -> dict:
     return info
 
 
+def classifier_summary(header: dict) -> dict:
+    from dataclasses import asdict
+
+    from diffcli.classifier import classifier_metadata
+
+    meta = classifier_metadata(header)
+    return {"kind": "classifier", "dataset": meta["dataset"], **asdict(meta["config"]), "classes": meta["class_names"],
+            "test_accuracy": meta["test_accuracy"], "per_class_accuracy": [None if a is None else round(a, 4) for a in meta["per_class_accuracy"]],
+            "test_images": meta["test_images"]}
+
+
 def summarize(header: dict, meta: dict, file_size: int) -> dict:
     cfg = meta["config"]
     m, d, t = cfg.get("model", {}), cfg.get("diffusion", {}), cfg.get("train", {})
@@ -595,6 +866,7 @@ def summarize(header: dict, meta: dict, file_size: int) -> dict:
         params += count
         dtypes.add(entry.get("dtype", "?"))
     return {
+        "kind": "diffusion model",
         "architecture": f"U-Net, {m.get('base_channels')} channels x {m.get('channel_mult')}, "
                         f"{m.get('num_res_blocks')} blocks/level, attention at levels {m.get('attn_levels')}",
         "preset": t.get("preset"),

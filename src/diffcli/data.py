@@ -56,15 +56,26 @@ def default_root() -> Path:
     return Path(cache) / "diffcli" / "datasets"
 
 
-def load(name: str, root: str | None = None, image_size: int | None = None, limit: int | None = None) -> ImageData:
-    """Load a named dataset (training split) or an image folder, resized to `image_size`
-    if given, keeping only the first `limit` images if given."""
+SPLITS = ("train", "test")
+
+
+def load(name: str, root: str | None = None, image_size: int | None = None, limit: int | None = None,
+         split: str = "train") -> ImageData:
+    """Load a named dataset or an image folder, resized to `image_size` if given, keeping
+    only the first `limit` images if given. `split="test"` gives the held-out images of a
+    named dataset (evaluation and the reference classifier); folders have only one split."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if name == "shapes":
-        per_class = SHAPES_PER_CLASS if limit is None else -(-limit // len(SHAPES))
-        data = make_shapes(size=image_size or 32, per_class=per_class)  # one fixed dataset, like MNIST
+        full = SHAPES_PER_CLASS if split == "train" else SHAPES_TEST_PER_CLASS
+        per_class = full if limit is None else min(full, -(-limit // len(SHAPES)))
+        # One fixed dataset, like MNIST; the test split is drawn from another seed.
+        data = make_shapes(size=image_size or 32, per_class=per_class, seed=0 if split == "train" else 1)
         return _first(data, limit)
     if name in ("mnist", "fashion-mnist", "cifar10"):
-        data = load_torchvision(name, Path(root).expanduser() if root else default_root())
+        data = load_torchvision(name, Path(root).expanduser() if root else default_root(), split)
+    elif split != "train":
+        raise UserError(f"'{name}' is a folder of images, which has no separate {split} split.")
     elif Path(name).expanduser().is_dir():
         data = load_folder(Path(name).expanduser(), image_size)
     elif Path(name).expanduser().exists():
@@ -97,15 +108,17 @@ def resize(images: torch.Tensor, size: int) -> torch.Tensor:
 
 # --- torchvision datasets ----------------------------------------------------
 
+_IDX_FILES = {"train": ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"],
+              "test": ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]}
 TORCHVISION = {
-    # name: (class name, folder under root, files a user can place there by hand)
-    "mnist": ("MNIST", "MNIST/raw", ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"]),
-    "fashion-mnist": ("FashionMNIST", "FashionMNIST/raw", ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"]),
-    "cifar10": ("CIFAR10", ".", ["cifar-10-python.tar.gz"]),
+    # name: (class name, folder under root, {split: files a user can place there by hand})
+    "mnist": ("MNIST", "MNIST/raw", _IDX_FILES),
+    "fashion-mnist": ("FashionMNIST", "FashionMNIST/raw", _IDX_FILES),
+    "cifar10": ("CIFAR10", ".", {"train": ["cifar-10-python.tar.gz"], "test": ["cifar-10-python.tar.gz"]}),
 }
 
 
-def load_torchvision(name: str, root: Path) -> ImageData:
+def load_torchvision(name: str, root: Path, split: str = "train") -> ImageData:
     """Through torchvision's own classes and download code: files already in `root` are
     md5-checked and extracted, and nothing is downloaded when they are there.
 
@@ -116,7 +129,8 @@ def load_torchvision(name: str, root: Path) -> ImageData:
 
     import torchvision.datasets as tvd
 
-    cls_name, folder, files = TORCHVISION[name]
+    cls_name, folder, split_files = TORCHVISION[name]
+    files = split_files[split]
     cls = getattr(tvd, cls_name)
     root = _writable_root(root, folder)
     try:
@@ -126,7 +140,7 @@ def load_torchvision(name: str, root: Path) -> ImageData:
     old_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(30)  # an unreachable mirror should fail, not hang
     try:
-        ds = cls(str(root), train=True, download=True)
+        ds = cls(str(root), train=split == "train", download=True)
     except Exception as e:  # torchvision raises RuntimeError, URLError, OSError... when offline
         where = root / folder if folder != "." else root
         raise UserError(
@@ -214,6 +228,7 @@ def load_folder(path: Path, image_size: int | None) -> ImageData:
 
 SHAPES = ("circle", "square", "triangle", "ring", "cross", "star", "heart", "crescent", "half-disc", "arrow")
 SHAPES_PER_CLASS = 3000  # 30k images: enough variety for minutes of training, ~5 s to build
+SHAPES_TEST_PER_CLASS = 500  # the held-out split: 5k images, enough for per-class accuracy and feature statistics
 
 
 def _polygon(kind: str) -> list[list[tuple[float, float]]]:

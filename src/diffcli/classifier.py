@@ -1,0 +1,191 @@
+"""The reference classifier behind `diffcli eval`: does a generated "3" look like a 3?
+
+A small VGG-style CNN (3×3 conv + BatchNorm + ReLU, two poolings, global average
+pool), trained on a dataset's training split and scored on its test split. Its
+pooled features (the layer before the linear head) are the feature space of the
+classifier Fréchet distance. It sees images in the model range [-1, 1] at the
+dataset's own size, so it needs no resizing and no ImageNet weights; the price is
+that its numbers compare models of one dataset only, never across datasets or
+with Inception FID.
+
+Files are safetensors with metadata {"format": "diffcli-classifier", "config",
+"class_names", "dataset", "test_accuracy", "per_class_accuracy", "test_images"}.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from diffcli import checkpoint
+from diffcli.data import ImageData, to_model_range
+from diffcli.errors import UserError
+
+FORMAT = "diffcli-classifier"
+SHIFT = 2  # random translation of up to ±2 px: the augmentation that gets MNIST past 99%
+
+
+@dataclass
+class ClassifierConfig:
+    in_channels: int
+    image_size: int
+    num_classes: int
+    width: int = 16  # channels at full resolution, doubled after each pooling: 3 epochs give 99.3% on MNIST in ~80 s on 2 CPU cores
+
+
+class Classifier(nn.Module):
+    def __init__(self, cfg: ClassifierConfig):
+        super().__init__()
+        self.cfg = cfg
+        w = cfg.width
+
+        def conv(cin, cout):
+            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+        self.body = nn.Sequential(
+            *conv(cfg.in_channels, w), *conv(w, w), nn.MaxPool2d(2),
+            *conv(w, 2 * w), *conv(2 * w, 2 * w), nn.MaxPool2d(2),
+            *conv(2 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(4 * w, cfg.num_classes))
+
+    @property
+    def feature_dim(self) -> int:
+        return 4 * self.cfg.width
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+@torch.no_grad()
+def predict(model: Classifier, images: torch.Tensor, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted classes (N,), features (N, D) float32 on the CPU) for uint8 images."""
+    device = next(model.parameters()).device
+    model.eval()
+    classes, feats = [], []
+    for chunk in images.split(batch_size):
+        f = model.features(to_model_range(chunk.to(device)))
+        classes.append(model.head(f).argmax(1).cpu())
+        feats.append(f.float().cpu())
+    return torch.cat(classes), torch.cat(feats)
+
+
+def shift(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Translate each image by a random whole number of pixels in [-SHIFT, SHIFT], filling
+    with the edge pixels (a digit's black background, a shape's backdrop)."""
+    n, _, h, w = x.shape
+    padded = nn.functional.pad(x, (SHIFT,) * 4, mode="replicate")
+    dy, dx = torch.randint(0, 2 * SHIFT + 1, (2, n), generator=gen).tolist()
+    return torch.stack([padded[i, :, a:a + h, b:b + w] for i, (a, b) in enumerate(zip(dy, dx))])
+
+
+def held_out(data: ImageData, share: float = 0.1, seed: int = 0) -> tuple[ImageData, ImageData]:
+    """(train, test) from one split, for image folders that come without a test split."""
+    order = torch.randperm(len(data.labels), generator=torch.Generator().manual_seed(seed))
+    k = max(1, round(len(order) * share))
+    pick = lambda idx: ImageData(data.images[idx], data.labels[idx], data.class_names, data.name)  # noqa: E731
+    return pick(order[k:]), pick(order[:k])
+
+
+def train_classifier(train: ImageData, test: ImageData, epochs: float = 3, batch_size: int = 128, lr: float = 3e-3,
+                     width: int = ClassifierConfig.width, seed: int = 0, device: torch.device | str = "cpu",
+                     report: Callable[..., None] | None = None) -> tuple[Classifier, dict]:
+    """Train on `train`, then score on `test`. AdamW with a short warm-up and a cosine decay to
+    zero (the one-cycle shape that converges fast in few epochs). Returns (model in eval mode,
+    scores from `score`). `report("step", step=, total=, loss=)` is called every step."""
+    if train.num_classes < 2:
+        raise UserError(f"'{train.name}' has {train.num_classes} class(es); a classifier needs at least 2 (sub-folders = classes).")
+    device = torch.device(device)
+    _, c, h, _ = train.images.shape
+    torch.manual_seed(seed)  # initial weights (torch draws them from the global generator)
+    model = Classifier(ClassifierConfig(c, h, train.num_classes, width)).to(device)
+    gen = torch.Generator().manual_seed(seed)
+    steps_per_epoch = max(1, len(train.labels) // batch_size)
+    total = max(1, math.ceil(epochs * steps_per_epoch))
+    warmup = min(200, total // 10)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
+    model.train()
+    step = 0
+    while step < total:
+        order = torch.randperm(len(train.labels), generator=gen)
+        for idx in order[: steps_per_epoch * batch_size].view(steps_per_epoch, batch_size):
+            x = shift(to_model_range(train.images[idx]), gen).to(device)
+            loss = nn.functional.cross_entropy(model(x), train.labels[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            if report:
+                report("step", step=step, total=total, loss=loss.detach())  # a tensor: no sync unless shown
+            if step == total:
+                break
+    model.eval()
+    return model, score(model, test)
+
+
+def score(model: Classifier, test: ImageData) -> dict:
+    """Accuracy on labelled images, overall and per class, as saved with the classifier."""
+    predicted, _ = predict(model, test.images)
+    per_class = per_class_accuracy(predicted, test.labels, model.cfg.num_classes)
+    return {"test_accuracy": float((predicted == test.labels).float().mean()), "per_class_accuracy": per_class,
+            "test_images": len(test.labels)}
+
+
+def per_class_accuracy(predicted: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[float | None]:
+    """Share of images of class k predicted as k, for each k (None where class k has no images)."""
+    hits = torch.bincount(labels[predicted == labels], minlength=num_classes)
+    counts = torch.bincount(labels, minlength=num_classes)
+    return [float(h / n) if n else None for h, n in zip(hits.tolist(), counts.tolist())]
+
+
+# --- files -----------------------------------------------------------------------
+
+def save_classifier(path: Path, model: Classifier, class_names: list[str], dataset: str, scores: dict) -> None:
+    metadata = {
+        "format": FORMAT,
+        "config": json.dumps(asdict(model.cfg)),
+        "class_names": json.dumps(class_names),
+        "dataset": dataset,
+        "test_accuracy": repr(scores["test_accuracy"]),
+        "per_class_accuracy": json.dumps(scores["per_class_accuracy"]),
+        "test_images": str(scores["test_images"]),
+    }
+    checkpoint.save_tensors(path, model.state_dict(), metadata)
+
+
+def classifier_metadata(header: dict) -> dict:
+    meta = header.get("__metadata__") or {}
+    if meta.get("format") != FORMAT:
+        raise UserError("this file is not a diffcli classifier (make one with `diffcli classifier train`).")
+    try:
+        return {"config": ClassifierConfig(**json.loads(meta["config"])), "class_names": json.loads(meta["class_names"]),
+                "dataset": meta.get("dataset", "?"), "test_accuracy": float(meta["test_accuracy"]),
+                "per_class_accuracy": json.loads(meta["per_class_accuracy"]), "test_images": int(meta["test_images"])}
+    except (KeyError, ValueError, TypeError):
+        raise UserError("the metadata of this classifier file is damaged.") from None
+
+
+def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tuple[Classifier, dict]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta = classifier_metadata(checkpoint.read_header(path))
+    model = Classifier(meta["config"])
+    try:
+        model.load_state_dict(load_file(str(path)))
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise UserError(f"'{path}' could not be loaded as a classifier: {str(e).splitlines()[0]}.") from None
+    return model.to(device).eval(), meta

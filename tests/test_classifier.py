@@ -1,0 +1,88 @@
+"""The reference classifier: it learns, its file round-trips, and what it reports is true."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from diffcli import data as D
+from diffcli.classifier import (
+    Classifier, ClassifierConfig, held_out, load_classifier, per_class_accuracy, predict, score, shift, train_classifier,
+)
+from diffcli.cli import app
+
+runner = CliRunner()
+
+
+def test_per_class_accuracy_counts_hits_per_true_class():
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 2])
+    predicted = torch.tensor([0, 0, 1, 2, 1, 0, 2])
+    assert per_class_accuracy(predicted, labels, 4) == [0.5, 0.5, 1.0, None]
+
+
+def test_shift_moves_images_by_at_most_two_pixels_and_keeps_their_content():
+    x = torch.zeros(64, 1, 12, 12)
+    x[:, :, 5, 5] = 1  # one bright pixel, away from the edges
+    moved = shift(x, torch.Generator().manual_seed(0))
+    where = moved.flatten(1).argmax(1)
+    rows, cols = where // 12, where % 12
+    assert moved.sum((1, 2, 3)).eq(1).all()
+    assert ((rows - 5).abs() <= 2).all() and ((cols - 5).abs() <= 2).all()
+    assert len(set(zip(rows.tolist(), cols.tolist()))) > 10  # and really moves them about
+
+
+def test_held_out_split_is_disjoint_and_deterministic():
+    data = D.ImageData(torch.arange(100, dtype=torch.uint8).view(100, 1, 1, 1), torch.arange(100) % 2, ["a", "b"], "x")
+    train, test = held_out(data)
+    again = held_out(data)[1]
+    assert len(test.labels) == 10 and len(train.labels) == 90
+    assert set(train.images.flatten().tolist()).isdisjoint(test.images.flatten().tolist())
+    assert torch.equal(test.images, again.images)
+
+
+def test_classifier_learns_mnist_past_90_percent_in_a_quarter_epoch(mnist_root):
+    train = D.load("mnist", str(mnist_root))
+    test = D.load("mnist", str(mnist_root), split="test", limit=2000)
+    model, scores = train_classifier(train, test, epochs=0.25, width=16)
+    assert scores["test_accuracy"] >= 0.90, scores  # 94% measured; the full 3 epochs reach 99.3%
+    assert scores["test_images"] == 2000
+    predicted, feats = predict(model, test.images[:10])
+    assert feats.shape == (10, model.feature_dim) and predicted.shape == (10,)
+
+
+def test_cli_trains_saves_and_reports_what_a_reload_measures(tmp_path):
+    out = tmp_path / "clf.safetensors"
+    r = runner.invoke(app, ["classifier", "train", "--data", "shapes", "--limit", "2000", "--epochs", "5",
+                            "--width", "8", "--out", str(out), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert "test accuracy" in r.output and out.exists()
+    model, meta = load_classifier(out)
+    assert meta["class_names"] == list(D.SHAPES) and meta["dataset"] == "shapes"
+    rescored = score(model, D.load("shapes", split="test"))
+    assert rescored["test_accuracy"] == pytest.approx(meta["test_accuracy"], abs=1e-6)
+    assert rescored["per_class_accuracy"] == pytest.approx(meta["per_class_accuracy"], abs=1e-6)
+    assert meta["test_accuracy"] > 0.5  # 10 classes: chance is 0.1
+
+    again = runner.invoke(app, ["classifier", "train", "--data", "shapes", "--out", str(out)])
+    assert again.exit_code == 1 and "already exists" in again.output  # never overwritten silently
+
+
+def test_a_diffusion_checkpoint_is_not_taken_for_a_classifier(tiny_run):
+    from diffcli.errors import UserError
+
+    with pytest.raises(UserError, match="not a diffcli classifier"):
+        load_classifier(tiny_run / "model.safetensors")
+
+
+def test_inspect_reads_a_classifier_file(tmp_path):
+    from diffcli.classifier import save_classifier
+
+    model = Classifier(ClassifierConfig(1, 8, 3, width=4))
+    path = tmp_path / "c.safetensors"
+    save_classifier(path, model, ["a", "b", "c"], "folder", {"test_accuracy": 0.75, "per_class_accuracy": [1.0, 0.5, 0.75],
+                                                              "test_images": 12})
+    r = runner.invoke(app, ["inspect", str(path), "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.output)
+    assert info["kind"] == "classifier" and info["test_accuracy"] == 0.75 and info["classes"] == ["a", "b", "c"]
