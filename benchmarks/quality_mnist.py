@@ -86,7 +86,10 @@ def diffcli_contender(args, data, device):
 
 
 def lucidrains_contender(args, data, device):
-    from denoising_diffusion_pytorch.classifier_free_guidance import GaussianDiffusion, Unet
+    from denoising_diffusion_pytorch.classifier_free_guidance import (
+        GaussianDiffusion,
+        Unet,
+    )
     from ema_pytorch import EMA
 
     torch.manual_seed(args.seed)

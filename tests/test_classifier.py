@@ -8,7 +8,15 @@ from typer.testing import CliRunner
 
 from diffcli import data as D
 from diffcli.classifier import (
-    Classifier, ClassifierConfig, held_out, load_classifier, per_class_accuracy, predict, score, shift, train_classifier,
+    Classifier,
+    ClassifierConfig,
+    held_out,
+    load_classifier,
+    per_class_accuracy,
+    predict,
+    score,
+    shift,
+    train_classifier,
 )
 from diffcli.cli import app
 

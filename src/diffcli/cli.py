@@ -177,7 +177,14 @@ def _run_training(cfg, out: Path, resume: bool, overwrite: bool) -> None:
 
 
 def _train_with_progress(cfg, data, out, resume, world, device) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from diffcli.devices import describe
     from diffcli.training import train as train_loop
@@ -488,10 +495,22 @@ def classifier_train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
 ):
     """Train the classifier that `diffcli eval` uses to judge class fidelity; scores it on the test split."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from diffcli import data as D
-    from diffcli.classifier import ClassifierConfig, held_out, save_classifier, train_classifier
+    from diffcli.classifier import (
+        ClassifierConfig,
+        held_out,
+        save_classifier,
+        train_classifier,
+    )
     from diffcli.devices import describe, pick_device
 
     if epochs <= 0 or batch_size < 1 or lr <= 0 or (width is not None and width < 1) or (limit is not None and limit < 1):
@@ -587,14 +606,8 @@ def evaluate(
 
 def _run_eval(ckpt, model, cfg, meta, dev, classifier, fid, inception_weights, memorisation, pairs, n, sampler, steps, guidance,
               seed, data_name, data_root, real_n, batch_size) -> dict:
-    import torch
-
-    from diffcli import data as D
     from diffcli import evaluation as E
-    from diffcli.devices import timed
-    from diffcli.generate import generate
     from diffcli.samplers import DEFAULT_STEPS
-    from diffcli.schedules import make_schedule
 
     T = cfg.diffusion.timesteps
     if steps is not None and not 1 <= steps <= T:
@@ -613,67 +626,28 @@ def _run_eval(ckpt, model, cfg, meta, dev, classifier, fid, inception_weights, m
             raise UserError(f"the classifier takes {c.image_size}x{c.image_size}x{c.in_channels} images of {c.num_classes} classes, "
                             f"but the model makes {cfg.model.image_size}x{cfg.model.image_size}x{cfg.model.in_channels} images "
                             f"of {cfg.model.num_classes}; train one with --data {data_name} --image-size {cfg.model.image_size}.")
-    net = None
+    inception = None
     if fid:
         from diffcli.inception import load_inception
 
         with console.status("loading Inception-v3 ..."):
-            net, weights_hash = load_inception(inception_weights, dev)
-
-    # The real images first: a missing dataset should fail before minutes of sampling.
+            inception = load_inception(inception_weights, dev)
+    # The real images before sampling: a missing dataset should fail before minutes of work.
     with console.status(f"loading {data_name} ..."):
-        train_data = D.load(data_name, data_root, cfg.model.image_size)
-        if data_name in D.NAMED:
-            real = D.load(data_name, data_root, cfg.model.image_size, split="test")
-            pool = None
-        else:
-            from diffcli.classifier import held_out
-
-            pool, real = held_out(train_data)
-        if real_n:
-            real = D.ImageData(real.images[:real_n], real.labels[:real_n], real.class_names, real.name)
+        real = E.real_images(data_name, data_root, cfg.model.image_size, real_n)
     shape = (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)
-    if tuple(train_data.images.shape[1:]) != shape:
-        raise UserError(f"'{data_name}' holds {tuple(train_data.images.shape[1:])} images but the model makes "
+    if tuple(real.train.images.shape[1:]) != shape:
+        raise UserError(f"'{data_name}' holds {tuple(real.train.images.shape[1:])} images but the model makes "
                         f"{shape}; pass --data with the model's training data.")
-
-    classes = list(range(len(meta["class_names"]))) or [0]
-    labels = torch.tensor([k for k in classes for _ in range(n)])
-    used_steps = T if sampler == "ddpm" else (steps or DEFAULT_STEPS[sampler])
-    guidance = DEFAULT_GUIDANCE if guidance is None else guidance
-    schedule = make_schedule(cfg.diffusion.schedule, T)
-    with console.status(f"sampling {len(labels)} images with {sampler}, {used_steps} steps ..."):
-        images, seconds = timed(lambda: generate(model, schedule, cfg.diffusion.prediction, labels.tolist(),
-                                                 list(range(seed, seed + len(labels))), sampler, used_steps, guidance,
-                                                 batch_size=batch_size), dev)
-    report = {"model": str(ckpt), "images": len(labels), "sampler": sampler, "steps": used_steps,
-              "guidance": guidance, "seed": seed, "sampling_s": round(seconds, 2), "dataset": data_name}
-    floor_gen = torch.Generator().manual_seed(seed)
-    floor = train_data.images[torch.randperm(len(train_data.labels), generator=floor_gen)[:len(labels)]]
+    settings = E.Sampling(n, sampler, T if sampler == "ddpm" else (steps or DEFAULT_STEPS[sampler]),
+                          DEFAULT_GUIDANCE if guidance is None else guidance, seed, batch_size)
+    report, images, mem = E.evaluate(model, cfg, meta["class_names"], settings, real, clf, inception, memorisation,
+                                     status=console.status)
     if clf is not None:
-        with console.status("classifying ..."):
-            report.update(E.class_fidelity(clf, images, labels, real.images, floor))
         report["classifier"] = {"path": str(classifier), "test_accuracy": clf_meta["test_accuracy"]}
-    if memorisation:
-        with console.status("searching nearest training images ..."):
-            held = real.images[:max(len(labels), 1000)]
-            mem = E.memorisation(images, train_data.images, held, None if pool is None else pool.images)
-        if pairs:
-            _write_pairs(pairs, images, train_data.images, mem)
-        report.update({k: v for k, v in mem.items() if k not in ("nearest", "distances")})
-    if net is not None:
-        from diffcli.inception import fid as fid_of, real_stats
-
-        import hashlib
-
-        source = data_name if data_name in D.NAMED else "folder-" + hashlib.sha1(str(Path(data_name).resolve()).encode()).hexdigest()[:10]
-        key = f"{source}-{'test' if pool is None else 'held-out'}{len(real.labels)}-{cfg.model.image_size}px"
-        with console.status("Inception statistics of the real images (once; cached) ..."):
-            mu, cov, cached = real_stats(net, weights_hash, key, lambda: real.images)
-        with console.status("Inception features of the samples ..."):
-            report["fid"] = fid_of(net, images, mu, cov)
-        report["fid_reference"] = f"{len(real.labels)} real test images ({'cached' if cached else 'computed now'})"
-    return report
+    if pairs and mem is not None:
+        _write_pairs(pairs, images, real.train.images, mem)
+    return {"model": str(ckpt), "dataset": data_name, **report}
 
 
 def _write_pairs(path: Path, images, train_images, mem: dict, k: int = 16, per_row: int = 4) -> None:
@@ -805,7 +779,7 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ):
     """Tell what a checkpoint (or a run folder) holds; reads only file headers."""
-    from diffcli.checkpoint import read_header, model_metadata
+    from diffcli.checkpoint import model_metadata, read_header
 
     run_dir = ckpt if ckpt.is_dir() and (ckpt / "model.safetensors").exists() else None
     path = ckpt / "model.safetensors" if run_dir else ckpt

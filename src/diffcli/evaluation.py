@@ -13,12 +13,18 @@ The maths lives in metrics.py; this module feeds it images.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from diffcli import data as D
 from diffcli import metrics
-from diffcli.classifier import Classifier, per_class_accuracy, predict
+from diffcli.classifier import Classifier, held_out, per_class_accuracy, predict
+from diffcli.config import DEFAULT_GUIDANCE
+from diffcli.samplers import DEFAULT_STEPS
 
 CLOSE_PERCENTILE = 1.0  # a sample is "close" when nearer its training neighbour than 99% of real held-out images are
 
@@ -26,12 +32,78 @@ CLOSE_PERCENTILE = 1.0  # a sample is "close" when nearer its training neighbour
 @dataclass
 class Sampling:
     """How the evaluated images are drawn (the options of `diffcli eval`)."""
-    n_per_class: int = 100  # 1,000 images for 10 classes: per-class accuracy to ±3 points, FD stable to a few %
+    n_per_class: int = 100  # 1,000 images for 10 classes: per-class accuracy to ±3 points
     sampler: str = "ddim"
-    steps: int | None = None  # None: the sampler's default
-    guidance: float | None = None  # None: DEFAULT_GUIDANCE
+    steps: int = DEFAULT_STEPS["ddim"]
+    guidance: float = DEFAULT_GUIDANCE
     seed: int = 0
     batch_size: int = 250
+
+
+@dataclass
+class RealImages:
+    train: D.ImageData  # what the model was trained on
+    reference: D.ImageData  # real images it never saw: the test split, or a held-out share of a folder
+    pool: D.ImageData | None  # for a folder: the training images minus the held-out share
+    key: str  # names this reference in the FID statistics cache
+
+
+def real_images(name: str, root: str | None, image_size: int, limit: int | None = None) -> RealImages:
+    """The real images a model is measured against; `limit` keeps the first N reference images."""
+    train = D.load(name, root, image_size)
+    if name in D.NAMED:
+        reference, pool, source = D.load(name, root, image_size, split="test"), None, f"{name}-test"
+    else:
+        pool, reference = held_out(train)
+        source = "folder-" + hashlib.sha1(str(Path(name).resolve()).encode()).hexdigest()[:10] + "-held-out"
+    if limit:
+        reference = D.ImageData(reference.images[:limit], reference.labels[:limit], reference.class_names, reference.name)
+    return RealImages(train, reference, pool, f"{source}{len(reference.labels)}-{image_size}px")
+
+
+def evaluate(model, cfg, class_names: list[str], sampling: Sampling, real: RealImages, clf: Classifier | None = None,
+             inception: tuple | None = None, memorisation_check: bool = True,
+             status=lambda text: contextlib.nullcontext()) -> tuple[dict, torch.Tensor, dict | None]:
+    """Sample `n_per_class` images per class and measure them. Returns (report of plain
+    numbers, the images, the memorisation result with its per-sample arrays or None).
+    `inception` is (network, weights hash) from inception.load_inception; `status(text)`
+    gives a context manager shown while each stage runs."""
+    from diffcli.devices import timed
+    from diffcli.generate import generate
+    from diffcli.schedules import make_schedule
+
+    s = sampling
+    labels = torch.tensor([k for k in (range(len(class_names)) or [0]) for _ in range(s.n_per_class)])
+    schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
+    device = next(model.parameters()).device
+    with status(f"sampling {len(labels)} images with {s.sampler}, {s.steps} steps ..."):
+        images, seconds = timed(lambda: generate(model, schedule, cfg.diffusion.prediction, labels.tolist(),
+                                                 list(range(s.seed, s.seed + len(labels))), s.sampler, s.steps,
+                                                 s.guidance, batch_size=s.batch_size), device)
+    report = {"images": len(labels), "sampler": s.sampler, "steps": s.steps, "guidance": s.guidance, "seed": s.seed,
+              "sampling_s": round(seconds, 2)}
+    if clf is not None:
+        # The floor: real images the reference does not hold, as many as generated.
+        source = real.pool if real.pool is not None else real.train
+        floor = source.images[torch.randperm(len(source.labels), generator=torch.Generator().manual_seed(s.seed))[:len(labels)]]
+        with status("classifying ..."):
+            report.update(class_fidelity(clf, images, labels, real.reference.images, floor))
+    mem = None
+    if memorisation_check:
+        with status("searching the nearest training images ..."):
+            mem = memorisation(images, real.train.images, real.reference.images[:max(len(labels), 1000)],
+                               None if real.pool is None else real.pool.images)
+        report.update({k: v for k, v in mem.items() if k not in ("nearest", "distances")})
+    if inception is not None:
+        from diffcli import inception as fid
+
+        net, weights_hash = inception
+        with status("Inception statistics of the real images (once; then cached) ..."):
+            mu, cov, cached = fid.real_stats(net, weights_hash, real.key, lambda: real.reference.images)
+        with status("Inception features of the samples ..."):
+            report["fid"] = fid.fid(net, images, mu, cov)
+        report["fid_reference"] = f"{len(real.reference.labels)} real images never trained on ({'cached' if cached else 'computed now'})"
+    return report, images, mem
 
 
 def class_fidelity(clf: Classifier, images: torch.Tensor, labels: torch.Tensor, real_images: torch.Tensor,
