@@ -16,15 +16,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-VARIANTS = {  # name: extra `diffcli train` options (everything else is the default recipe)
-    "default": [],
-    "lr 1e-3": ["--lr", "1e-3"],
-    "v-prediction": ["--prediction", "v"],
-    "EMA 0.9995": ["--ema-decay", "0.9995"],
-    "plain MSE (no Min-SNR)": ["--min-snr-gamma", "0"],
-    "batch 64": ["--batch-size", "64"],
+# name: `diffcli train` options on top of the defaults. Every variant names its prediction
+# target, since the sweep itself moved the default from ε to v.
+VARIANTS = {
+    "eps": ["--prediction", "eps"],
+    "eps, lr 1e-3": ["--prediction", "eps", "--lr", "1e-3"],
+    "v": ["--prediction", "v"],
+    "eps, EMA 0.9995": ["--prediction", "eps", "--ema-decay", "0.9995"],
+    "v, lr 1e-3": ["--prediction", "v", "--lr", "1e-3"],
+    "eps, plain MSE (no Min-SNR)": ["--prediction", "eps", "--min-snr-gamma", "0"],
+    "eps, batch 64": ["--prediction", "eps", "--batch-size", "64"],
 }
-GUIDANCE = {"default": [1.0, 2.0, 3.0, 5.0]}  # extra guidance weights scored for a variant (else the default only)
+GUIDANCE = {"eps": [1.0, 2.0, 3.0, 5.0], "v": [1.0, 1.5, 2.0, 2.5, 3.0]}  # weights scored for a variant (else the default only)
 
 
 def main() -> None:
