@@ -2,6 +2,11 @@
 its DDIMPipeline, with class labels and guidance) on U-Nets of matched parameters, and
 the wall time of `diffcli sample` as a whole process.
 
+Each contender runs in a fresh process, rounds interleaved, because one of diffcli's
+speed-ups is process-wide: the `diffcli` command keeps freed activation memory mapped
+(allocator.py). A third contender, diffusers' loop in a process set up the same way,
+separates that from the network and sampler.
+
     python benchmarks/sample_throughput.py --preset small --n 64 --steps 50
 """
 
@@ -45,6 +50,30 @@ def diffusers_ddim(unet, n, steps, guidance, device):
 
 
 
+IMPLS = ("diffcli", "diffusers", "diffusers+allocator")
+
+
+def worker(name: str, args) -> float:
+    """One contender in this process: build, warm up, time one batch; returns images/s."""
+    from diffcli.allocator import keep_freed_memory
+
+    if name != "diffusers":
+        keep_freed_memory()  # what the `diffcli` command does at start-up
+    device = pick_device("auto")
+    n = args.n or (256 if device.type == "cuda" else 64)
+    torch.manual_seed(0)
+    if name == "diffcli":
+        model = diffcli_unet(args.preset).to(device, memory_format=torch.channels_last).eval()
+        labels, seeds = [i % 10 for i in range(n)], list(range(n))
+        run = lambda: generate(model, make_schedule("cosine", 1000), "eps", labels, seeds, "ddim", args.steps,  # noqa: E731
+                               args.guidance, batch_size=n)
+    else:
+        unet = diffusers_unet(args.preset).to(device).eval()
+        run = lambda: diffusers_ddim(unet, n, args.steps, args.guidance, device)  # noqa: E731
+    run()  # warm-up
+    return n / timed(run, device)[1]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="small")
@@ -52,28 +81,25 @@ def main():
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--guidance", type=float, default=3.0)
+    ap.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.worker:
+        print(worker(args.worker, args))
+        return
     device = pick_device("auto")
     n = args.n or (256 if device.type == "cuda" else 64)
-    ours = diffcli_unet(args.preset).to(device, memory_format=torch.channels_last).eval()
-    theirs = diffusers_unet(args.preset).to(device).eval()
-    schedule = make_schedule("cosine", 1000)
-    labels, seeds = [i % 10 for i in range(n)], list(range(n))
-    run = {
-        "diffcli": lambda: generate(ours, schedule, "eps", labels, seeds, "ddim", args.steps, args.guidance, batch_size=n),
-        "diffusers": lambda: diffusers_ddim(theirs, n, args.steps, args.guidance, device),
-    }
-    for fn in run.values():
-        fn()  # warm-up
-    rates = {name: [] for name in run}
+    rates = {name: [] for name in IMPLS}
     for _ in range(args.rounds):
-        for name, fn in run.items():
-            rates[name].append(n / timed(fn, device)[1])
+        for name in IMPLS:
+            out = subprocess.run([sys.executable, __file__, "--worker", name, *sys.argv[1:]], capture_output=True, text=True,
+                                 check=True).stdout
+            rates[name].append(float(out.split()[-1]))
     print(f"device: {describe(device)}, torch {torch.__version__}; DDIM {args.steps} steps, guidance {args.guidance}, batch {n}")
     med = {name: statistics.median(r) for name, r in rates.items()}
-    for name in run:
-        print(f"{args.preset:6} {name:9} {med[name]:8.1f} images/s")
-    print(f"ratio diffcli / diffusers: {med['diffcli'] / med['diffusers']:.2f}x (median of {args.rounds} rounds)")
+    for name in IMPLS:
+        print(f"{args.preset:6} {name:20} {med[name]:8.1f} images/s")
+    print(f"ratio diffcli / diffusers: {med['diffcli'] / med['diffusers']:.2f}x; with the same allocator setting "
+          f"(diffcli / diffusers+allocator): {med['diffcli'] / med['diffusers+allocator']:.2f}x (median of {args.rounds} rounds)")
 
     with tempfile.TemporaryDirectory() as tmp:  # the whole process, start-up included
         from diffcli.checkpoint import save_model

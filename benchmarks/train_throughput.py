@@ -1,10 +1,15 @@
 """Training images/s of diffcli's U-Net against diffusers' UNet2DModel at matched parameters.
 
-Both train the same way (ε-MSE on q_sample'd inputs, AdamW, gradient clipping), same batch,
+All train the same way (ε-MSE on q_sample'd inputs, AdamW, gradient clipping), same batch,
 same device, same precision (bf16 autocast on CUDA, fp32 on the CPU), in interleaved rounds
-so a noisy machine affects both alike. Prints images/s, the ratio diffcli / diffusers,
-FLOPs per training image (torch.utils.flop_counter), the fraction of the device's peak
-and, on CUDA, peak memory.
+so a noisy machine affects all alike. Each builds its optimizer the way its tool does:
+diffcli as `diffcli train` (fused AdamW where torch has it), diffusers as its
+train_unconditional.py example (plain `torch.optim.AdamW`, which on the CPU updates one
+tensor at a time). A third row, diffusers' network with diffcli's fused AdamW, separates
+the two: network speed against optimizer choice. The process keeps freed memory mapped as
+the `diffcli` command does (allocator.py), for every contender alike. Prints images/s, the ratio diffcli /
+diffusers, FLOPs per training image (torch.utils.flop_counter), the fraction of the
+device's peak and, on CUDA, peak memory.
 
     python benchmarks/train_throughput.py --presets small,base --batch 64
 """
@@ -21,12 +26,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _peers import diffcli_unet, diffusers_unet  # noqa: E402
 
-from diffcli.devices import autocast, describe, pick_device, timed  # noqa: E402
+from diffcli.allocator import keep_freed_memory  # noqa: E402
+from diffcli.devices import autocast, describe, fused_adamw, pick_device, timed  # noqa: E402
 from diffcli.schedules import make_schedule, q_sample  # noqa: E402
 
 
-def step_fn(model, forward, device, batch, size, channels_last):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+def step_fn(model, forward, device, batch, size, channels_last, fused):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
     schedule = make_schedule("cosine", 1000)
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(batch, 3, size, size, generator=g).to(device)
@@ -68,22 +74,26 @@ def main():
     ap.add_argument("--peak-tflops", type=float, default=None, help="device peak for the fraction column "
                     "(default: 0.166 on the CPU, measured 2048^2 fp32 matmul on this project's 2-core machine)")
     args = ap.parse_args()
+    keep_freed_memory()
     device = pick_device("auto")
     peak = args.peak_tflops or (0.166 if device.type == "cpu" else None)
     print(f"device: {describe(device)}, torch {torch.__version__}")
-    print(f"{'preset':8} {'impl':9} {'params':>11} {'GFLOP/img':>10} {'img/s':>8} {'%peak':>6} {'peak MB':>8}")
+    print(f"{'preset':8} {'impl':15} {'params':>11} {'GFLOP/img':>10} {'img/s':>8} {'%peak':>6} {'peak MB':>8}")
     for preset in args.presets.split(","):
         batch = args.batch or (256 if device.type == "cuda" else (8 if preset == "base" else 64))
-        impls = {
-            "diffcli": (diffcli_unet(preset), lambda m, x, t, y: m(x, t, y), True),
-            "diffusers": (diffusers_unet(preset), lambda m, x, t, y: m(x, t, class_labels=y).sample, False),
+        ours = lambda m, x, t, y: m(x, t, y)  # noqa: E731
+        theirs = lambda m, x, t, y: m(x, t, class_labels=y).sample  # noqa: E731
+        impls = {  # name: (model, forward, channels_last, fused AdamW)
+            "diffcli": (diffcli_unet(preset), ours, True, fused_adamw(device)),
+            "diffusers": (diffusers_unet(preset), theirs, False, False),
+            "diffusers+fused": (diffusers_unet(preset), theirs, False, fused_adamw(device)),
         }
         rates = {name: [] for name in impls}
         steps, flops = {}, {}
-        for name, (model, fwd, cl) in impls.items():
+        for name, (model, fwd, cl, fused) in impls.items():
             flops[name] = flops_per_image(model, fwd, 32)
             model.to(device, memory_format=torch.channels_last if cl else torch.contiguous_format).train()
-            steps[name] = step_fn(model, fwd, device, batch, 32, cl)
+            steps[name] = step_fn(model, fwd, device, batch, 32, cl, fused)
             steps[name]()  # warm-up
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -91,12 +101,14 @@ def main():
             for name in impls:
                 rates[name].append(batch * args.steps / timed(lambda s=steps[name]: [s() for _ in range(args.steps)], device)[1])
         med = {name: statistics.median(r) for name, r in rates.items()}
-        for name, (model, _, _) in impls.items():
+        for name, (model, *_) in impls.items():
             params = sum(p.numel() for p in model.parameters())
             frac = f"{100 * med[name] * flops[name] / (peak * 1e12):5.1f}" if peak else "   - "
             mem = f"{torch.cuda.max_memory_allocated() / 2**20:8.0f}" if device.type == "cuda" else "       -"
-            print(f"{preset:8} {name:9} {params:11,} {flops[name] / 1e9:10.2f} {med[name]:8.1f} {frac:>6} {mem}")
-        print(f"{preset:8} ratio diffcli / diffusers: {med['diffcli'] / med['diffusers']:.2f}x (batch {batch}, median of {args.rounds} rounds)")
+            print(f"{preset:8} {name:15} {params:11,} {flops[name] / 1e9:10.2f} {med[name]:8.1f} {frac:>6} {mem}")
+        print(f"{preset:8} ratio diffcli / diffusers: {med['diffcli'] / med['diffusers']:.2f}x; networks alone "
+              f"(diffcli / diffusers+fused): {med['diffcli'] / med['diffusers+fused']:.2f}x "
+              f"(batch {batch}, median of {args.rounds} rounds)")
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def test_classifier_learns_mnist_past_90_percent_in_a_quarter_epoch(mnist_root):
 
 
 def test_cli_trains_saves_and_reports_what_a_reload_measures(tmp_path):
-    out = tmp_path / "clf.safetensors"
+    out = tmp_path / "not-yet" / "clf.safetensors"  # a folder that does not exist is made, not an error
     r = runner.invoke(app, ["classifier", "train", "--data", "shapes", "--limit", "2000", "--epochs", "5",
                             "--width", "8", "--out", str(out), "--device", "cpu"])
     assert r.exit_code == 0, r.output

@@ -81,3 +81,42 @@ def test_patch_size_two_keeps_shapes_and_divisibility():
     assert model(x, torch.tensor([1, 2]), torch.tensor([0, 1])).shape == x.shape
     with pytest.raises(ValueError, match="divisible by 8"):
         UNet(tiny(patch_size=2, image_size=28, channel_mult=(1, 2, 2)))
+
+
+@pytest.mark.parametrize("scale_shift", [True, False])
+def test_resblock_matches_the_textbook_formula(scale_shift):
+    """The folded scale-shift (one addcmul) equals GroupNorm-with-affine, x (1 + scale), + shift,
+    with non-trivial norm weights; in-place sampling mode gives what the autograd mode gives."""
+    import torch.nn.functional as F
+
+    from diffcli.unet import ResBlock
+
+    torch.manual_seed(0)
+    block = ResBlock(8, 16, 32, dropout=0.0, scale_shift=scale_shift)
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x, emb = torch.randn(3, 8, 6, 6), torch.randn(3, 32)
+
+    h = block.conv1(F.silu(block.norm1(x)))
+    e = block.emb(emb)[:, :, None, None]
+    if scale_shift:
+        scale, shift = e.chunk(2, dim=1)
+        h = block.norm2(h) * (1 + scale) + shift
+    else:
+        h = block.norm2(h + e)
+    expected = block.skip(x) + block.conv2(F.silu(h))
+
+    assert torch.allclose(block(x, emb), expected, atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(block(x.clone(), emb), expected, atol=1e-5)
+
+
+def test_sampling_mode_leaves_the_input_alone():
+    model = UNet(tiny()).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.randn(2, 3, 32, 32)
+    kept = x.clone()
+    with torch.no_grad():
+        model(x, torch.tensor([3, 700]), torch.tensor([0, 10]))
+    assert torch.equal(x, kept)  # in-place activations must never reach the caller's tensor

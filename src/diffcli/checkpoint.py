@@ -24,7 +24,9 @@ MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` all or nothing, creating the parent folder (as images.save does)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

@@ -25,6 +25,7 @@ from torch import nn
 
 from diffcli import checkpoint
 from diffcli.data import ImageData, to_model_range
+from diffcli.devices import fused_adamw
 from diffcli.errors import UserError
 
 FORMAT = "diffcli-classifier"
@@ -112,7 +113,7 @@ def train_classifier(train: ImageData, test: ImageData, epochs: float = 3, batch
     steps_per_epoch = max(1, len(train.labels) // batch_size)
     total = max(1, math.ceil(epochs * steps_per_epoch))
     warmup = min(200, total // 10)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4, fused=fused_adamw(device))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
     model.train()

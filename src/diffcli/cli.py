@@ -73,6 +73,9 @@ def _version(value: bool):
 @app.callback()
 def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit.")):
     """Train class-conditional diffusion models on small image datasets and sample from them."""
+    from diffcli.allocator import keep_freed_memory
+
+    keep_freed_memory()  # the process is ours: keep activation memory mapped between steps
 
 
 # --- train ------------------------------------------------------------------------
@@ -100,7 +103,7 @@ def train(
     grad_clip: Optional[float] = typer.Option(None, help="Clip the gradient norm at this value; 0 turns clipping off (default: 1.0)."),
     timesteps: Optional[int] = typer.Option(None, help="Diffusion steps T (default: 1000)."),
     schedule: Optional[str] = typer.Option(None, help="Noise schedule: linear or cosine (default: cosine)."),
-    prediction: Optional[str] = typer.Option(None, help="What the network predicts: eps or v (default: eps)."),
+    prediction: Optional[str] = typer.Option(None, help="What the network predicts: v or eps (default: v)."),
     flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help="Random horizontal flips (default: on for cifar10 and folders)."),
     on_nonfinite: Optional[str] = typer.Option(None, help="When the loss becomes NaN/inf: stop (keep the last checkpoint) or rollback (to the last good state, halving the LR) (default: stop)."),
     sample_every: Optional[int] = typer.Option(None, help="Steps between checkpoints and sample grids (default: preset)."),

@@ -34,6 +34,16 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+def fused_adamw(device: torch.device) -> bool:
+    """Whether torch has a fused AdamW for this device: one kernel over all parameters
+    instead of about ten small ops per tensor (for the `small` preset on the 2-core CPU
+    here, 1.6 ms per step instead of 8.7 ms). CUDA has it; the CPU since torch 2.4."""
+    if device.type == "cuda":
+        return True
+    major, minor = (int(v) for v in torch.__version__.split(".")[:2])
+    return device.type == "cpu" and (major, minor) >= (2, 4)
+
+
 def timed(fn, device: torch.device):
     """(fn(), seconds), with queued CUDA work finished before the clock stops."""
     import time

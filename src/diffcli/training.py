@@ -26,7 +26,7 @@ import torch
 from diffcli import checkpoint
 from diffcli.config import DEFAULT_GUIDANCE, RunConfig, from_dict, save_yaml, to_dict
 from diffcli.data import ImageData, to_model_range
-from diffcli.devices import autocast, pick_device
+from diffcli.devices import autocast, fused_adamw, pick_device
 from diffcli.distributed import World, any_rank, barrier, check_batch, max_over_ranks, mean_over_ranks
 from diffcli.errors import UserError
 from diffcli.generate import generate
@@ -167,6 +167,12 @@ def _restore(tensors: dict, meta: dict, model, ema, opt, batch_gen) -> None:
             _, pid, name = k.split(".", 2)
             state.setdefault(int(pid), {})[name] = v
     opt.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+    # Saved moments come back contiguous; give them their parameter's layout (channels_last),
+    # since the fused AdamW kernel walks a parameter and its moments as flat memory.
+    for param, st in opt.state.items():
+        for name, value in st.items():
+            if torch.is_tensor(value) and value.shape == param.shape:
+                st[name] = torch.empty_like(param).copy_(value)
     batch_gen.set_state(tensors["rng.batch"])
     torch.set_rng_state(tensors["rng.torch"])
 
@@ -228,8 +234,7 @@ def train(cfg: RunConfig, data: ImageData, out: Path, resume: bool = False,
     # channels_last: ~12% faster convolutions on the CPU (oneDNN) and needed for tensor cores on CUDA
     net = UNet(cfg.model).to(device, memory_format=torch.channels_last)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
-                            fused=device.type == "cuda")
+    opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=fused_adamw(device))
     step = 0
     if resume:
         meta, tensors = load_state(out)
