@@ -69,13 +69,14 @@ def diffcli_contender(args, data, device):
     from diffcli.generate import generate
     from diffcli.schedules import make_schedule
 
-    out = Path(tempfile.mkdtemp(prefix="quality-diffcli-"))
-    cmd = [sys.executable, "-m", "diffcli", "train", "--data", "mnist", "--data-root", str(args.data_root),
-           "--minutes", str(args.minutes), "--out", str(out), "--device", str(device)]
-    if args.limit:
-        cmd += ["--limit", str(args.limit)]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    model, cfg, meta = load_model(out / "model.safetensors", device)
+    with tempfile.TemporaryDirectory(prefix="quality-diffcli-") as tmp:
+        out = Path(tmp) / "run"
+        cmd = [sys.executable, "-m", "diffcli", "train", "--data", "mnist", "--data-root", str(args.data_root),
+               "--minutes", str(args.minutes), "--out", str(out), "--device", str(device)]
+        if args.limit:
+            cmd += ["--limit", str(args.limit)]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        model, cfg, meta = load_model(out / "model.safetensors", device)
     schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
 
     def sample(labels, seed):

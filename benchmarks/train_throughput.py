@@ -6,8 +6,10 @@ so a noisy machine affects all alike. Each builds its optimizer the way its tool
 diffcli as `diffcli train` (fused AdamW where torch has it), diffusers as its
 train_unconditional.py example (plain `torch.optim.AdamW`, which on the CPU updates one
 tensor at a time). A third row, diffusers' network with diffcli's fused AdamW, separates
-the two: network speed against optimizer choice. The process keeps freed memory mapped as
-the `diffcli` command does (allocator.py), for every contender alike. Prints images/s, the ratio diffcli /
+the two: network speed against optimizer choice. Each contender runs in a fresh process,
+rounds interleaved: diffcli's keeps freed memory mapped as the `diffcli` command does
+(allocator.py), diffusers' is a plain Python process, and diffusers+fused gets diffcli's
+process setting too, so that row differs from diffcli's in the network alone. Prints images/s, the ratio diffcli /
 diffusers, FLOPs per training image (torch.utils.flop_counter), the fraction of the
 device's peak and, on CUDA, peak memory.
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -65,6 +68,35 @@ def flops_per_image(model, forward, size):
 
 
 
+def contender(name: str, preset: str):
+    """(model, forward, channels_last, fused AdamW) for one contender."""
+    ours = lambda m, x, t, y: m(x, t, y)  # noqa: E731
+    theirs = lambda m, x, t, y: m(x, t, class_labels=y).sample  # noqa: E731
+    cpu_or_cuda = pick_device("auto")
+    if name == "diffcli":
+        return diffcli_unet(preset), ours, True, fused_adamw(cpu_or_cuda)
+    return diffusers_unet(preset), theirs, False, name == "diffusers+fused" and fused_adamw(cpu_or_cuda)
+
+
+IMPLS = ("diffcli", "diffusers", "diffusers+fused")
+
+
+def worker(name: str, preset: str, batch: int, steps: int) -> tuple[float, float]:
+    """One contender in this process: build, warm up, time `steps` steps; (images/s, peak MiB on CUDA)."""
+    if name != "diffusers":
+        keep_freed_memory()  # what the `diffcli` command does at start-up
+    device = pick_device("auto")
+    torch.manual_seed(0)
+    model, fwd, cl, fused = contender(name, preset)
+    model.to(device, memory_format=torch.channels_last if cl else torch.contiguous_format).train()
+    step = step_fn(model, fwd, device, batch, 32, cl, fused)
+    step()  # warm-up
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    rate = batch * steps / timed(lambda: [step() for _ in range(steps)], device)[1]
+    return rate, (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan"))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--presets", default="small,base")
@@ -73,39 +105,32 @@ def main():
     ap.add_argument("--steps", type=int, default=3, help="steps per round")
     ap.add_argument("--peak-tflops", type=float, default=None, help="device peak for the fraction column "
                     "(default: 0.166 on the CPU, measured 2048^2 fp32 matmul on this project's 2-core machine)")
+    ap.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    keep_freed_memory()
     device = pick_device("auto")
+    if args.worker:
+        print(*worker(args.worker, args.presets, args.batch, args.steps))
+        return
     peak = args.peak_tflops or (0.166 if device.type == "cpu" else None)
     print(f"device: {describe(device)}, torch {torch.__version__}")
     print(f"{'preset':8} {'impl':15} {'params':>11} {'GFLOP/img':>10} {'img/s':>8} {'%peak':>6} {'peak MB':>8}")
     for preset in args.presets.split(","):
         batch = args.batch or (256 if device.type == "cuda" else (8 if preset == "base" else 64))
-        ours = lambda m, x, t, y: m(x, t, y)  # noqa: E731
-        theirs = lambda m, x, t, y: m(x, t, class_labels=y).sample  # noqa: E731
-        impls = {  # name: (model, forward, channels_last, fused AdamW)
-            "diffcli": (diffcli_unet(preset), ours, True, fused_adamw(device)),
-            "diffusers": (diffusers_unet(preset), theirs, False, False),
-            "diffusers+fused": (diffusers_unet(preset), theirs, False, fused_adamw(device)),
-        }
-        rates = {name: [] for name in impls}
-        steps, flops = {}, {}
-        for name, (model, fwd, cl, fused) in impls.items():
-            flops[name] = flops_per_image(model, fwd, 32)
-            model.to(device, memory_format=torch.channels_last if cl else torch.contiguous_format).train()
-            steps[name] = step_fn(model, fwd, device, batch, 32, cl, fused)
-            steps[name]()  # warm-up
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        for _ in range(args.rounds):  # interleaved: A B A B ...
-            for name in impls:
-                rates[name].append(batch * args.steps / timed(lambda s=steps[name]: [s() for _ in range(args.steps)], device)[1])
+        rates, mems = {name: [] for name in IMPLS}, {}
+        for _ in range(args.rounds):  # interleaved: A B C A B C ...
+            for name in IMPLS:
+                out = subprocess.run([sys.executable, __file__, "--worker", name, "--presets", preset, "--batch", str(batch),
+                                      "--steps", str(args.steps)], capture_output=True, text=True, check=True).stdout.split()
+                rates[name].append(float(out[-2]))
+                mems[name] = float(out[-1])
         med = {name: statistics.median(r) for name, r in rates.items()}
-        for name, (model, *_) in impls.items():
+        for name in IMPLS:
+            model, fwd, _, _ = contender(name, preset)
+            flops = flops_per_image(model, fwd, 32)
             params = sum(p.numel() for p in model.parameters())
-            frac = f"{100 * med[name] * flops[name] / (peak * 1e12):5.1f}" if peak else "   - "
-            mem = f"{torch.cuda.max_memory_allocated() / 2**20:8.0f}" if device.type == "cuda" else "       -"
-            print(f"{preset:8} {name:15} {params:11,} {flops[name] / 1e9:10.2f} {med[name]:8.1f} {frac:>6} {mem}")
+            frac = f"{100 * med[name] * flops / (peak * 1e12):5.1f}" if peak else "   - "
+            mem = f"{mems[name]:8.0f}" if device.type == "cuda" else "       -"
+            print(f"{preset:8} {name:15} {params:11,} {flops / 1e9:10.2f} {med[name]:8.1f} {frac:>6} {mem}")
         print(f"{preset:8} ratio diffcli / diffusers: {med['diffcli'] / med['diffusers']:.2f}x; networks alone "
               f"(diffcli / diffusers+fused): {med['diffcli'] / med['diffusers+fused']:.2f}x "
               f"(batch {batch}, median of {args.rounds} rounds)")

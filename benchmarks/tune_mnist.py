@@ -5,7 +5,7 @@ Each variant trains for the same number of images (`--steps` at batch 32; batch-
 take half the steps), so the verdict does not depend on what else the machine was doing.
 Runs already in `--out` are reused, so an interrupted sweep resumes where it stopped.
 
-    python benchmarks/tune_mnist.py --steps 2400 --data-root data --classifier mnist-classifier.safetensors
+    python benchmarks/tune_mnist.py --steps 2400 --data-root data --classifier mnist-classifier.safetensors --variants 'eps;v'
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ VARIANTS = {
     "v, lr 1e-3": ["--prediction", "v", "--lr", "1e-3"],
     "eps, plain MSE (no Min-SNR)": ["--prediction", "eps", "--min-snr-gamma", "0"],
     "eps, batch 64": ["--prediction", "eps", "--batch-size", "64"],
+    "v, plain MSE (no Min-SNR)": ["--prediction", "v", "--min-snr-gamma", "0"],
+    "v, EMA 0.9995": ["--prediction", "v", "--ema-decay", "0.9995"],
 }
 GUIDANCE = {"eps": [1.0, 2.0, 3.0, 5.0], "v": [1.0, 1.5, 2.0, 2.5, 3.0]}  # weights scored for a variant (else the default only)
 
@@ -36,12 +38,12 @@ def main() -> None:
     p.add_argument("--data-root", type=Path, required=True)
     p.add_argument("--classifier", type=Path, required=True)
     p.add_argument("--n", type=int, default=50, help="images per class for the scores")
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=";".join(VARIANTS), help="names separated by ';' (names hold commas)")
     p.add_argument("--out", type=Path, default=Path("runs/tune"))
     args = p.parse_args()
 
     rows = []
-    for name in args.variants.split(","):
+    for name in args.variants.split(";"):
         flags = VARIANTS[name]
         run = args.out / "".join(ch if ch.isalnum() else "-" for ch in name)
         steps = args.steps * 32 // (int(flags[flags.index("--batch-size") + 1]) if "--batch-size" in flags else 32)
