@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
+
+def in_fresh_process(script: str, name: str, argv: list[str]) -> list[float]:
+    """Run `script --worker NAME ARGV` in a new Python process and return the numbers it
+    prints last: each contender gets a process set up as its own tool sets it up."""
+    out = subprocess.run([sys.executable, script, "--worker", name, *argv], capture_output=True, text=True, check=True)
+    return [float(v) for v in out.stdout.splitlines()[-1].split()]
+
 
 def diffusers_unet(preset: str, image_size: int = 32, channels: int = 3, num_classes: int = 10):
     from diffusers import UNet2DModel

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _peers import diffcli_unet, diffusers_unet  # noqa: E402
+from _peers import diffcli_unet, diffusers_unet, in_fresh_process  # noqa: E402
 
 from diffcli.devices import autocast, describe, pick_device, timed  # noqa: E402
 from diffcli.generate import generate  # noqa: E402
@@ -91,9 +91,7 @@ def main():
     rates = {name: [] for name in IMPLS}
     for _ in range(args.rounds):
         for name in IMPLS:
-            out = subprocess.run([sys.executable, __file__, "--worker", name, *sys.argv[1:]], capture_output=True, text=True,
-                                 check=True).stdout
-            rates[name].append(float(out.split()[-1]))
+            rates[name] += in_fresh_process(__file__, name, sys.argv[1:])
     print(f"device: {describe(device)}, torch {torch.__version__}; DDIM {args.steps} steps, guidance {args.guidance}, batch {n}")
     med = {name: statistics.median(r) for name, r in rates.items()}
     for name in IMPLS:

@@ -5,13 +5,12 @@ same device, same precision (bf16 autocast on CUDA, fp32 on the CPU), in interle
 so a noisy machine affects all alike. Each builds its optimizer the way its tool does:
 diffcli as `diffcli train` (fused AdamW where torch has it), diffusers as its
 train_unconditional.py example (plain `torch.optim.AdamW`, which on the CPU updates one
-tensor at a time). A third row, diffusers' network with diffcli's fused AdamW, separates
-the two: network speed against optimizer choice. Each contender runs in a fresh process,
-rounds interleaved: diffcli's keeps freed memory mapped as the `diffcli` command does
-(allocator.py), diffusers' is a plain Python process, and diffusers+fused gets diffcli's
-process setting too, so that row differs from diffcli's in the network alone. Prints images/s, the ratio diffcli /
-diffusers, FLOPs per training image (torch.utils.flop_counter), the fraction of the
-device's peak and, on CUDA, peak memory.
+tensor at a time). Each contender runs in a fresh process: diffcli's keeps freed memory
+mapped as the `diffcli` command does (allocator.py), diffusers' is a plain Python process.
+A third row, diffusers+fused, gets diffcli's optimizer and process setting, so it differs
+from diffcli's row in the network alone. Prints images/s, the ratio diffcli / diffusers,
+FLOPs per training image (torch.utils.flop_counter), the fraction of the device's peak
+and, on CUDA, peak memory.
 
     python benchmarks/train_throughput.py --presets small,base --batch 64
 """
@@ -20,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _peers import diffcli_unet, diffusers_unet  # noqa: E402
+from _peers import diffcli_unet, diffusers_unet, in_fresh_process  # noqa: E402
 
 from diffcli.allocator import keep_freed_memory  # noqa: E402
 from diffcli.devices import autocast, describe, fused_adamw, pick_device, timed  # noqa: E402
@@ -119,10 +117,9 @@ def main():
         rates, mems = {name: [] for name in IMPLS}, {}
         for _ in range(args.rounds):  # interleaved: A B C A B C ...
             for name in IMPLS:
-                out = subprocess.run([sys.executable, __file__, "--worker", name, "--presets", preset, "--batch", str(batch),
-                                      "--steps", str(args.steps)], capture_output=True, text=True, check=True).stdout.split()
-                rates[name].append(float(out[-2]))
-                mems[name] = float(out[-1])
+                rate, mems[name] = in_fresh_process(__file__, name, ["--presets", preset, "--batch", str(batch),
+                                                                     "--steps", str(args.steps)])
+                rates[name].append(rate)
         med = {name: statistics.median(r) for name, r in rates.items()}
         for name in IMPLS:
             model, fwd, _, _ = contender(name, preset)
