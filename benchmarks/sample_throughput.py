@@ -5,7 +5,8 @@ the wall time of `diffcli sample` as a whole process.
 Each contender runs in a fresh process, rounds interleaved, because one of diffcli's
 speed-ups is process-wide: the `diffcli` command keeps freed activation memory mapped
 (allocator.py). A third contender, diffusers' loop in a process set up the same way,
-separates that from the network and sampler.
+separates that from the network and sampler. With `--compile`, a fourth row samples
+with the U-Net under torch.compile, as `diffcli sample --compile` does.
 
     python benchmarks/sample_throughput.py --preset small --n 64 --steps 50
 """
@@ -51,6 +52,7 @@ def diffusers_ddim(unet, n, steps, guidance, device):
 
 
 IMPLS = ("diffcli", "diffusers", "diffusers+allocator")
+COMPILED = "diffcli+compile"
 
 
 def worker(name: str, args) -> float:
@@ -62,8 +64,10 @@ def worker(name: str, args) -> float:
     device = pick_device("auto")
     n = args.n or (256 if device.type == "cuda" else 64)
     torch.manual_seed(0)
-    if name == "diffcli":
+    if name.startswith("diffcli"):
         model = diffcli_unet(args.preset).to(device, memory_format=torch.channels_last).eval()
+        if name == COMPILED:
+            model = torch.compile(model, dynamic=False)
         labels, seeds = [i % 10 for i in range(n)], list(range(n))
         run = lambda: generate(model, make_schedule("cosine", 1000), "eps", labels, seeds, "ddim", args.steps,  # noqa: E731
                                args.guidance, batch_size=n)
@@ -81,20 +85,22 @@ def main():
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--guidance", type=float, default=3.0)
-    ap.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
+    ap.add_argument("--compile", action="store_true", help=f"add a {COMPILED} row (the warm-up pass compiles)")
+    ap.add_argument("--worker", choices=(*IMPLS, COMPILED), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         print(worker(args.worker, args))
         return
     device = pick_device("auto")
     n = args.n or (256 if device.type == "cuda" else 64)
-    rates = {name: [] for name in IMPLS}
+    impls = (*IMPLS, COMPILED) if args.compile else IMPLS
+    rates = {name: [] for name in impls}
     for _ in range(args.rounds):
-        for name in IMPLS:
+        for name in impls:
             rates[name] += in_fresh_process(__file__, name, sys.argv[1:])
     print(f"device: {describe(device)}, torch {torch.__version__}; DDIM {args.steps} steps, guidance {args.guidance}, batch {n}")
     med = {name: statistics.median(r) for name, r in rates.items()}
-    for name in IMPLS:
+    for name in impls:
         print(f"{args.preset:6} {name:20} {med[name]:8.1f} images/s")
     print(f"ratio diffcli / diffusers: {med['diffcli'] / med['diffusers']:.2f}x; with the same allocator setting "
           f"(diffcli / diffusers+allocator): {med['diffcli'] / med['diffusers+allocator']:.2f}x (median of {args.rounds} rounds)")

@@ -7,8 +7,9 @@ diffcli as `diffcli train` (fused AdamW where torch has it), diffusers as its
 train_unconditional.py example (plain `torch.optim.AdamW`, which on the CPU updates one
 tensor at a time). Each contender runs in a fresh process: diffcli's keeps freed memory
 mapped as the `diffcli` command does (allocator.py), diffusers' is a plain Python process.
-A third row, diffusers+fused, gets diffcli's optimizer and process setting, so it differs
-from diffcli's row in the network alone. Prints images/s, the ratio diffcli / diffusers,
+A third row, diffusers+fused, gets diffcli's optimizer, process setting and (where diffcli
+compiles) torch.compile, so it differs from diffcli's row in the network alone. diffcli
+compiles where `diffcli train` does by default (CUDA); `--compile on|off` overrides that. Prints images/s, the ratio diffcli / diffusers,
 FLOPs per training image (torch.utils.flop_counter), the fraction of the device's peak
 and, on CUDA, peak memory.
 
@@ -27,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _peers import diffcli_unet, diffusers_unet, in_fresh_process  # noqa: E402
 
+from diffcli import compiling  # noqa: E402
 from diffcli.allocator import keep_freed_memory  # noqa: E402
 from diffcli.devices import autocast, describe, fused_adamw, pick_device, timed  # noqa: E402
 from diffcli.schedules import make_schedule, q_sample  # noqa: E402
@@ -79,7 +81,16 @@ def contender(name: str, preset: str):
 IMPLS = ("diffcli", "diffusers", "diffusers+fused")
 
 
-def worker(name: str, preset: str, batch: int, steps: int) -> tuple[float, float]:
+# bf16 dense tensor-core peaks (TFLOP/s, no sparsity) from the vendor data sheets, by device name.
+GPU_BF16_PEAK = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "RTX 4090": 165.0}
+
+
+def gpu_peak(device) -> float | None:
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in GPU_BF16_PEAK.items() if key in name), None)
+
+
+def worker(name: str, preset: str, batch: int, steps: int, compile_: bool) -> tuple[float, float]:
     """One contender in this process: build, warm up, time `steps` steps; (images/s, peak MiB on CUDA)."""
     if name != "diffusers":
         keep_freed_memory()  # what the `diffcli` command does at start-up
@@ -87,8 +98,10 @@ def worker(name: str, preset: str, batch: int, steps: int) -> tuple[float, float
     torch.manual_seed(0)
     model, fwd, cl, fused = contender(name, preset)
     model.to(device, memory_format=torch.channels_last if cl else torch.contiguous_format).train()
-    step = step_fn(model, fwd, device, batch, 32, cl, fused)
-    step()  # warm-up
+    compiled = torch.compile(model, dynamic=False) if compile_ and name != "diffusers" else model
+    step = step_fn(compiled, fwd, device, batch, 32, cl, fused)
+    for _ in range(2 if compiled is not model else 1):  # warm-up (and compilation)
+        step()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     rate = batch * steps / timed(lambda: [step() for _ in range(steps)], device)[1]
@@ -103,14 +116,18 @@ def main():
     ap.add_argument("--steps", type=int, default=3, help="steps per round")
     ap.add_argument("--peak-tflops", type=float, default=None, help="device peak for the fraction column "
                     "(default: 0.166 on the CPU, measured 2048^2 fp32 matmul on this project's 2-core machine)")
+    ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                    help="torch.compile diffcli and diffusers+fused (auto: as `diffcli train` does, on CUDA only)")
     ap.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     device = pick_device("auto")
+    compile_ = compiling.wanted({"auto": None, "on": True, "off": False}[args.compile], device)
     if args.worker:
-        print(*worker(args.worker, args.presets, args.batch, args.steps))
+        print(*worker(args.worker, args.presets, args.batch, args.steps, compile_))
         return
-    peak = args.peak_tflops or (0.166 if device.type == "cpu" else None)
-    print(f"device: {describe(device)}, torch {torch.__version__}")
+    peak = args.peak_tflops or (0.166 if device.type == "cpu" else gpu_peak(device))
+    print(f"device: {describe(device)}, torch {torch.__version__}, compile {'on' if compile_ else 'off'}, "
+          f"peak for %peak: {f'{peak:g} TFLOP/s' if peak else 'unknown (pass --peak-tflops)'}")
     print(f"{'preset':8} {'impl':15} {'params':>11} {'GFLOP/img':>10} {'img/s':>8} {'%peak':>6} {'peak MB':>8}")
     for preset in args.presets.split(","):
         batch = args.batch or (256 if device.type == "cuda" else (8 if preset == "base" else 64))
@@ -118,7 +135,7 @@ def main():
         for _ in range(args.rounds):  # interleaved: A B C A B C ...
             for name in IMPLS:
                 rate, mems[name] = in_fresh_process(__file__, name, ["--presets", preset, "--batch", str(batch),
-                                                                     "--steps", str(args.steps)])
+                                                                     "--steps", str(args.steps), "--compile", args.compile])
                 rates[name].append(rate)
         med = {name: statistics.median(r) for name, r in rates.items()}
         for name in IMPLS:

@@ -1,11 +1,13 @@
-"""Which recipe wins on MNIST at a small budget? Step-matched variants of the defaults, scored
-with `diffcli eval` (class accuracy and classifier-FD against the test split).
+"""Which recipe wins on MNIST (or shapes) at a small budget? Step-matched variants of the defaults,
+scored with `diffcli eval` (class accuracy and classifier-FD against the test split).
 
 Each variant trains for the same number of images (`--steps` at batch 32; batch-64 variants
 take half the steps), so the verdict does not depend on what else the machine was doing.
 Runs already in `--out` are reused, so an interrupted sweep resumes where it stopped.
 
     python benchmarks/tune_mnist.py --steps 2400 --data-root data --classifier mnist-classifier.safetensors --variants 'eps;v'
+    python benchmarks/tune_mnist.py --data shapes --steps 1000 --classifier runs/shapes-classifier.safetensors \
+        --out runs/tune-shapes --variants 'eps;v'
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ GUIDANCE = {"eps": [1.0, 2.0, 3.0, 5.0], "v": [1.0, 1.5, 2.0, 2.5, 3.0]}  # weig
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=2400, help="optimizer steps at batch 32")
-    p.add_argument("--data-root", type=Path, required=True)
+    p.add_argument("--data", default="mnist", help="mnist or shapes (any name `diffcli train --data` takes)")
+    p.add_argument("--data-root", type=Path, help="where the dataset lives (not needed for shapes)")
     p.add_argument("--classifier", type=Path, required=True)
     p.add_argument("--n", type=int, default=50, help="images per class for the scores")
     p.add_argument("--variants", default=";".join(VARIANTS), help="names separated by ';' (names hold commas)")
@@ -48,7 +51,8 @@ def main() -> None:
         run = args.out / "".join(ch if ch.isalnum() else "-" for ch in name)
         steps = args.steps * 32 // (int(flags[flags.index("--batch-size") + 1]) if "--batch-size" in flags else 32)
         if not (run / "model.safetensors").exists() or _step(run) < steps:
-            subprocess.run([sys.executable, "-m", "diffcli", "train", "--data", "mnist", "--data-root", str(args.data_root),
+            subprocess.run([sys.executable, "-m", "diffcli", "train", "--data", args.data,
+                            *(["--data-root", str(args.data_root)] if args.data_root else []),
                             "--max-steps", str(steps), "--sample-every", str(steps), "--out", str(run), "--overwrite", *flags],
                            check=True, stdout=subprocess.DEVNULL)
         for w in GUIDANCE.get(name, [None]):

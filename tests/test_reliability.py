@@ -131,15 +131,14 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path):
     then --resume to 2k: weights, EMA, optimizer moments and RNG states all equal."""
     k = 30
     common = [*TINY, "--sample-every", str(k), "--seed", "3"]
-    straight = spawn("train", *common, "--max-steps", 2 * k, "--out", tmp_path / "straight")
-    assert straight.wait(120) == 0, straight.stderr.read()
-
+    straight = spawn("train", *common, "--max-steps", 2 * k, "--out", tmp_path / "straight")  # side by side: 2 cores
     victim = spawn("train", *common, "--max-steps", 100 * k, "--out", tmp_path / "killed")
     wait_for(lambda: has_step(tmp_path / "killed", k))
     time.sleep(random.Random(os.getpid()).uniform(0.0, 0.5))  # somewhere in steps k..2k
     victim.send_signal(signal.SIGKILL)
     victim.wait(30)
     assert saved_step(tmp_path / "killed") == k, "the kill came after the next checkpoint; make k larger"
+    assert straight.wait(120) == 0, straight.stderr.read()
 
     resumed = spawn("train", "--out", tmp_path / "killed", "--resume", "--max-steps", 2 * k)
     assert resumed.wait(120) == 0, resumed.stderr.read()

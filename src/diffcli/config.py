@@ -91,6 +91,7 @@ class TrainConfig:
     grid_steps: int = 25  # DDIM steps for those grids: cheap, good enough to judge progress
     seed: int = 0
     device: str = "auto"
+    compile: bool | None = None  # torch.compile the U-Net; None: on for CUDA only (compiling.py)
 
 
 @dataclass

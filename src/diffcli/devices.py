@@ -44,6 +44,16 @@ def fused_adamw(device: torch.device) -> bool:
     return device.type == "cpu" and (major, minor) >= (2, 4)
 
 
+def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on `device`. To CUDA through pinned memory without blocking: a plain
+    copy from pageable memory waits for the GPU to finish everything queued, a host-device
+    sync on every training step (the caching host allocator keeps the pinned block until
+    the copy is done)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def timed(fn, device: torch.device):
     """(fn(), seconds), with queued CUDA work finished before the clock stops."""
     import time

@@ -23,10 +23,10 @@ from typing import Callable
 
 import torch
 
-from diffcli import checkpoint
+from diffcli import checkpoint, compiling
 from diffcli.config import DEFAULT_GUIDANCE, RunConfig, from_dict, save_yaml, to_dict
 from diffcli.data import ImageData, to_model_range
-from diffcli.devices import autocast, fused_adamw, pick_device
+from diffcli.devices import autocast, fused_adamw, pick_device, upload
 from diffcli.distributed import World, any_rank, barrier, check_batch, max_over_ranks, mean_over_ranks
 from diffcli.errors import UserError
 from diffcli.generate import generate
@@ -269,6 +269,11 @@ def train(cfg: RunConfig, data: ImageData, out: Path, resume: bool = False,
     if world.is_main:
         check_free_space(out, params)
     model.train()
+    if compiling.wanted(tc.compile, device):
+        report("notice", message="compiling the U-Net with torch.compile before the first step "
+                                 "(a minute or so; --no-compile skips it).")
+        model = compiling.compiled(model, lambda fast: _dry_step(fast, net, cfg, schedule, (local, *images.shape[1:]), device),
+                                   report)
     guard = NonFiniteGuard(tc.on_nonfinite, device)
     start = time.monotonic()
     last_log_t, last_log_step = start, step
@@ -294,12 +299,12 @@ def train(cfg: RunConfig, data: ImageData, out: Path, resume: bool = False,
             order = torch.randperm(n, generator=torch.Generator().manual_seed(tc.seed * 1_000_003 + epoch))
             order_epoch = epoch
         idx = order[pos * batch:(pos + 1) * batch]
-        x0 = to_model_range(images[idx.to(device)]).contiguous(memory_format=torch.channels_last)
+        x0 = to_model_range(images[upload(idx, device)]).contiguous(memory_format=torch.channels_last)
         t, noise, y = batch_inputs(x0, data.labels[idx], schedule.T, null, tc.label_dropout if null else 0.0, batch_gen)
         if flip:
             mirrored = torch.rand(batch, generator=batch_gen) < 0.5
-            x0 = torch.where(mirrored.to(device)[:, None, None, None], x0.flip(-1), x0)  # (drawn for the global batch)
-        x0, t, noise, y = x0[mine], t[mine].to(device), noise[mine].to(device), y[mine].to(device)
+            x0 = torch.where(upload(mirrored, device)[:, None, None, None], x0.flip(-1), x0)  # (drawn for the global batch)
+        x0, t, noise, y = x0[mine], upload(t[mine], device), upload(noise[mine], device), upload(y[mine], device)
 
         progress = max(step / total_steps if total_steps else 0.0, elapsed / budget_s if budget_s else 0.0)
         lr = lr_at(step, tc, progress) * guard.lr_scale
@@ -341,6 +346,17 @@ def train(cfg: RunConfig, data: ImageData, out: Path, resume: bool = False,
     barrier(world)  # nobody leaves before rank 0 has written the last checkpoint
     report("done", step=step, stopped_by=stopped_by)
     return TrainResult(step, step / steps_per_epoch, out / MODEL_FILE, grid_path, stopped_by)
+
+
+def _dry_step(fast, net, cfg: RunConfig, schedule: Schedule, shape: tuple, device: torch.device) -> None:
+    """One forward and backward pass through the compiled model on this run's shapes (so it
+    compiles now, where a failure can still fall back), leaving no gradients behind."""
+    x = torch.zeros(shape, device=device).contiguous(memory_format=torch.channels_last)
+    t = torch.zeros(shape[0], dtype=torch.long, device=device)
+    with autocast(device):
+        loss = diffusion_loss(fast, schedule, cfg.diffusion.prediction, x, t, x, t, cfg.train.min_snr_gamma)
+    loss.backward()
+    net.zero_grad(set_to_none=True)
 
 
 class NonFiniteGuard:

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# GPU correctness and speed for issue #7, made to run as one or two calls of the device tool
+# (its machine has torch, Triton, typer, rich, safetensors, pillow, pyyaml and pytest, but no
+# diffusers and no internet). Prepare once, here, in the repo root (.whl/ and data/ are git-ignored):
+#
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl diffusers==0.42.1
+#   mkdir -p data/MNIST/raw && cp ../shared/datasets/MNIST/raw/*.gz data/MNIST/raw/
+#
+# then run with carry [".whl", "data"] and timeout_s 600:
+#
+#   bash benchmarks/gpu_check.sh correctness   # ~3 min: train (bf16 + compile), eval, sample, CUDA tests
+#   bash benchmarks/gpu_check.sh speed         # ~6 min: train_throughput and sample_throughput
+#
+# Everything it prints also lands in $OUT (the device tool brings that folder back).
+set -uo pipefail
+part=${1:-all}
+export PYTHONPATH=src PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/gpu-check}
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=src:/tmp/site
+fi
+diffcli="python3 -m diffcli"  # a variable, not a function: `timeout` runs programs
+step() { echo "== $* ($(date +%T))" | tee -a "$OUT/summary.txt"; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch; print('torch', torch.__version__, 'bf16', torch.cuda.is_bf16_supported())" | tee -a "$OUT/gpu.txt"
+
+if [[ $part == correctness || $part == all ]]; then
+    step "train MNIST on CUDA: bf16 autocast, torch.compile on by default, batch 256"
+    timeout 200 $diffcli train --data mnist --data-root data --max-steps 1500 --batch-size 256 --sample-every 1500 \
+        --out /tmp/runs/mnist 2>&1 | tee "$OUT/train.log" | tail -5
+    cp /tmp/runs/mnist/samples/latest.png "$OUT/mnist_grid.png" 2>/dev/null
+    step "resume on CUDA for 100 more steps"
+    timeout 120 $diffcli train --out /tmp/runs/mnist --resume --max-steps 1600 2>&1 | tail -3
+    step "reference classifier, then scores of the CUDA-trained model"
+    timeout 120 $diffcli classifier train --data mnist --data-root data --epochs 1 --out /tmp/runs/clf.safetensors 2>&1 | tail -2
+    timeout 180 $diffcli eval --ckpt /tmp/runs/mnist/model.safetensors --classifier /tmp/runs/clf.safetensors --n 50 \
+        --no-memorisation --json > "$OUT/eval.json"; head -c 600 "$OUT/eval.json"; echo
+    step "sample eager and compiled: the same seeds must give (nearly) the same pictures"
+    timeout 60 $diffcli sample --ckpt /tmp/runs/mnist/model.safetensors --n 16 --out "$OUT/mnist_sample.png" 2>&1 | tail -2
+    timeout 180 $diffcli sample --ckpt /tmp/runs/mnist/model.safetensors --n 16 --compile --out "$OUT/mnist_sample_compiled.png" 2>&1 | tail -2
+    step "the suite's CUDA-relevant tests with the GPU visible"
+    timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_compile.py tests/test_training.py tests/test_samplers.py \
+        2>&1 | tail -5 | tee -a "$OUT/summary.txt"
+fi
+
+if [[ $part == speed || $part == all ]]; then
+    step "training throughput, batch 256, compile as diffcli train does (on CUDA)"
+    timeout 300 python3 benchmarks/train_throughput.py --presets small,base --rounds 1 --steps 30 2>&1 | tee "$OUT/train_throughput.txt"
+    step "sampling throughput, DDIM 50, batch 256, with a compiled row"
+    timeout 200 python3 benchmarks/sample_throughput.py --rounds 1 --compile 2>&1 | tee "$OUT/sample_throughput.txt"
+fi
+step "done"

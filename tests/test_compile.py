@@ -1,0 +1,90 @@
+"""torch.compile: the U-Net traces as one graph, a compiled run trains like an eager one,
+and a backend that fails falls back to eager with a notice instead of a traceback.
+
+The tests compile with the "aot_eager" backend: it captures the same forward and backward
+graphs as Inductor (so a graph break or an untraceable op shows up here) without
+generating code, which on this CPU takes a minute.
+"""
+
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from diffcli import compiling
+from diffcli.cli import app
+from diffcli.config import preset_config
+from diffcli.unet import UNet
+
+runner = CliRunner()
+
+
+def tiny_unet(**model):
+    cfg = preset_config("tiny").model
+    cfg.image_size, cfg.in_channels, cfg.num_classes = 16, 1, 3
+    for k, v in model.items():
+        setattr(cfg, k, v)
+    return UNet(cfg)
+
+
+def test_the_unet_is_one_graph_in_training_and_sampling():
+    torch.manual_seed(0)
+    net = tiny_unet(dropout=0.1)
+    x, t, y = torch.randn(2, 1, 16, 16), torch.tensor([3, 900]), torch.tensor([0, 3])
+    for mode in (net.train, net.eval):
+        mode()
+        explained = torch._dynamo.explain(net)(x, t, y)
+        assert explained.graph_break_count == 0, explained.break_reasons
+        assert explained.graph_count == 1
+
+
+def test_wanted_is_on_for_cuda_only_unless_asked():
+    assert compiling.wanted(None, torch.device("cuda")) and not compiling.wanted(None, torch.device("cpu"))
+    assert compiling.wanted(True, torch.device("cpu")) and not compiling.wanted(False, torch.device("cuda"))
+
+
+def test_a_compiled_training_step_matches_eager_and_the_check_leaves_the_random_sequence_alone(monkeypatch):
+    monkeypatch.setattr(compiling, "BACKEND", "aot_eager")
+    torch.manual_seed(0)
+    net = tiny_unet().to(memory_format=torch.channels_last)
+    x, t, y = torch.randn(4, 1, 16, 16), torch.tensor([1, 10, 500, 999]), torch.tensor([0, 1, 2, 3])
+    notices = []
+    torch.manual_seed(5)
+    fast = compiling.compiled(net, lambda f: f(x, t, y).sum().backward(), lambda event, **info: notices.append(info))
+    after = torch.rand(3)
+    torch.manual_seed(5)
+    assert torch.equal(after, torch.rand(3))  # dropout in the try would otherwise shift every later draw
+    assert fast is not net and not notices
+    assert all(p.grad is not None for p in net.parameters())  # the check ran backward through the compiled graph
+    grads = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    eager_out = net(x, t, y)
+    eager_out.sum().backward()
+    torch.testing.assert_close(fast(x, t, y), eager_out, rtol=1e-5, atol=1e-5)
+    for g, p in zip(grads, net.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-5)
+
+
+def _broken_backend(gm, example_inputs):
+    raise RuntimeError("no C++ compiler found")
+
+
+def test_cli_trains_the_same_with_compile_and_falls_back_when_it_cannot(tmp_path, monkeypatch):
+    common = ["train", "--data", "shapes", "--limit", "64", "--preset", "tiny", "--max-steps", "3", "--image-size", "16"]
+    monkeypatch.setattr(compiling, "BACKEND", "aot_eager")
+    fast = runner.invoke(app, [*common, "--compile", "--out", str(tmp_path / "fast")])
+    assert fast.exit_code == 0, fast.output
+    assert "compiling the U-Net" in fast.output and "did not work" not in fast.output
+
+    monkeypatch.setattr(compiling, "BACKEND", _broken_backend)
+    broken = runner.invoke(app, [*common, "--compile", "--out", str(tmp_path / "broken")])
+    assert broken.exit_code == 0, broken.output
+    said = " ".join(broken.output.split())  # rich wraps lines at 80 columns
+    assert "torch.compile did not work here (RuntimeError: no C++ compiler found)" in said
+    a, b = load_file(tmp_path / "broken" / "model.safetensors"), load_file(tmp_path / "fast" / "model.safetensors")
+    for k in a:  # eager after the failed try, compiled: same draws, the same weights up to float reassociation
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
+
+    sampled = runner.invoke(app, ["sample", "--ckpt", str(tmp_path / "fast" / "model.safetensors"), "--n", "2",
+                                  "--steps", "3", "--compile", "--out", str(tmp_path / "s.png")])
+    assert sampled.exit_code == 0 and "did not work" in sampled.output  # the broken backend is still in place
+    assert (tmp_path / "s.png").exists()
