@@ -28,10 +28,11 @@ def saved_step(run: Path) -> int:
     return model_metadata(read_header(run / "model.safetensors"))["step"]
 
 
-def spawn(*args, cwd=None):
+def spawn(*args, cwd=None, env=None):
     exe = Path(sys.executable).parent / "diffcli"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "diffcli"]
-    return subprocess.Popen(cmd + [str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
+    return subprocess.Popen(cmd + [str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
+                            env=env)
 
 
 def wait_for(condition, timeout=60.0):
@@ -131,8 +132,10 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path):
     then --resume to 2k: weights, EMA, optimizer moments and RNG states all equal."""
     k = 30
     common = [*TINY, "--sample-every", str(k), "--seed", "3"]
-    straight = spawn("train", *common, "--max-steps", 2 * k, "--out", tmp_path / "straight")  # side by side: 2 cores
-    victim = spawn("train", *common, "--max-steps", 100 * k, "--out", tmp_path / "killed")
+    # The two runs go side by side, one core each (two threads each would spin against each other).
+    one_core = {**os.environ, "OMP_NUM_THREADS": "1"}
+    straight = spawn("train", *common, "--max-steps", 2 * k, "--out", tmp_path / "straight", env=one_core)
+    victim = spawn("train", *common, "--max-steps", 100 * k, "--out", tmp_path / "killed", env=one_core)
     wait_for(lambda: has_step(tmp_path / "killed", k))
     time.sleep(random.Random(os.getpid()).uniform(0.0, 0.5))  # somewhere in steps k..2k
     victim.send_signal(signal.SIGKILL)
@@ -140,7 +143,7 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path):
     assert saved_step(tmp_path / "killed") == k, "the kill came after the next checkpoint; make k larger"
     assert straight.wait(120) == 0, straight.stderr.read()
 
-    resumed = spawn("train", "--out", tmp_path / "killed", "--resume", "--max-steps", 2 * k)
+    resumed = spawn("train", "--out", tmp_path / "killed", "--resume", "--max-steps", 2 * k, env=one_core)
     assert resumed.wait(120) == 0, resumed.stderr.read()
     a = load_file(str(tmp_path / "straight" / "train_state.safetensors"))
     b = load_file(str(tmp_path / "killed" / "train_state.safetensors"))
