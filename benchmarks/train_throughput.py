@@ -1,7 +1,7 @@
 """Training images/s of diffcli's U-Net against diffusers' UNet2DModel at matched parameters.
 
 All train the same way (ε-MSE on q_sample'd inputs, AdamW, gradient clipping), same batch,
-same device, same precision (bf16 autocast on CUDA, fp32 on the CPU), in interleaved rounds
+same device, same precision (bf16 autocast on CUDA, fp32 on the CPU unless `--cpu-bf16`), in interleaved rounds
 so a noisy machine affects all alike. Each builds its optimizer the way its tool does:
 diffcli as `diffcli train` (fused AdamW where torch has it), diffusers as its
 train_unconditional.py example (plain `torch.optim.AdamW`, which on the CPU updates one
@@ -34,7 +34,12 @@ from diffcli.devices import autocast, describe, fused_adamw, pick_device, timed 
 from diffcli.schedules import make_schedule, q_sample  # noqa: E402
 
 
-def step_fn(model, forward, device, batch, size, channels_last, fused):
+def precision(device, cpu_bf16: bool):
+    """diffcli's autocast for the device; bf16 on the CPU too when asked (fast with AMX)."""
+    return torch.autocast("cpu", dtype=torch.bfloat16) if cpu_bf16 and device.type == "cpu" else autocast(device)
+
+
+def step_fn(model, forward, device, batch, size, channels_last, fused, cpu_bf16=False):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
     schedule = make_schedule("cosine", 1000)
     g = torch.Generator().manual_seed(0)
@@ -46,7 +51,7 @@ def step_fn(model, forward, device, batch, size, channels_last, fused):
         t = torch.randint(0, 1000, (batch,), generator=g).to(device)
         y = torch.randint(0, 11, (batch,), generator=g).to(device)
         noise = torch.randn(x0.shape, generator=g).to(device)
-        with autocast(device):
+        with precision(device, cpu_bf16):
             out = forward(model, q_sample(schedule, x0, t, noise), t, y)
         loss = torch.nn.functional.mse_loss(out.float(), noise)
         opt.zero_grad(set_to_none=True)
@@ -90,7 +95,7 @@ def gpu_peak(device) -> float | None:
     return next((peak for key, peak in GPU_BF16_PEAK.items() if key in name), None)
 
 
-def worker(name: str, preset: str, batch: int, steps: int, compile_: bool) -> tuple[float, float]:
+def worker(name: str, preset: str, batch: int, steps: int, compile_: bool, cpu_bf16: bool) -> tuple[float, float]:
     """One contender in this process: build, warm up, time `steps` steps; (images/s, peak MiB on CUDA)."""
     if name != "diffusers":
         keep_freed_memory()  # what the `diffcli` command does at start-up
@@ -99,7 +104,7 @@ def worker(name: str, preset: str, batch: int, steps: int, compile_: bool) -> tu
     model, fwd, cl, fused = contender(name, preset)
     model.to(device, memory_format=torch.channels_last if cl else torch.contiguous_format).train()
     compiled = torch.compile(model, dynamic=False) if compile_ and name != "diffusers" else model
-    step = step_fn(compiled, fwd, device, batch, 32, cl, fused)
+    step = step_fn(compiled, fwd, device, batch, 32, cl, fused, cpu_bf16)
     for _ in range(2 if compiled is not model else 1):  # warm-up (and compilation)
         step()
     if device.type == "cuda":
@@ -118,15 +123,17 @@ def main():
                     "(default: 0.166 on the CPU, measured 2048^2 fp32 matmul on this project's 2-core machine)")
     ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                     help="torch.compile diffcli and diffusers+fused (auto: as `diffcli train` does, on CUDA only)")
+    ap.add_argument("--cpu-bf16", action="store_true", help="bf16 autocast on the CPU too, for every contender")
     ap.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     device = pick_device("auto")
     compile_ = compiling.wanted({"auto": None, "on": True, "off": False}[args.compile], device)
     if args.worker:
-        print(*worker(args.worker, args.presets, args.batch, args.steps, compile_))
+        print(*worker(args.worker, args.presets, args.batch, args.steps, compile_, args.cpu_bf16))
         return
     peak = args.peak_tflops or (0.166 if device.type == "cpu" else gpu_peak(device))
     print(f"device: {describe(device)}, torch {torch.__version__}, compile {'on' if compile_ else 'off'}, "
+          f"{'bf16' if args.cpu_bf16 or device.type == 'cuda' else 'fp32'}, "
           f"peak for %peak: {f'{peak:g} TFLOP/s' if peak else 'unknown (pass --peak-tflops)'}")
     print(f"{'preset':8} {'impl':15} {'params':>11} {'GFLOP/img':>10} {'img/s':>8} {'%peak':>6} {'peak MB':>8}")
     for preset in args.presets.split(","):
@@ -135,7 +142,8 @@ def main():
         for _ in range(args.rounds):  # interleaved: A B C A B C ...
             for name in IMPLS:
                 rate, mems[name] = in_fresh_process(__file__, name, ["--presets", preset, "--batch", str(batch),
-                                                                     "--steps", str(args.steps), "--compile", args.compile])
+                                                                     "--steps", str(args.steps), "--compile", args.compile,
+                                                                     *(["--cpu-bf16"] if args.cpu_bf16 else [])])
                 rates[name].append(rate)
         med = {name: statistics.median(r) for name, r in rates.items()}
         for name in IMPLS:

@@ -30,6 +30,7 @@ VARIANTS = {
     "eps, batch 64": ["--prediction", "eps", "--batch-size", "64"],
     "v, plain MSE (no Min-SNR)": ["--prediction", "v", "--min-snr-gamma", "0"],
     "v, EMA 0.9995": ["--prediction", "v", "--ema-decay", "0.9995"],
+    "v, bf16": ["--prediction", "v", "--precision", "bf16"],
 }
 GUIDANCE = {"eps": [1.0, 2.0, 3.0, 5.0], "v": [1.0, 1.5, 2.0, 2.5, 3.0]}  # weights scored for a variant (else the default only)
 

@@ -83,11 +83,12 @@ def test_resume_continues_to_the_new_limit(tmp_path):
     assert model_metadata(read_header(out / "model.safetensors"))["step"] == 8
 
 
-def test_resume_is_exact_on_cpu(tmp_path):
+@pytest.mark.parametrize("precision", ["auto", "bf16"])  # bf16 on the CPU also trains in the contiguous layout
+def test_resume_is_exact_on_cpu(tmp_path, precision):
     """4 steps, then 4 more after a resume, equals 8 steps in one go (weights, EMA, RNG, data order)."""
     from safetensors.torch import load_file
 
-    common = ["--data", "shapes", "--limit", "64", "--preset", "tiny", "--sample-every", "4"]
+    common = ["--data", "shapes", "--limit", "64", "--preset", "tiny", "--sample-every", "4", "--precision", precision]
     assert run("train", *common, "--max-steps", "8", "--out", tmp_path / "straight").exit_code == 0
     assert run("train", *common, "--max-steps", "4", "--out", tmp_path / "split").exit_code == 0
     assert run("train", "--out", tmp_path / "split", "--resume", "--max-steps", "8").exit_code == 0
@@ -127,6 +128,7 @@ def test_train_errors_are_one_sentence(tmp_path):
     assert_one_sentence_error(run("train", "--config", bad, "--out", tmp_path / "o"), "train.bach_size")
     assert_one_sentence_error(run("train", "--out", tmp_path / "o", "--resume"), "cannot resume")
     assert_one_sentence_error(run("train", "--lr", "-1", "--out", tmp_path / "o"), "train.lr must be positive")
+    assert_one_sentence_error(run("train", "--precision", "fp16", "--out", tmp_path / "o"), "train.precision must be auto, fp32 or bf16")
 
 
 def make_picture(path, mode="RGB", size=(40, 30)):

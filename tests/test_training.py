@@ -97,3 +97,32 @@ def test_training_reduces_the_loss():
         opt.step()
         losses.append(loss.item())
     assert losses[0] > 0.8 and losses[-1] < 0.5 * losses[0], losses[::10]
+
+
+def test_precision_chooses_autocast_and_layout_per_device():
+    from diffcli.devices import autocast, memory_format
+
+    conv = torch.nn.Conv2d(3, 4, 3)
+    x = torch.randn(1, 3, 8, 8)
+    cpu = torch.device("cpu")
+    with autocast(cpu, "bf16"):
+        assert conv(x).dtype == torch.bfloat16  # the convolutions really run in bf16
+    for precision in ("auto", "fp32"):
+        with autocast(cpu, precision):
+            assert conv(x).dtype == torch.float32  # the CPU default stays fp32
+    assert memory_format(cpu, "bf16") == torch.contiguous_format  # oneDNN's faster bf16 layout
+    assert memory_format(cpu, "auto") == memory_format(torch.device("cuda"), "bf16") == torch.channels_last
+
+
+def test_bf16_training_saves_fp32_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    from diffcli import data as D
+    from diffcli.training import train
+
+    cfg = preset_config("tiny")
+    cfg.model.image_size, cfg.model.in_channels, cfg.model.num_classes = 16, 3, 10
+    cfg.train.max_steps, cfg.train.precision = 3, "bf16"
+    result = train(cfg, D.load("shapes", image_size=16, limit=48), tmp_path)
+    weights = load_file(str(result.model_path))
+    assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())

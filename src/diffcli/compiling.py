@@ -19,9 +19,10 @@ BACKEND = "inductor"
 
 
 def wanted(flag: bool | None, device: torch.device) -> bool:
-    """--compile / --no-compile; unset: on for CUDA only. On the 2-core CPU here, compiling
-    the `small` U-Net took about a minute for a 1.4× faster forward pass (docs/benchmarks.md),
-    a bad trade for the few-minute runs a CPU is used for."""
+    """--compile / --no-compile; unset: on for CUDA only. On the 2-core CPU here a compiled
+    `small` U-Net was slower than eager after ~40 s of compiling (training 227 against 261
+    images/s, sampling 7.0 against 8.1; docs/benchmarks.md): the hand-fused ResBlock leaves
+    Inductor little to fuse there, while on a GPU the per-kernel launch cost it removes dominates."""
     return device.type == "cuda" if flag is None else flag
 
 

@@ -92,6 +92,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     compile: bool | None = None  # torch.compile the U-Net; None: on for CUDA only (compiling.py)
+    precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 elsewhere), "fp32" or "bf16" (devices.py)
 
 
 @dataclass
@@ -246,6 +247,7 @@ def validate(cfg: RunConfig) -> None:
         (t.minutes is None or t.minutes > 0, "train.minutes must be positive"),
         (t.sample_every >= 1, "train.sample_every must be at least 1"),
         (t.on_nonfinite in ("stop", "rollback"), "train.on_nonfinite must be 'stop' or 'rollback'"),
+        (t.precision in ("auto", "fp32", "bf16"), "train.precision must be auto, fp32 or bf16"),
         (1 <= t.grid_steps <= d.timesteps, "train.grid_steps must be between 1 and diffusion.timesteps"),
         (t.device in ("auto", "cpu", "cuda", "mps") or t.device.startswith("cuda:"), "train.device must be auto, cpu, cuda or mps"),
     ]
