@@ -30,7 +30,7 @@ from _peers import diffcli_unet, diffusers_unet, in_fresh_process  # noqa: E402
 
 from diffcli import compiling  # noqa: E402
 from diffcli.allocator import keep_freed_memory  # noqa: E402
-from diffcli.devices import autocast, describe, fused_adamw, pick_device, timed  # noqa: E402
+from diffcli.devices import autocast, describe, fused_adamw, memory_format, pick_device, timed  # noqa: E402
 from diffcli.schedules import make_schedule, q_sample  # noqa: E402
 
 
@@ -73,13 +73,14 @@ def flops_per_image(model, forward, size):
 
 
 
-def contender(name: str, preset: str):
+def contender(name: str, preset: str, cpu_bf16: bool = False):
     """(model, forward, channels_last, fused AdamW) for one contender."""
     ours = lambda m, x, t, y: m(x, t, y)  # noqa: E731
     theirs = lambda m, x, t, y: m(x, t, class_labels=y).sample  # noqa: E731
     cpu_or_cuda = pick_device("auto")
-    if name == "diffcli":
-        return diffcli_unet(preset), ours, True, fused_adamw(cpu_or_cuda)
+    if name == "diffcli":  # the layout `diffcli train` picks for this device and precision
+        layout = memory_format(cpu_or_cuda, "bf16" if cpu_bf16 else "auto")
+        return diffcli_unet(preset), ours, layout == torch.channels_last, fused_adamw(cpu_or_cuda)
     return diffusers_unet(preset), theirs, False, name == "diffusers+fused" and fused_adamw(cpu_or_cuda)
 
 
@@ -101,7 +102,7 @@ def worker(name: str, preset: str, batch: int, steps: int, compile_: bool, cpu_b
         keep_freed_memory()  # what the `diffcli` command does at start-up
     device = pick_device("auto")
     torch.manual_seed(0)
-    model, fwd, cl, fused = contender(name, preset)
+    model, fwd, cl, fused = contender(name, preset, cpu_bf16)
     model.to(device, memory_format=torch.channels_last if cl else torch.contiguous_format).train()
     compiled = torch.compile(model, dynamic=False) if compile_ and name != "diffusers" else model
     step = step_fn(compiled, fwd, device, batch, 32, cl, fused, cpu_bf16)
