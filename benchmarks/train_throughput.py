@@ -92,6 +92,8 @@ GPU_BF16_PEAK = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0
 
 
 def gpu_peak(device) -> float | None:
+    if device.type != "cuda":
+        return None
     name = torch.cuda.get_device_name(device)
     return next((peak for key, peak in GPU_BF16_PEAK.items() if key in name), None)
 

@@ -6,6 +6,7 @@ graphs as Inductor (so a graph break or an untraceable op shows up here) without
 generating code, which on this CPU takes a minute.
 """
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from torchvision.io import read_image
@@ -17,6 +18,16 @@ from diffcli.config import preset_config
 from diffcli.unet import UNet
 
 runner = CliRunner()
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test (and each CLI call below) starts as a new process would: nothing compiled yet,
+    so cache entries from one test neither count as recompiles nor fill the cache of another."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
 
 
 def tiny_unet(**model):
@@ -49,11 +60,16 @@ def test_a_compiled_training_step_matches_eager_and_the_check_leaves_the_random_
     net = tiny_unet().to(memory_format=torch.channels_last)
     x, t, y = torch.randn(4, 1, 16, 16), torch.tensor([1, 10, 500, 999]), torch.tensor([0, 1, 2, 3])
     notices = []
+
+    def check(f):
+        f(x, t, y).sum().backward()
+        torch.rand(7)  # stands in for dropout's draws (the tiny preset has none)
+
     torch.manual_seed(5)
-    fast = compiling.compiled(net, lambda f: f(x, t, y).sum().backward(), lambda event, **info: notices.append(info))
+    fast = compiling.compiled(net, check, lambda event, **info: notices.append(info), CPU)
     after = torch.rand(3)
     torch.manual_seed(5)
-    assert torch.equal(after, torch.rand(3))  # dropout in the try would otherwise shift every later draw
+    assert torch.equal(after, torch.rand(3))  # the try's draws would otherwise shift every later one
     assert fast is not net and not notices
     assert all(p.grad is not None for p in net.parameters())  # the check ran backward through the compiled graph
     grads = [p.grad.clone() for p in net.parameters()]
@@ -72,13 +88,17 @@ def _broken_backend(gm, example_inputs):
 def test_cli_trains_the_same_with_compile_and_falls_back_when_it_cannot(tmp_path, monkeypatch):
     common = ["train", "--data", "shapes", "--limit", "64", "--preset", "tiny", "--max-steps", "3", "--image-size", "16"]
     monkeypatch.setattr(compiling, "BACKEND", "aot_eager")
+    # The check compiles for the real shapes: a step that compiles again is a failed run here.
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     fast = runner.invoke(app, [*common, "--compile", "--out", str(tmp_path / "fast")])
     assert fast.exit_code == 0, fast.output
     assert "compiling the U-Net" in fast.output and "did not work" not in fast.output
+    torch._dynamo.reset()  # each command is a fresh process
     sampled = runner.invoke(app, ["sample", "--ckpt", str(tmp_path / "fast" / "model.safetensors"), "--n", "2",
                                   "--steps", "3", "--compile", "--out", str(tmp_path / "s.png")])
     assert sampled.exit_code == 0 and "did not work" not in sampled.output, sampled.output
 
+    torch._dynamo.reset()
     monkeypatch.setattr(compiling, "BACKEND", _broken_backend)
     broken = runner.invoke(app, [*common, "--compile", "--out", str(tmp_path / "broken")])
     assert broken.exit_code == 0, broken.output
@@ -88,6 +108,7 @@ def test_cli_trains_the_same_with_compile_and_falls_back_when_it_cannot(tmp_path
     for k in a:  # eager after the failed try, compiled: same draws, the same weights up to float reassociation
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
 
+    torch._dynamo.reset()
     sampled = runner.invoke(app, ["sample", "--ckpt", str(tmp_path / "fast" / "model.safetensors"), "--n", "2",
                                   "--steps", "3", "--compile", "--out", str(tmp_path / "s2.png")])
     assert sampled.exit_code == 0 and "did not work" in sampled.output

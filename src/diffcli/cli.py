@@ -349,7 +349,8 @@ def sample(
         first = slice(0, min(batch_size, len(per_image)))  # one step of the first batch: the shapes sampling will use
         with console.status(f"compiling the U-Net for {describe(dev)} ..."):
             model = compiling.compiled(model, lambda fast: generate(fast, schedule, cfg.diffusion.prediction, per_image[first],
-                                                                    seeds[first], "ddim", 1, guidance), _print_notice)
+                                                                    seeds[first], "ddim", 1, guidance, batch_size=batch_size),
+                                       _print_notice, dev)
     with console.status(f"sampling {len(per_image)} images with {sampler}, {used_steps} steps on {describe(dev)} ..."):
         recorder = Trajectory(used_steps, frames) if trajectory else None
         imgs, seconds = timed(lambda: generate(model, schedule, cfg.diffusion.prediction, per_image, seeds, sampler,

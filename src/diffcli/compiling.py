@@ -26,14 +26,15 @@ def wanted(flag: bool | None, device: torch.device) -> bool:
     return device.type == "cuda" if flag is None else flag
 
 
-def compiled(module: torch.nn.Module, check: Callable[[Callable], None], report: Callable[..., None]) -> Callable:
+def compiled(module: torch.nn.Module, check: Callable[[Callable], None], report: Callable[..., None],
+             device: torch.device) -> Callable:
     """`module` compiled, once `check(fast)` has run a step through it without error; else
-    `module` itself, with a notice. `check` runs under a forked RNG so that the try leaves
-    the run's random sequence (dropout draws) as it was."""
+    `module` itself, with a notice. `check` runs under a forked RNG (the CPU's and `device`'s)
+    so that the try leaves the run's random sequence (dropout draws) as it was."""
     fast = torch.compile(module, backend=BACKEND, dynamic=False)  # shapes are fixed per run
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    gpus = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=gpus):
             check(fast)
     except Exception as e:  # any backend failure: missing compiler or Triton, an unsupported op
         while (inner := getattr(e, "inner_exception", None) or e.__cause__) is not None:

@@ -31,6 +31,8 @@ def autocast(device: torch.device, precision: str = "auto"):
     "auto" on CUDA; fp32 otherwise. "auto" keeps the CPU in fp32 because bf16 is emulated,
     and slow, on CPUs without AMX; with AMX (Intel Sapphire Rapids and later) bf16 trained
     `small` 1.23x and `base` 1.85x faster here (benchmarks/cpu_precision.py)."""
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("--precision bf16 was asked for, but this GPU has no bf16; use --precision auto or fp32.")
     if precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()

@@ -12,6 +12,7 @@ the same random sequence.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -272,8 +273,11 @@ def train(cfg: RunConfig, data: ImageData, out: Path, resume: bool = False,
     if compiling.wanted(tc.compile, device):
         report("notice", message="compiling the U-Net with torch.compile before the first step "
                                  "(a minute or so; --no-compile skips it).")
-        model = compiling.compiled(model, lambda fast: _dry_step(fast, net, cfg, schedule, (local, *images.shape[1:]), device),
-                                   report)
+        # Under DDP the try runs without gradient sync: a backward that fails halfway must not
+        # leave the reducer mid-reduction, or the other ranks waiting in an all-reduce.
+        quiet = model.no_sync if world.active else contextlib.nullcontext
+        model = compiling.compiled(model, lambda fast: _dry_step(fast, net, cfg, schedule, (local, *images.shape[1:]), device,
+                                                                 quiet), report, device)
     guard = NonFiniteGuard(tc.on_nonfinite, device)
     start = time.monotonic()
     last_log_t, last_log_step = start, step
@@ -348,14 +352,17 @@ def train(cfg: RunConfig, data: ImageData, out: Path, resume: bool = False,
     return TrainResult(step, step / steps_per_epoch, out / MODEL_FILE, grid_path, stopped_by)
 
 
-def _dry_step(fast, net, cfg: RunConfig, schedule: Schedule, shape: tuple, device: torch.device) -> None:
+def _dry_step(fast, net, cfg: RunConfig, schedule: Schedule, shape: tuple, device: torch.device, quiet) -> None:
     """One forward and backward pass through the compiled model on this run's shapes (so it
-    compiles now, where a failure can still fall back), leaving no gradients behind."""
+    compiles now, where a failure can still fall back), inside `quiet()`, leaving no gradients behind."""
     x = torch.zeros(shape, device=device).contiguous(memory_format=memory_format(device, cfg.train.precision))
-    t = torch.zeros(shape[0], dtype=torch.long, device=device)
-    with autocast(device, cfg.train.precision):
-        loss = diffusion_loss(fast, schedule, cfg.diffusion.prediction, x, t, x, t, cfg.train.min_snr_gamma)
-    loss.backward()
+    # t and y must be separate tensors: passing one for both makes dynamo guard on `t is y`,
+    # and the first real step would compile everything again.
+    t, y = (torch.zeros(shape[0], dtype=torch.long, device=device) for _ in range(2))
+    with quiet():
+        with autocast(device, cfg.train.precision):
+            loss = diffusion_loss(fast, schedule, cfg.diffusion.prediction, x, t, torch.zeros_like(x), y, cfg.train.min_snr_gamma)
+        loss.backward()
     net.zero_grad(set_to_none=True)
 
 
