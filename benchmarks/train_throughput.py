@@ -34,11 +34,6 @@ from diffcli.devices import autocast, describe, fused_adamw, memory_format, pick
 from diffcli.schedules import make_schedule, q_sample  # noqa: E402
 
 
-def precision(device, cpu_bf16: bool):
-    """diffcli's autocast for the device; bf16 on the CPU too when asked (fast with AMX)."""
-    return torch.autocast("cpu", dtype=torch.bfloat16) if cpu_bf16 and device.type == "cpu" else autocast(device)
-
-
 def step_fn(model, forward, device, batch, size, channels_last, fused, cpu_bf16=False):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
     schedule = make_schedule("cosine", 1000)
@@ -51,7 +46,7 @@ def step_fn(model, forward, device, batch, size, channels_last, fused, cpu_bf16=
         t = torch.randint(0, 1000, (batch,), generator=g).to(device)
         y = torch.randint(0, 11, (batch,), generator=g).to(device)
         noise = torch.randn(x0.shape, generator=g).to(device)
-        with precision(device, cpu_bf16):
+        with autocast(device, "bf16" if cpu_bf16 else "auto"):  # as `diffcli train --precision`
             out = forward(model, q_sample(schedule, x0, t, noise), t, y)
         loss = torch.nn.functional.mse_loss(out.float(), noise)
         opt.zero_grad(set_to_none=True)

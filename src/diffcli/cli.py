@@ -326,7 +326,7 @@ def sample(
 
     from diffcli.checkpoint import load_model
     from diffcli.devices import describe, pick_device, timed
-    from diffcli.generate import Trajectory, generate
+    from diffcli.generate import Trajectory, compiled_for_sampling, generate
     from diffcli.images import grid, save, to_pil, trajectory_gif, trajectory_strip
     from diffcli.schedules import make_schedule
 
@@ -344,13 +344,9 @@ def sample(
     seeds = list(range(seed, seed + len(per_image)))
     used_steps = T if sampler == "ddpm" else (steps or DEFAULT_STEPS[sampler])
     if compile:
-        from diffcli import compiling
-
-        first = slice(0, min(batch_size, len(per_image)))  # one step of the first batch: the shapes sampling will use
         with console.status(f"compiling the U-Net for {describe(dev)} ..."):
-            model = compiling.compiled(model, lambda fast: generate(fast, schedule, cfg.diffusion.prediction, per_image[first],
-                                                                    seeds[first], "ddim", 1, guidance, batch_size=batch_size),
-                                       _print_notice, dev)
+            model = compiled_for_sampling(model, schedule, cfg.diffusion.prediction, per_image, seeds, guidance, batch_size,
+                                          _print_notice)
     with console.status(f"sampling {len(per_image)} images with {sampler}, {used_steps} steps on {describe(dev)} ..."):
         recorder = Trajectory(used_steps, frames) if trajectory else None
         imgs, seconds = timed(lambda: generate(model, schedule, cfg.diffusion.prediction, per_image, seeds, sampler,

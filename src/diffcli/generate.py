@@ -51,6 +51,18 @@ def generate(model: torch.nn.Module, schedule: Schedule, prediction: str, labels
     return torch.cat(out)
 
 
+def compiled_for_sampling(model: torch.nn.Module, schedule: Schedule, prediction: str, labels: list[int], seeds: list[int],
+                          guidance: float, batch_size: int, report) -> torch.nn.Module:
+    """`model` under torch.compile, checked with one DDIM step of the first batch (the shapes
+    sampling will use), or `model` itself with a notice through `report` when that fails."""
+    from diffcli import compiling
+
+    first = slice(0, min(batch_size, len(seeds)))
+    check = lambda fast: generate(fast, schedule, prediction, labels[first], seeds[first], "ddim", 1,  # noqa: E731
+                                  guidance, batch_size=batch_size)
+    return compiling.compiled(model, check, report, next(model.parameters()).device)
+
+
 class Trajectory:
     """A `generate` callback that keeps x_t and x̂0 at `frames` evenly spaced steps.
 

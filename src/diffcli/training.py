@@ -276,8 +276,8 @@ def train(cfg: RunConfig, data: ImageData, out: Path, resume: bool = False,
         # Under DDP the try runs without gradient sync: a backward that fails halfway must not
         # leave the reducer mid-reduction, or the other ranks waiting in an all-reduce.
         quiet = model.no_sync if world.active else contextlib.nullcontext
-        model = compiling.compiled(model, lambda fast: _dry_step(fast, net, cfg, schedule, (local, *images.shape[1:]), device,
-                                                                 quiet), report, device)
+        model = compiling.compiled(model, lambda fast: _dry_step(fast, net, cfg, schedule, (local, *images.shape[1:]), layout,
+                                                                 device, quiet), report, device)
     guard = NonFiniteGuard(tc.on_nonfinite, device)
     start = time.monotonic()
     last_log_t, last_log_step = start, step
@@ -352,10 +352,12 @@ def train(cfg: RunConfig, data: ImageData, out: Path, resume: bool = False,
     return TrainResult(step, step / steps_per_epoch, out / MODEL_FILE, grid_path, stopped_by)
 
 
-def _dry_step(fast, net, cfg: RunConfig, schedule: Schedule, shape: tuple, device: torch.device, quiet) -> None:
-    """One forward and backward pass through the compiled model on this run's shapes (so it
-    compiles now, where a failure can still fall back), inside `quiet()`, leaving no gradients behind."""
-    x = torch.zeros(shape, device=device).contiguous(memory_format=memory_format(device, cfg.train.precision))
+def _dry_step(fast, net, cfg: RunConfig, schedule: Schedule, shape: tuple, layout: torch.memory_format,
+              device: torch.device, quiet) -> None:
+    """One forward and backward pass through the compiled model on this run's shapes and layout
+    (so it compiles now, where a failure can still fall back), inside `quiet()`, leaving no
+    gradients behind."""
+    x = torch.zeros(shape, device=device).contiguous(memory_format=layout)
     # t and y must be separate tensors: passing one for both makes dynamo guard on `t is y`,
     # and the first real step would compile everything again.
     t, y = (torch.zeros(shape[0], dtype=torch.long, device=device) for _ in range(2))
