@@ -51,9 +51,10 @@ class DiffusionConfig:
     # (Nichol & Dhariwal 2021, §3.2).
     schedule: str = "cosine"
     timesteps: int = 1000
-    # "v" (Salimans & Ho 2022) or "eps". v won the step-matched sweeps outright, each at its best
-    # guidance: classifier-FD 0.40 vs 2.36 on MNIST (2,400 steps), 4.83 vs 9.87 on shapes (1,000
-    # steps, where eps over-saturates colours) (docs/results.md, benchmarks/tune_mnist.py).
+    # "v" (Salimans & Ho 2022) or "eps". v won the step-matched MNIST sweep outright: classifier-FD
+    # 0.40 vs 2.36 at each one's best guidance (2,400 steps). On shapes the scores also favour v,
+    # but by eye eps draws clearer shapes there, and that classifier penalises eps's grain; still
+    # open (docs/results.md, benchmarks/tune_mnist.py, benchmarks/texture_check.py).
     prediction: str = "v"
 
 
