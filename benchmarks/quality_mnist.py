@@ -65,9 +65,9 @@ def train_for(budget_s: float, step) -> int:
 
 def diffcli_contender(args, data, device):
     from diffcli.checkpoint import load_model
-    from diffcli.config import DEFAULT_GUIDANCE
     from diffcli.generate import generate
     from diffcli.schedules import make_schedule
+    from diffcli.spec import SamplerSpec
 
     with tempfile.TemporaryDirectory(prefix="quality-diffcli-") as tmp:
         out = Path(tmp) / "run"
@@ -80,8 +80,8 @@ def diffcli_contender(args, data, device):
     schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
 
     def sample(labels, seed):
-        return generate(model, schedule, cfg.diffusion.prediction, labels, list(range(seed, seed + len(labels))),
-                        "ddim", args.sample_steps, DEFAULT_GUIDANCE, batch_size=250)
+        return generate(model, schedule, cfg.diffusion.prediction, SamplerSpec("ddim", args.sample_steps),  # default guidance
+                        labels=labels, seeds=list(range(seed, seed + len(labels))), batch_size=250)
 
     return meta["step"], cfg.train.batch_size, sample
 

@@ -28,6 +28,7 @@ from _peers import diffcli_unet, diffusers_unet, in_fresh_process  # noqa: E402
 from diffcli.devices import autocast, describe, pick_device, timed  # noqa: E402
 from diffcli.generate import generate  # noqa: E402
 from diffcli.schedules import make_schedule  # noqa: E402
+from diffcli.spec import SamplerSpec  # noqa: E402
 
 
 @torch.no_grad()
@@ -69,8 +70,9 @@ def worker(name: str, args) -> float:
         if name == COMPILED:
             model = torch.compile(model, dynamic=False)
         labels, seeds = [i % 10 for i in range(n)], list(range(n))
-        run = lambda: generate(model, make_schedule("cosine", 1000), "eps", labels, seeds, "ddim", args.steps,  # noqa: E731
-                               args.guidance, batch_size=n)
+        spec = SamplerSpec("ddim", args.steps, args.guidance)
+        run = lambda: generate(model, make_schedule("cosine", 1000), "eps", spec, labels=labels, seeds=seeds,  # noqa: E731
+                               batch_size=n)
     else:
         unet = diffusers_unet(args.preset).to(device).eval()
         run = lambda: diffusers_ddim(unet, n, args.steps, args.guidance, device)  # noqa: E731

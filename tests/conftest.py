@@ -33,7 +33,8 @@ def tiny_run(tmp_path_factory) -> Path:
     """A run folder from a few steps of the tiny preset on 200 shapes images (~10 s on a CPU)."""
     from diffcli.config import build_config
     from diffcli.data import load
-    from diffcli.training import prepare_out, train
+    from diffcli.runs import prepare_out
+    from diffcli.training import train
 
     out = tmp_path_factory.mktemp("tiny_run")
     cfg = build_config("tiny", None, {"data": {"name": "shapes", "limit": 200}, "train": {"max_steps": 12, "sample_every": 100}})

@@ -8,7 +8,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from diffcli.cli import app
-from diffcli.images import GAP, HEADER, PAD, trajectory_size
+from diffcli.figures import GAP, HEADER, trajectory_size
+from diffcli.images import PAD
 
 runner = CliRunner()
 

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from diffcli import checkpoint, training
+from diffcli import checkpoint, files, training
 from diffcli.checkpoint import load_model, model_metadata, read_header
 from diffcli.cli import app
 
@@ -96,7 +96,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
             raise OSError(28, "No space left on device")
         real_fsync(fd)
 
-    monkeypatch.setattr(checkpoint.os, "fsync", fsync)
+    monkeypatch.setattr(files.os, "fsync", fsync)
     r = cli("train", *TINY, "--max-steps", "8", "--sample-every", "4", "--out", tmp_path / "run")
     text = " ".join(r.output.split())
     assert r.exit_code == 1 and "Traceback" not in text, text

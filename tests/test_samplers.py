@@ -12,6 +12,7 @@ import torch
 
 from diffcli import samplers
 from diffcli.schedules import make_schedule
+from diffcli.spec import SamplerSpec
 
 MU = torch.tensor([[1.5, -0.5], [-1.0, 1.0]])  # per class, 2 dims
 S = 0.5
@@ -57,7 +58,7 @@ def test_samplers_recover_gaussian_data(name, sampler, steps, discretisation):
     label = 1
     noise = randn(torch.empty(N, 2))
     y = torch.full((N,), label)
-    x = samplers.sample(sampler, oracle(schedule), schedule, noise, y, randn, steps=steps, clip_x0=False)
+    x = samplers.sample(SamplerSpec(sampler, steps, clip=False), oracle(schedule), schedule, noise, y, randn)
     check_moments(x, label, f"{sampler} {steps or 'T'} steps, {name}", discretisation)
 
 
@@ -200,7 +201,7 @@ def test_class_conditional_samples_land_on_their_class(sampler, steps):
     randn = batch_randn(3)
     for label in range(3):
         y = torch.full((1000,), label)
-        x = samplers.sample(sampler, denoise, schedule, randn(torch.empty(1000, 2)), y, randn, steps=steps, clip_x0=False)
+        x = samplers.sample(SamplerSpec(sampler, steps, clip=False), denoise, schedule, randn(torch.empty(1000, 2)), y, randn)
         acc = class_accuracy(x, label)
         assert acc >= 0.99, f"{sampler}: only {acc:.1%} of class-{label} samples are nearest to class {label}'s mean"
 

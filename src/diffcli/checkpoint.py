@@ -5,52 +5,20 @@
 - `train_state.safetensors`: raw and EMA weights, optimizer moments, RNG states; its
   metadata holds the scalars (step, epoch, optimizer hyper-parameters) as JSON.
 
-Every write goes to a temporary file in the same folder, is fsynced, then renamed
-over the target, so a crash leaves either the old file or the new one.
+Every write is atomic (files.py): a crash leaves either the old file or the new one.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import struct
-import tempfile
 from pathlib import Path
 
 from diffcli.errors import UserError
+from diffcli.files import atomic_write_bytes
 
 FORMAT = "diffcli"
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` all or nothing, creating the parent folder (as images.save does)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def save_tensors(path: Path, tensors: dict, metadata: dict[str, str]) -> None:

@@ -97,6 +97,23 @@ def held_out(data: ImageData, share: float = 0.1, seed: int = 0) -> tuple[ImageD
     return pick(order[k:]), pick(order[:k])
 
 
+def reference_splits(name: str, root: str | None, image_size: int | None,
+                     limit: int | None = None) -> tuple[ImageData, ImageData, str]:
+    """(train, test, what the test images are) for a reference classifier: a named
+    dataset's own test split, or a share of a folder held out; `limit` trims train."""
+    from diffcli import data as D
+
+    train = D.load(name, root, image_size)
+    if name in D.NAMED:
+        test, what = D.load(name, root, image_size, split="test"), "test split"
+    else:
+        train, test = held_out(train)
+        what = "10% held out"
+    if limit:
+        train = ImageData(train.images[:limit], train.labels[:limit], train.class_names, train.name)
+    return train, test, what
+
+
 def train_classifier(train: ImageData, test: ImageData, epochs: float = 3, batch_size: int = 128, lr: float = 3e-3,
                      width: int = ClassifierConfig.width, seed: int = 0, device: torch.device | str = "cpu",
                      report: Callable[..., None] | None = None) -> tuple[Classifier, dict]:

@@ -14,14 +14,9 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from diffcli.checks import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, SHARE, Range, bounded, check_fields
 from diffcli.errors import UserError
-
-
-# Classifier-free guidance weight used by `diffcli sample`, `diffcli eval` and the training
-# grids. On the MNIST sweep (v-prediction, 2,400 steps) class accuracy is 97.6% at w = 1.5
-# and 99.8% at w = 2, while classifier-FD rises with w past 1.5 (0.40, 0.76, 1.21 at 2.5,
-# 1.64 at 3): more guidance buys nothing and costs diversity (docs/results.md).
-DEFAULT_GUIDANCE = 2.0
+from diffcli.files import atomic_write_bytes
 
 
 @dataclass
@@ -29,20 +24,20 @@ class ModelConfig:
     # The defaults are the `small` preset: a narrow full-resolution level and attention
     # only at the lowest resolution, so a 32x32 training image costs 0.58 GFLOP and a
     # 2-core CPU trains ~200 images/s (docs/results.md).
-    base_channels: int = 16
+    base_channels: int = bounded(16, Range(4))
     channel_mult: tuple[int, ...] = (1, 2, 4)
-    num_res_blocks: int = 1
+    num_res_blocks: int = bounded(1, AT_LEAST_ONE)
     # Attention by level index (0 = full resolution), not by pixel size, so one
     # preset serves 28x28 MNIST and 32x32 CIFAR alike. The middle block always has it.
     attn_levels: tuple[int, ...] = (2,)
-    head_channels: int = 32  # channels per attention head
-    dropout: float = 0.0
-    patch_size: int = 1  # > 1: space-to-depth in, pixel shuffle out (see unet.py)
+    head_channels: int = bounded(32, AT_LEAST_ONE)  # channels per attention head
+    dropout: float = bounded(0.0, SHARE)
+    patch_size: int = bounded(1, AT_LEAST_ONE)  # > 1: space-to-depth in, pixel shuffle out (see unet.py)
     scale_shift: bool = True  # AdaGN conditioning; False is DDPM's additive embedding
     # Filled in from the dataset when training starts.
-    image_size: int = 32
-    in_channels: int = 3
-    num_classes: int = 10
+    image_size: int = bounded(32, Range(4))
+    in_channels: int = bounded(3, AT_LEAST_ONE)
+    num_classes: int = bounded(10, NON_NEGATIVE)
 
 
 @dataclass
@@ -50,7 +45,7 @@ class DiffusionConfig:
     # Cosine keeps more signal at mid t than linear, which matters at 28-32 px
     # (Nichol & Dhariwal 2021, §3.2).
     schedule: str = "cosine"
-    timesteps: int = 1000
+    timesteps: int = bounded(1000, Range(2))
     # "v" (Salimans & Ho 2022) or "eps". v won the step-matched MNIST sweep outright: classifier-FD
     # 0.40 vs 2.36 at each one's best guidance (2,400 steps). On shapes the scores also favour v,
     # but by eye eps draws clearer shapes there, and that classifier penalises eps's grain; still
@@ -62,9 +57,9 @@ class DiffusionConfig:
 class DataConfig:
     name: str = "shapes"  # mnist | fashion-mnist | cifar10 | shapes | path to an image folder
     root: str | None = None  # None: $DIFFCLI_DATA_ROOT, else the user cache dir
-    image_size: int | None = None  # None: the dataset's own size
+    image_size: int | None = bounded(None, Range(4))  # None: the dataset's own size
     flip: bool | None = None  # None: on for cifar10 and image folders, off for digits and shapes
-    limit: int | None = None  # use only the first N images (quick experiments, tests)
+    limit: int | None = bounded(None, AT_LEAST_ONE)  # use only the first N images (quick experiments, tests)
 
 
 @dataclass
@@ -72,25 +67,25 @@ class TrainConfig:
     # The defaults are the `small` preset's, chosen on 3-minute CPU runs of shapes
     # (batch 16 and lr 3e-3 both did worse; docs/results.md).
     preset: str = "small"
-    batch_size: int = 32
-    lr: float = 2e-3
+    batch_size: int = bounded(32, AT_LEAST_ONE)
+    lr: float = bounded(2e-3, POSITIVE)
     lr_schedule: str = "constant"  # "constant" or "cosine" (decay to 0 at the last step)
-    warmup_steps: int = 100
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    label_dropout: float = 0.1  # share of labels replaced by "no label" (for guidance)
+    warmup_steps: int = bounded(100, NON_NEGATIVE)
+    weight_decay: float = bounded(0.0, NON_NEGATIVE)
+    grad_clip: float = bounded(1.0, NON_NEGATIVE)  # 0: off
+    ema_decay: float = bounded(0.999, SHARE)
+    label_dropout: float = bounded(0.1, SHARE)  # share of labels replaced by "no label" (for guidance)
     # Min-SNR-γ loss weighting (Hang et al. 2023) with their γ = 5: on shapes it turned 3-minute
     # CPU runs from colour blobs into single objects; 0 gives the plain MSE of DDPM.
-    min_snr_gamma: float = 5.0
+    min_snr_gamma: float = bounded(5.0, NON_NEGATIVE)  # 0: off
     # Stopping: whichever comes first; with none of them set, `epochs` defaults to 10.
-    epochs: float | None = None
-    max_steps: int | None = None
-    minutes: float | None = None
+    epochs: float | None = bounded(None, POSITIVE)
+    max_steps: int | None = bounded(None, AT_LEAST_ONE)
+    minutes: float | None = bounded(None, POSITIVE)
     on_nonfinite: str = "stop"  # NaN/inf loss: "stop" (keep the last checkpoint) or "rollback" (to the last good state)
-    sample_every: int = 1000  # steps between sample grids (and checkpoints)
-    grid_steps: int = 25  # DDIM steps for those grids: cheap, good enough to judge progress
-    seed: int = 0
+    sample_every: int = bounded(1000, AT_LEAST_ONE)  # steps between sample grids (and checkpoints)
+    grid_steps: int = bounded(25, AT_LEAST_ONE)  # DDIM steps for those grids: cheap, good enough to judge progress
+    seed: int = bounded(0, NON_NEGATIVE)
     device: str = "auto"
     compile: bool | None = None  # torch.compile the U-Net; None: on for CUDA only (compiling.py)
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 elsewhere), "fp32" or "bf16" (devices.py)
@@ -217,39 +212,22 @@ def build_config(preset: str | None, config_file: str | None, cli: dict) -> RunC
 
 
 def validate(cfg: RunConfig) -> None:
-    """Value checks a type check cannot do; each message names the key."""
+    """Every value checked once: the ranges declared on the fields (NaN and infinity
+    refused), then what a single field cannot say; each message names the key."""
     from diffcli.schedules import SCHEDULES
 
+    for section in SECTIONS:
+        check_fields(getattr(cfg, section), lambda key, s=section: f"{s}.{key}")
     m, d, t = cfg.model, cfg.diffusion, cfg.train
     checks = [
-        (m.base_channels >= 4, "model.base_channels must be at least 4"),
         (len(m.channel_mult) >= 1 and all(c >= 1 for c in m.channel_mult), "model.channel_mult must be a non-empty list of positive integers"),
-        (m.num_res_blocks >= 1, "model.num_res_blocks must be at least 1"),
-        (m.patch_size >= 1, "model.patch_size must be at least 1"),
         (all(0 <= lv < len(m.channel_mult) for lv in m.attn_levels), "model.attn_levels must be level indices below len(channel_mult)"),
-        (m.head_channels >= 1, "model.head_channels must be positive"),
-        (0 <= m.dropout < 1, "model.dropout must be in [0, 1)"),
         (d.schedule in SCHEDULES, f"diffusion.schedule must be one of {', '.join(SCHEDULES)}"),
-        (d.timesteps >= 2, "diffusion.timesteps must be at least 2"),
         (d.prediction in ("eps", "v"), "diffusion.prediction must be 'eps' or 'v'"),
-        (cfg.data.image_size is None or cfg.data.image_size >= 4, "data.image_size must be at least 4"),
-        (cfg.data.limit is None or cfg.data.limit >= 1, "data.limit must be at least 1"),
-        (t.batch_size >= 1, "train.batch_size must be at least 1"),
-        (t.lr > 0, "train.lr must be positive"),
         (t.lr_schedule in ("constant", "cosine"), "train.lr_schedule must be 'constant' or 'cosine'"),
-        (t.warmup_steps >= 0, "train.warmup_steps must be 0 or more"),
-        (t.weight_decay >= 0, "train.weight_decay must be 0 or more"),
-        (t.grad_clip >= 0, "train.grad_clip must be 0 (off) or more"),
-        (0 <= t.ema_decay < 1, "train.ema_decay must be in [0, 1)"),
-        (0 <= t.label_dropout < 1, "train.label_dropout must be in [0, 1)"),
-        (t.min_snr_gamma >= 0, "train.min_snr_gamma must be 0 (off) or more"),
-        (t.epochs is None or t.epochs > 0, "train.epochs must be positive"),
-        (t.max_steps is None or t.max_steps >= 1, "train.max_steps must be at least 1"),
-        (t.minutes is None or t.minutes > 0, "train.minutes must be positive"),
-        (t.sample_every >= 1, "train.sample_every must be at least 1"),
         (t.on_nonfinite in ("stop", "rollback"), "train.on_nonfinite must be 'stop' or 'rollback'"),
         (t.precision in ("auto", "fp32", "bf16"), "train.precision must be auto, fp32 or bf16"),
-        (1 <= t.grid_steps <= d.timesteps, "train.grid_steps must be between 1 and diffusion.timesteps"),
+        (t.grid_steps <= d.timesteps, "train.grid_steps must be between 1 and diffusion.timesteps"),
         (t.device in ("auto", "cpu", "cuda", "mps") or t.device.startswith("cuda:"), "train.device must be auto, cpu, cuda or mps"),
     ]
     for ok, message in checks:
@@ -272,6 +250,47 @@ def from_dict(values: dict) -> RunConfig:
 def save_yaml(cfg: RunConfig, path: str | Path) -> None:
     import yaml
 
-    from diffcli.checkpoint import atomic_write_bytes
-
     atomic_write_bytes(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
+
+
+# --- settings that depend on the data or on the run being resumed ------------------
+
+UNFLIPPED = ("shapes", "mnist", "fashion-mnist")  # digits and arrows have a handedness
+
+
+def absolute_data_paths(cfg: RunConfig, named: tuple[str, ...]) -> None:
+    """Write data paths as absolute paths, so `--resume` and `--config` work from any
+    folder (a relative folder name would be looked up where the command runs)."""
+    if cfg.data.root:
+        cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
+    if cfg.data.name not in named:
+        cfg.data.name = str(Path(cfg.data.name).expanduser().resolve())
+
+
+def fit_to_data(cfg: RunConfig, channels: int, size: int, num_classes: int) -> None:
+    """Fill in the model's data-dependent fields and the data defaults, then check that
+    the U-Net can halve this image size as often as it downsamples."""
+    cfg.model.image_size, cfg.model.in_channels, cfg.model.num_classes = size, channels, num_classes
+    if cfg.data.flip is None:
+        cfg.data.flip = cfg.data.name not in UNFLIPPED
+    factor = cfg.model.patch_size * 2 ** (len(cfg.model.channel_mult) - 1)
+    if size % factor:
+        raise UserError(f"image size {size} is not divisible by {factor} (the U-Net's patch size times its downsampling); "
+                        f"pass --image-size with a multiple of {factor}.")
+    validate(cfg)
+
+
+STOP_KEYS = ("epochs", "max_steps", "minutes")
+RUN_ON_KEYS = ("device", "compile", "precision")
+
+
+def resumed(saved: RunConfig, train_values: dict) -> RunConfig:
+    """The config a resumed run continues with: its own recipe, where only where to stop
+    (a new limit replaces all the old ones) and where and how to run may change."""
+    stop = {k: train_values[k] for k in STOP_KEYS if train_values.get(k) is not None}
+    if stop:
+        saved.train.epochs = saved.train.max_steps = saved.train.minutes = None
+    run_on = {k: train_values[k] for k in RUN_ON_KEYS if train_values.get(k) is not None}
+    apply_overrides(saved, {"train": {**stop, **run_on}})
+    validate(saved)
+    return saved

@@ -180,6 +180,25 @@ def _writable_root(root: Path, folder: str) -> Path:
     return copy_root
 
 
+# --- one image a user hands us ----------------------------------------------------
+
+def read_image(path: Path):
+    """`images.open_image` for a path from the command line: one sentence when it is
+    missing, a folder, or not a readable image."""
+    from diffcli.images import open_image
+
+    if not path.exists():
+        raise UserError(f"image '{path}' does not exist.")
+    if path.is_dir():
+        raise UserError(f"'{path}' is a folder; give an image file.")
+    try:
+        return open_image(path)
+    except ValueError as e:
+        raise UserError(f"cannot use '{path}': {e}.") from None
+    except OSError as e:
+        raise UserError(f"cannot read '{path}' ({e.strerror}).") from None
+
+
 # --- image folders ---------------------------------------------------------
 
 def load_folder(path: Path, image_size: int | None) -> ImageData:

@@ -23,21 +23,82 @@ import torch
 from diffcli import data as D
 from diffcli import metrics
 from diffcli.classifier import Classifier, held_out, per_class_accuracy, predict
-from diffcli.config import DEFAULT_GUIDANCE
-from diffcli.samplers import DEFAULT_STEPS
+from diffcli.errors import UserError
+from diffcli.spec import SamplerSpec
 
 CLOSE_PERCENTILE = 1.0  # a sample is "close" when nearer its training neighbour than 99% of real held-out images are
 
 
-@dataclass
-class Sampling:
-    """How the evaluated images are drawn (the options of `diffcli eval`)."""
+@dataclass(frozen=True)
+class EvalOptions:
+    """What `diffcli eval` measures and how its images are drawn."""
+    ckpt: Path
+    spec: SamplerSpec = SamplerSpec()
     n_per_class: int = 100  # 1,000 images for 10 classes: per-class accuracy to ±3 points
-    sampler: str = "ddim"
-    steps: int = DEFAULT_STEPS["ddim"]
-    guidance: float = DEFAULT_GUIDANCE
     seed: int = 0
     batch_size: int = 250
+    classifier: Path | None = None  # class accuracy and classifier-FD
+    fid: bool = False
+    inception_weights: Path | None = None
+    memorisation: bool = True
+    pairs: Path | None = None  # write the closest sample/training-image pairs here
+    data: str | None = None  # None: the model's training data
+    data_root: str | None = None
+    real_n: int | None = None  # keep only the first N real reference images
+
+
+def run(opts: EvalOptions, device, status=lambda text: contextlib.nullcontext()) -> dict:
+    """Load what `opts` names, check that it fits together before minutes of sampling,
+    then `evaluate`. Returns the report of plain numbers (and writes the pairs sheet)."""
+    from diffcli.checkpoint import load_model
+
+    if not (opts.classifier or opts.fid or opts.memorisation):
+        raise UserError("nothing to measure: give --classifier, --fid, or leave --memorisation on.")
+    model, cfg, meta = load_model(opts.ckpt, device)
+    opts.spec.resolve(cfg.diffusion.timesteps)  # a bad --steps should fail before the data loads
+    data_name, data_root = opts.data or cfg.data.name, opts.data_root or cfg.data.root
+    clf = clf_meta = None
+    if opts.classifier:
+        clf, clf_meta = _matching_classifier(opts.classifier, cfg, meta, data_name, device)
+    inception = None
+    if opts.fid:
+        from diffcli.inception import load_inception
+
+        with status("loading Inception-v3 ..."):
+            inception = load_inception(opts.inception_weights, device)
+    # The real images before sampling: a missing dataset should fail before minutes of work.
+    with status(f"loading {data_name} ..."):
+        real = real_images(data_name, data_root, cfg.model.image_size, opts.real_n)
+    shape = (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)
+    if tuple(real.train.images.shape[1:]) != shape:
+        raise UserError(f"'{data_name}' holds {tuple(real.train.images.shape[1:])} images but the model makes "
+                        f"{shape}; pass --data with the model's training data.")
+    report, images, mem = evaluate(model, cfg, meta["class_names"], opts, real, clf, inception, status)
+    if clf is not None:
+        report["classifier"] = {"path": str(opts.classifier), "test_accuracy": clf_meta["test_accuracy"]}
+    if opts.pairs and mem is not None:
+        from diffcli.figures import pairs_sheet
+        from diffcli.images import save
+
+        try:
+            save(pairs_sheet(images, real.train.images, mem["nearest"], mem["distances"]), opts.pairs)
+        except (OSError, ValueError) as e:
+            raise UserError(f"could not write '{opts.pairs}': {e}.") from None
+    return {"model": str(opts.ckpt), "dataset": data_name, "class_names": meta["class_names"], **report}
+
+
+def _matching_classifier(path: Path, cfg, meta: dict, data_name: str, device):
+    from diffcli.classifier import load_classifier
+
+    if not meta["class_names"]:
+        raise UserError("this model was trained without classes, so there is no class fidelity to measure; drop --classifier.")
+    clf, clf_meta = load_classifier(path, device)
+    c, m = clf_meta["config"], cfg.model
+    if (c.in_channels, c.image_size, c.num_classes) != (m.in_channels, m.image_size, m.num_classes):
+        raise UserError(f"the classifier takes {c.image_size}x{c.image_size}x{c.in_channels} images of {c.num_classes} classes, "
+                        f"but the model makes {m.image_size}x{m.image_size}x{m.in_channels} images "
+                        f"of {m.num_classes}; train one with --data {data_name} --image-size {m.image_size}.")
+    return clf, clf_meta
 
 
 @dataclass
@@ -61,26 +122,27 @@ def real_images(name: str, root: str | None, image_size: int, limit: int | None 
     return RealImages(train, reference, pool, f"{source}{len(reference.labels)}-{image_size}px")
 
 
-def evaluate(model, cfg, class_names: list[str], sampling: Sampling, real: RealImages, clf: Classifier | None = None,
-             inception: tuple | None = None, memorisation_check: bool = True,
+def evaluate(model, cfg, class_names: list[str], opts: EvalOptions, real: RealImages, clf: Classifier | None = None,
+             inception: tuple | None = None,
              status=lambda text: contextlib.nullcontext()) -> tuple[dict, torch.Tensor, dict | None]:
-    """Sample `n_per_class` images per class and measure them. Returns (report of plain
-    numbers, the images, the memorisation result with its per-sample arrays or None).
-    `inception` is (network, weights hash) from inception.load_inception; `status(text)`
-    gives a context manager shown while each stage runs."""
+    """Sample `opts.n_per_class` images per class with `opts.spec` and measure them. Returns
+    (report of plain numbers, the images, the memorisation result with its per-sample
+    arrays or None). `inception` is (network, weights hash) from inception.load_inception;
+    `status(text)` gives a context manager shown while each stage runs."""
     from diffcli.devices import timed
     from diffcli.generate import generate
     from diffcli.schedules import make_schedule
 
-    s = sampling
+    s = opts
+    spec = s.spec.resolve(cfg.diffusion.timesteps)
     labels = torch.tensor([k for k in (range(len(class_names)) or [0]) for _ in range(s.n_per_class)])
     schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
     device = next(model.parameters()).device
-    with status(f"sampling {len(labels)} images with {s.sampler}, {s.steps} steps ..."):
-        images, seconds = timed(lambda: generate(model, schedule, cfg.diffusion.prediction, labels.tolist(),
-                                                 list(range(s.seed, s.seed + len(labels))), s.sampler, s.steps,
-                                                 s.guidance, batch_size=s.batch_size), device)
-    report = {"images": len(labels), "sampler": s.sampler, "steps": s.steps, "guidance": s.guidance, "seed": s.seed,
+    with status(f"sampling {len(labels)} images with {spec.sampler}, {spec.steps} steps ..."):
+        images, seconds = timed(lambda: generate(model, schedule, cfg.diffusion.prediction, spec, labels=labels.tolist(),
+                                                 seeds=list(range(s.seed, s.seed + len(labels))), batch_size=s.batch_size),
+                                device)
+    report = {"images": len(labels), "sampler": spec.sampler, "steps": spec.steps, "guidance": spec.guidance, "seed": s.seed,
               "sampling_s": round(seconds, 2)}
     if clf is not None:
         # The floor: real images the reference does not hold, as many as generated.
@@ -89,7 +151,7 @@ def evaluate(model, cfg, class_names: list[str], sampling: Sampling, real: RealI
         with status("classifying ..."):
             report.update(class_fidelity(clf, images, labels, real.reference.images, floor))
     mem = None
-    if memorisation_check:
+    if s.memorisation:
         with status("searching the nearest training images ..."):
             mem = memorisation(images, real.train.images, real.reference.images[:max(len(labels), 1000)],
                                None if real.pool is None else real.pool.images)

@@ -9,26 +9,24 @@ from __future__ import annotations
 import torch
 
 from diffcli import samplers
-from diffcli.config import DEFAULT_GUIDANCE
 from diffcli.data import from_model_range
 from diffcli.devices import autocast, timed
 from diffcli.schedules import Schedule
-
+from diffcli.spec import SamplerSpec
 
 
 @torch.no_grad()
-def generate(model: torch.nn.Module, schedule: Schedule, prediction: str, labels: list[int], seeds: list[int],
-             sampler: str = "ddim", steps: int | None = None, guidance: float = DEFAULT_GUIDANCE, eta: float = 0.0,
-             variance: str = "beta_tilde", clip_x0: bool = True, batch_size: int = 64,
-             callback=None) -> torch.Tensor:
+def generate(model: torch.nn.Module, schedule: Schedule, prediction: str, spec: SamplerSpec, *,
+             labels: list[int], seeds: list[int], batch_size: int = 64, callback=None) -> torch.Tensor:
     """Images (N, C, H, W) uint8, image i made from seed seeds[i] and label labels[i].
 
     `labels` may hold the model's "no label" index (num_classes) for unconditional
     images. Results do not depend on `batch_size` (each image owns its generator).
+    `callback(first_image, step, t, x_t, x0_hat)` sees every step of every batch.
     """
+    spec = spec.resolve(schedule.T)
     cfg = model.cfg
     device = next(model.parameters()).device
-    null = cfg.num_classes
     shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
 
     def network(x, t, y):
@@ -36,7 +34,7 @@ def generate(model: torch.nn.Module, schedule: Schedule, prediction: str, labels
             return model(x, t, y)
 
     if cfg.num_classes > 0:
-        network = samplers.guided(network, guidance, null)
+        network = samplers.guided(network, spec.guidance, cfg.num_classes)
     denoise = samplers.predictions(network, schedule, prediction)
     out = []
     for start in range(0, len(seeds), batch_size):
@@ -45,21 +43,20 @@ def generate(model: torch.nn.Module, schedule: Schedule, prediction: str, labels
         noise = randn_like(torch.empty(len(seeds[chunk]), *shape, device=device))
         y = torch.tensor(labels[chunk], device=device, dtype=torch.long)
         cb = None if callback is None else (lambda i, t, x, x0, s=start: callback(s, i, t, x, x0))
-        x = samplers.sample(sampler, denoise, schedule, noise, y, randn_like, steps=steps, eta=eta,
-                            variance=variance, clip_x0=clip_x0, callback=cb)
-        out.append(from_model_range(x).cpu())
+        out.append(from_model_range(samplers.sample(spec, denoise, schedule, noise, y, randn_like, cb)).cpu())
     return torch.cat(out)
 
 
-def compiled_for_sampling(model: torch.nn.Module, schedule: Schedule, prediction: str, labels: list[int], seeds: list[int],
-                          guidance: float, batch_size: int, report) -> torch.nn.Module:
+def compiled_for_sampling(model: torch.nn.Module, schedule: Schedule, prediction: str, spec: SamplerSpec, *,
+                          labels: list[int], seeds: list[int], batch_size: int, report) -> torch.nn.Module:
     """`model` under torch.compile, checked with one DDIM step of the first batch (the shapes
     sampling will use), or `model` itself with a notice through `report` when that fails."""
     from diffcli import compiling
 
     first = slice(0, min(batch_size, len(seeds)))
-    check = lambda fast: generate(fast, schedule, prediction, labels[first], seeds[first], "ddim", 1,  # noqa: E731
-                                  guidance, batch_size=batch_size)
+    one_step = SamplerSpec("ddim", 1, spec.resolve(schedule.T).guidance)
+    check = lambda fast: generate(fast, schedule, prediction, one_step, labels=labels[first], seeds=seeds[first],  # noqa: E731
+                                  batch_size=batch_size)
     return compiling.compiled(model, check, report, next(model.parameters()).device)
 
 
@@ -101,11 +98,10 @@ class Trajectory:
         return torch.stack([torch.cat(self._x0[i]) for i in self.steps])
 
 
-def sweep(model, schedule: Schedule, prediction: str, label: int, seeds: list[int],
-          runs: list[tuple[str, int, float]], eta: float = 0.0) -> list[tuple[torch.Tensor, float]]:
-    """Sample the same seeds (so the same starting noise) once per (sampler, steps, guidance)
-    in `runs`; returns (images, seconds) for each, timed with the device synchronised."""
+def sweep(model: torch.nn.Module, schedule: Schedule, prediction: str, specs: list[SamplerSpec], *,
+          label: int, seeds: list[int]) -> list[tuple[torch.Tensor, float]]:
+    """Sample the same seeds (so the same starting noise) once per spec; returns (images,
+    seconds) for each, timed with the device synchronised."""
     device = next(model.parameters()).device
-    return [timed(lambda s=sampler, k=steps, w=guidance: generate(model, schedule, prediction, [label] * len(seeds), seeds,
-                                                                   s, k, w, eta), device)
-            for sampler, steps, guidance in runs]
+    return [timed(lambda s=spec: generate(model, schedule, prediction, s, labels=[label] * len(seeds), seeds=seeds), device)
+            for spec in specs]

@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from diffcli.data import from_model_range, to_model_range
-from diffcli.images import caption_below, center_square, hstack, pil_to_tensor, vstack
+from diffcli.figures import caption_below, hstack, vstack
+from diffcli.images import center_square, pil_to_tensor
 from diffcli.schedules import make_schedule, q_sample
 
 

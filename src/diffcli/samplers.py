@@ -18,14 +18,13 @@ from typing import Callable, Optional
 import torch
 
 from diffcli.schedules import Schedule, eps_from_v, eps_from_x0, x0_from_eps, x0_from_v
+from diffcli.spec import SamplerSpec
 
 Network = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
 RandnLike = Callable[[torch.Tensor], torch.Tensor]
 Callback = Optional[Callable[[int, int, torch.Tensor, torch.Tensor], None]]
 
-SAMPLERS = ("ddpm", "ddim", "dpm++")
-DEFAULT_STEPS = {"ddim": 50, "dpm++": 20}  # ddpm always runs all T steps
 
 
 class PerImageNoise:
@@ -220,17 +219,13 @@ def dpmpp_2m(denoise: Denoiser, schedule: Schedule, noise: torch.Tensor, labels:
     return x
 
 
-def sample(name: str, denoise: Denoiser, schedule: Schedule, noise: torch.Tensor, labels: torch.Tensor,
-           randn_like: RandnLike, steps: int | None = None, eta: float = 0.0, variance: str = "beta_tilde",
-           clip_x0: bool = True, callback: Callback = None) -> torch.Tensor:
-    """Dispatch by sampler name, for callers that take the name from a user."""
-    if name == "ddpm":
-        if steps not in (None, schedule.T):
-            raise ValueError(f"ddpm runs all {schedule.T} steps; for fewer use ddim (with --eta 1 for a stochastic one)")
-        return ddpm(denoise, schedule, noise, labels, randn_like, variance, clip_x0, callback)
-    steps = steps or DEFAULT_STEPS[name]
-    if name == "ddim":
-        return ddim(denoise, schedule, noise, labels, steps, eta, randn_like, clip_x0, callback)
-    if name == "dpm++":
-        return dpmpp_2m(denoise, schedule, noise, labels, steps, clip_x0, callback)
-    raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+def sample(spec: SamplerSpec, denoise: Denoiser, schedule: Schedule, noise: torch.Tensor, labels: torch.Tensor,
+           randn_like: RandnLike, callback: Callback = None) -> torch.Tensor:
+    """Run the sampler `spec` names, with its settings; `spec` is resolved against
+    `schedule.T` here, so its checks hold for every caller."""
+    spec = spec.resolve(schedule.T)
+    if spec.sampler == "ddpm":
+        return ddpm(denoise, schedule, noise, labels, randn_like, spec.variance, spec.clip, callback)
+    if spec.sampler == "ddim":
+        return ddim(denoise, schedule, noise, labels, spec.steps, spec.eta, randn_like, spec.clip, callback)
+    return dpmpp_2m(denoise, schedule, noise, labels, spec.steps, spec.clip, callback)

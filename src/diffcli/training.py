@@ -4,16 +4,18 @@
 draw a progress bar (events: "start", "step", "log", "checkpoint", "grid", "loss_curve",
 "notice", "done").
 
-Randomness: one CPU generator (`batch_gen`) draws timesteps, noise, label dropout and
-flips; each epoch's data order comes from a generator seeded with (seed, epoch). The
-batch generator's state is saved with the training state, so a resumed run continues
-the same random sequence.
+Randomness: one CPU generator (`TrainState.batch_gen`) draws timesteps, noise, label
+dropout and flips; each epoch's data order comes from a generator seeded with (seed,
+epoch). The batch generator's state is saved with the training state, so a resumed run
+continues the same random sequence.
+
+`train()` reads top to bottom; the batch draw (`Batches`), the stopping rule (`Limits`),
+the metrics line (`Meter`) and the NaN watch (`NonFiniteGuard`) are named helpers below it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import shutil
@@ -25,18 +27,17 @@ from typing import Callable
 import torch
 
 from diffcli import checkpoint, compiling
-from diffcli.config import DEFAULT_GUIDANCE, RunConfig, from_dict, save_yaml, to_dict
+from diffcli.config import RunConfig, TrainConfig, save_yaml
 from diffcli.data import ImageData, to_model_range
-from diffcli.devices import autocast, fused_adamw, memory_format, pick_device, upload
+from diffcli.devices import autocast, memory_format, pick_device, upload
 from diffcli.distributed import World, any_rank, barrier, check_batch, max_over_ranks, mean_over_ranks
 from diffcli.errors import UserError
 from diffcli.generate import generate
 from diffcli.images import grid, save
+from diffcli.runs import METRICS_FILE, MODEL_FILE, check_free_space, truncate_metrics
 from diffcli.schedules import Schedule, make_schedule, q_sample, v_target
-from diffcli.unet import UNet
-
-MODEL_FILE = "model.safetensors"
-STATE_FILE = "train_state.safetensors"
+from diffcli.spec import SamplerSpec
+from diffcli.trainstate import TrainState
 LOG_EVERY = 50  # steps between metrics lines and non-finite checks (the only host syncs)
 MAX_ROLLBACKS = 3  # with on_nonfinite=rollback: give up after this many
 STOP_CHECK_EVERY = 10  # steps between the ranks' vote on stopping (time budget, Ctrl-C)
@@ -102,120 +103,15 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
     torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1 - decay)
 
 
-# --- training state without pickle -----------------------------------------
-
-def _state_tensors(model, ema, opt, batch_gen) -> tuple[dict, dict]:
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
-    opt_sd = opt.state_dict()
-    for pid, st in opt_sd["state"].items():
-        for k, v in st.items():
-            tensors[f"opt.{pid}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-    tensors["rng.batch"] = batch_gen.get_state()
-    tensors["rng.torch"] = torch.get_rng_state()
-    meta = {"param_groups": opt_sd["param_groups"]}
-    return tensors, meta
-
-
-def save_state(out: Path, cfg: RunConfig, model, ema, opt, batch_gen, step: int, epoch: float, class_names) -> None:
-    tensors, meta = _state_tensors(model, ema, opt, batch_gen)
-    metadata = {
-        "format": checkpoint.FORMAT,
-        "config": json.dumps(to_dict(cfg)),
-        "class_names": json.dumps(class_names),
-        "step": str(step),
-        "epoch": repr(epoch),
-        "optimizer": json.dumps(meta),
-    }
-    checkpoint.save_tensors(out / STATE_FILE, tensors, metadata)
-    checkpoint.save_model(out / MODEL_FILE, ema.state_dict(), to_dict(cfg), class_names, step, epoch)
-
-
-def _state_path(out: Path) -> Path:
-    path = out / STATE_FILE
-    if not path.is_file():
-        raise UserError(f"cannot resume: '{path}' does not exist (is '{out}' a diffcli run folder?).")
-    return path
-
-
-def run_config(out: Path) -> RunConfig:
-    """The config a run was trained with, from its training state's header (no weights read)."""
-    return from_dict(checkpoint.model_metadata(checkpoint.read_header(_state_path(out)))["config"])
-
-
-def load_state(out: Path) -> tuple[dict, dict]:
-    """(metadata, tensors) of a run's training state."""
-    from safetensors.torch import load_file
-
-    path = _state_path(out)
-    header = checkpoint.read_header(path)
-    meta = checkpoint.model_metadata(header)
-    raw = header["__metadata__"]
-    try:
-        tensors = load_file(str(path))
-    except Exception as e:
-        raise UserError(f"cannot resume: '{path}' is damaged ({e}).") from None
-    meta["optimizer"] = json.loads(raw["optimizer"])
-    return meta, tensors
-
-
-def _restore(tensors: dict, meta: dict, model, ema, opt, batch_gen) -> None:
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-    state: dict[int, dict] = {}
-    for k, v in tensors.items():
-        if k.startswith("opt."):
-            _, pid, name = k.split(".", 2)
-            state.setdefault(int(pid), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
-    # Saved moments come back contiguous; give them their parameter's layout (channels_last, mostly),
-    # since the fused AdamW kernel walks a parameter and its moments as flat memory.
-    for param, st in opt.state.items():
-        for name, value in st.items():
-            if torch.is_tensor(value) and value.shape == param.shape:
-                st[name] = torch.empty_like(param).copy_(value)
-    batch_gen.set_state(tensors["rng.batch"])
-    torch.set_rng_state(tensors["rng.torch"])
-
-
 # --- the loop ------------------------------------------------------------------
-
-def checkpoint_bytes(params: int) -> int:
-    """Disk a run needs at most: train_state (weights, EMA, two Adam moments) + the model
-    file, each written beside its predecessor before the rename, plus room for grids."""
-    return 2 * (4 + 1) * 4 * params + 50_000_000
-
-
-def check_free_space(out: Path, params: int) -> None:
-    need, free = checkpoint_bytes(params), shutil.disk_usage(out).free
-    if free < need:
-        raise UserError(f"only {free / 1e6:.0f} MB free in '{out}', and this run's checkpoints need about "
-                        f"{need / 1e6:.0f} MB; free some space or choose another --out.")
-
-
-def prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to mix two runs in one folder; check it is writable before any work."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out '{out}' is a file; give a folder for the run.")
-    holds_run = (out / STATE_FILE).exists() or (out / MODEL_FILE).exists()
-    if holds_run and not (resume or overwrite):
-        raise UserError(f"'{out}' already holds a run; pass --resume to continue it or --overwrite to start over.")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"cannot write to the output folder '{out}' ({e.strerror}).") from None
-
 
 def sample_grid(ema, cfg: RunConfig, schedule: Schedule, class_names: list[str], path: Path, seed: int) -> Path:
     """One row per class (up to GRID_MAX_ROWS), same seeds in every row."""
     rows = list(range(min(len(class_names), GRID_MAX_ROWS))) or [cfg.model.num_classes]  # unconditional: null
     labels = [r for r in rows for _ in range(GRID_COLUMNS)]
     seeds = [seed + i for _ in rows for i in range(GRID_COLUMNS)]
-    imgs = generate(ema, schedule, cfg.diffusion.prediction, labels, seeds, "ddim", cfg.train.grid_steps, DEFAULT_GUIDANCE)
-    return save(grid(imgs, GRID_COLUMNS), path)
+    spec = SamplerSpec("ddim", cfg.train.grid_steps)
+    return save(grid(generate(ema, schedule, cfg.diffusion.prediction, spec, labels=labels, seeds=seeds), GRID_COLUMNS), path)
 
 
 def train(cfg: RunConfig, data: ImageData, out: Path, resume: bool = False,
@@ -228,128 +124,199 @@ def train(cfg: RunConfig, data: ImageData, out: Path, resume: bool = False,
     rank, so N processes follow a single process's trajectory step for step."""
     tc = cfg.train
     device = device or pick_device(tc.device)
-    torch.manual_seed(tc.seed)  # dropout inside the network uses the global generator
-    batch_gen = torch.Generator().manual_seed(tc.seed)
+    torch.manual_seed(tc.seed)  # initial weights, and dropout inside the network, use the global generator
     schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
-
     layout = memory_format(device, tc.precision)
-    net = UNet(cfg.model).to(device, memory_format=layout)
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=fused_adamw(device))
-    step = 0
+    state = TrainState.create(cfg, device, layout)
     if resume:
-        meta, tensors = load_state(out)
-        _restore(tensors, meta, net, ema, opt, batch_gen)
-        step = meta["step"]
+        state.load(out)
         if world.is_main:
-            _truncate_metrics(out / "metrics.jsonl", step)
+            truncate_metrics(out, state.step)
+    if world.is_main:
+        save_yaml(cfg, out / "config.yaml")
+    batches = Batches(data, cfg, world, device, layout)
+    limits = Limits(tc, batches.per_epoch)
+    params = sum(p.numel() for p in state.net.parameters())
+    report("start", device=device, steps_per_epoch=batches.per_epoch, total_steps=limits.total_steps, batch=batches.size,
+           budget_s=limits.budget_s, step=state.step, params=params, world=world.size)
+    if world.is_main:
+        check_free_space(out, params)
+    model = _prepared(state.net, cfg, schedule, batches, world, device, report)
+    guard = NonFiniteGuard(tc.on_nonfinite, device)
+    limits.start_clock()
+    meter = Meter(out, batches, world, report, state.step, limits.started)
+    grid_path = None
+    while (stopped_by := limits.reached(state.step, world, should_stop, device)) is None:
+        lr = lr_at(state.step, tc, limits.progress(state.step)) * guard.lr_scale
+        loss = _optimizer_step(model, state, cfg, schedule, lr, batches.get(state.step, state.batch_gen), device)
+        state.step += 1
+        meter.add(loss, lr)
+        guard.watch(loss, state.step)
+        report("step", step=state.step)
+        if state.step % LOG_EVERY and state.step % tc.sample_every:
+            continue  # bookkeeping (the only host syncs) every LOG_EVERY and sample_every steps
+        if guard.check(state, out, report, world):  # rolled back to the last good state
+            meter.restart(state.step)
+            continue
+        if state.step % LOG_EVERY == 0:
+            meter.log(state.step)
+        if state.step % tc.sample_every == 0 and world.is_main:
+            grid_path = _checkpoint(out, cfg, state, batches.per_epoch, data, schedule, report)
+            meter.pause_ends()  # keep images/s about training, not sampling
+
+    guard.check(state, out, report, world, final=True)
+    meter.log(state.step)  # the tail since the last full interval, so short runs log too
+    if state.step > 0 and state.step % tc.sample_every != 0 and world.is_main:
+        grid_path = _checkpoint(out, cfg, state, batches.per_epoch, data, schedule, report)
+    barrier(world)  # nobody leaves before rank 0 has written the last checkpoint
+    report("done", step=state.step, stopped_by=stopped_by)
+    return TrainResult(state.step, state.step / batches.per_epoch, out / MODEL_FILE, grid_path, stopped_by)
+
+
+def _optimizer_step(model, state: TrainState, cfg: RunConfig, schedule: Schedule, lr: float, batch: tuple,
+                    device: torch.device) -> torch.Tensor:
+    """One AdamW step on `batch` = (x0, t, noise, y) and the EMA update; the loss, on the device."""
+    tc = cfg.train
+    for group in state.opt.param_groups:
+        group["lr"] = lr
+    with autocast(device, tc.precision):
+        loss = diffusion_loss(model, schedule, cfg.diffusion.prediction, *batch, tc.min_snr_gamma)
+    state.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if tc.grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+    state.opt.step()
+    ema_update(state.ema, state.net, ema_decay_at(state.step, tc.ema_decay))
+    return loss.detach()
+
+
+class Batches:
+    """The global batch for each step, this rank's share of it on the device. Images stay
+    uint8 on the device (decoded once, no loader in the loop); the order of each epoch comes
+    from a generator seeded with (seed, epoch), so it needs no saved state."""
+
+    def __init__(self, data: ImageData, cfg: RunConfig, world: World, device: torch.device, layout: torch.memory_format):
+        n = data.images.shape[0]
+        self.size = min(cfg.train.batch_size, n)  # the global batch: all ranks together
+        local = check_batch(world, self.size)
+        self.mine = slice(world.rank * local, (world.rank + 1) * local)
+        self.local_shape = (local, *data.images.shape[1:])
+        self.per_epoch = n // self.size  # drop the ragged last batch: every step sees `size` images
+        self.images, self.labels = data.images.to(device), data.labels
+        self.device, self.layout, self.seed = device, layout, cfg.train.seed
+        self.T, self.null, self.flip = cfg.diffusion.timesteps, cfg.model.num_classes, bool(cfg.data.flip)
+        self.label_dropout = cfg.train.label_dropout if self.null else 0.0
+        self._order, self._epoch = None, -1
+
+    def get(self, step: int, gen: torch.Generator) -> tuple:
+        """(x0, t, noise, y) for this rank; every draw is made for the whole global batch."""
+        epoch, pos = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            self._order = torch.randperm(len(self.labels), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+            self._epoch = epoch
+        idx = self._order[pos * self.size:(pos + 1) * self.size]
+        x0 = to_model_range(self.images[upload(idx, self.device)]).contiguous(memory_format=self.layout)
+        t, noise, y = batch_inputs(x0, self.labels[idx], self.T, self.null, self.label_dropout, gen)
+        if self.flip:
+            mirrored = upload(torch.rand(self.size, generator=gen) < 0.5, self.device)
+            x0 = torch.where(mirrored[:, None, None, None], x0.flip(-1), x0)
+        m, dev = self.mine, self.device
+        return x0[m], upload(t[m], dev), upload(noise[m], dev), upload(y[m], dev)
+
+
+class Limits:
+    """When to stop: `max_steps`, `epochs` (DEFAULT_EPOCHS when nothing is set) or the
+    `minutes` budget, whichever comes first; and how far the run is, for the LR decay."""
+
+    def __init__(self, tc: TrainConfig, per_epoch: int):
+        epochs = tc.epochs or (DEFAULT_EPOCHS if not (tc.max_steps or tc.minutes) else math.inf)
+        limit = min(tc.max_steps or math.inf, epochs * per_epoch)
+        self.total_steps = math.ceil(limit) if limit < math.inf else None
+        self.by_steps = self.total_steps == tc.max_steps
+        self.budget_s = tc.minutes * 60 if tc.minutes else None
+        self.started = time.monotonic()
+
+    def start_clock(self) -> None:
+        self.started = time.monotonic()  # after compiling: the budget is for training
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def progress(self, step: int) -> float:
+        by_steps = step / self.total_steps if self.total_steps else 0.0
+        return max(by_steps, self.elapsed() / self.budget_s if self.budget_s else 0.0)
+
+    def reached(self, step: int, world: World, should_stop: Callable[[], bool], device: torch.device) -> str | None:
+        """Why to stop before `step` ("steps", "epochs", "minutes", "interrupt"), or None.
+        Time and Ctrl-C can differ between ranks; they agree every STOP_CHECK_EVERY steps."""
+        if self.total_steps is not None and step >= self.total_steps:
+            return "steps" if self.by_steps else "epochs"
+        if world.active and step % STOP_CHECK_EVERY:
+            return None
+        if any_rank(world, self.budget_s is not None and self.elapsed() >= self.budget_s, device):
+            return "minutes"
+        if any_rank(world, should_stop(), device):
+            return "interrupt"
+        return None
+
+
+class Meter:
+    """The mean loss since the last metrics line, summed on the device (no host sync per
+    step), written as one line of metrics.jsonl by `log`."""
+
+    def __init__(self, out: Path, batches: Batches, world: World, report, step: int, started: float):
+        self.out, self.batches, self.world, self.report, self.started = out, batches, world, report, started
+        self.loss_sum, self.lr = None, 0.0
+        self.last_step, self.last_t = step, started
+
+    def restart(self, step: int) -> None:
+        """After a rollback: the steps since the last line are gone."""
+        self.last_step = step
+        if self.loss_sum is not None:
+            self.loss_sum.zero_()
+
+    def pause_ends(self) -> None:
+        self.last_t = time.monotonic()
+
+    def add(self, loss: torch.Tensor, lr: float) -> None:
+        self.loss_sum = loss.clone() if self.loss_sum is None else self.loss_sum.add_(loss)
+        self.lr = lr
+
+    def log(self, step: int) -> None:
+        """One line, averaged over all ranks, for the steps since the last (none: no line)."""
+        steps = step - self.last_step
+        if steps <= 0:
+            return
+        mean_loss = mean_over_ranks(self.world, self.loss_sum / steps).item()
+        self.loss_sum.zero_()
+        now = time.monotonic()
+        record = {"step": step, "epoch": round(step / self.batches.per_epoch, 4), "loss": mean_loss, "lr": self.lr,
+                  "images_per_s": self.batches.size * steps / max(now - self.last_t, 1e-9), "elapsed_s": now - self.started}
+        self.last_step, self.last_t = step, now
+        if self.world.is_main:
+            with open(self.out / METRICS_FILE, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            self.report("log", **record)
+
+
+def _prepared(net, cfg: RunConfig, schedule: Schedule, batches: Batches, world: World, device: torch.device, report):
+    """The module the loop calls: `net` in train mode, under DDP with several ranks, and
+    compiled (checked on this run's shapes first) when asked or on CUDA."""
     model = net
     if world.active:
         from torch.nn.parallel import DistributedDataParallel
 
         model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    if world.is_main:
-        save_yaml(cfg, out / "config.yaml")
-
-    n = data.images.shape[0]
-    batch = min(tc.batch_size, n)  # the global batch: all ranks together
-    local = check_batch(world, batch)
-    mine = slice(world.rank * local, (world.rank + 1) * local)
-    steps_per_epoch = n // batch  # drop the ragged last batch: every step sees `batch` images
-    limits = [tc.max_steps or math.inf, (tc.epochs or (DEFAULT_EPOCHS if not (tc.max_steps or tc.minutes) else math.inf)) * steps_per_epoch]
-    total_steps = math.ceil(min(limits)) if min(limits) < math.inf else None
-    budget_s = tc.minutes * 60 if tc.minutes else None
-
-    images = data.images.to(device)  # uint8 on the device: decoded once, no loader in the loop
-    null = cfg.model.num_classes
-    flip = bool(cfg.data.flip)
-    params = sum(p.numel() for p in net.parameters())
-    report("start", device=device, steps_per_epoch=steps_per_epoch, total_steps=total_steps, batch=batch,
-           budget_s=budget_s, step=step, params=params, world=world.size)
-
-    if world.is_main:
-        check_free_space(out, params)
     model.train()
-    if compiling.wanted(tc.compile, device):
-        report("notice", message="compiling the U-Net with torch.compile before the first step "
-                                 "(a minute or so; --no-compile skips it).")
-        # Under DDP the try runs without gradient sync: a backward that fails halfway must not
-        # leave the reducer mid-reduction, or the other ranks waiting in an all-reduce.
-        quiet = model.no_sync if world.active else contextlib.nullcontext
-        model = compiling.compiled(model, lambda fast: _dry_step(fast, net, cfg, schedule, (local, *images.shape[1:]), layout,
-                                                                 device, quiet), report, device)
-    guard = NonFiniteGuard(tc.on_nonfinite, device)
-    start = time.monotonic()
-    last_log_t, last_log_step = start, step
-    loss_sum = torch.zeros((), device=device)
-    grid_path = None
-    stopped_by = "steps"
-    order, order_epoch = None, -1
-    while True:
-        elapsed = time.monotonic() - start
-        if total_steps is not None and step >= total_steps:
-            stopped_by = "steps" if total_steps == tc.max_steps else "epochs"
-            break
-        # Time and Ctrl-C can differ between ranks; they agree every STOP_CHECK_EVERY steps.
-        if not world.active or step % STOP_CHECK_EVERY == 0:
-            if any_rank(world, budget_s is not None and elapsed >= budget_s, device):
-                stopped_by = "minutes"
-                break
-            if any_rank(world, should_stop(), device):
-                stopped_by = "interrupt"
-                break
-        epoch, pos = divmod(step, steps_per_epoch)
-        if epoch != order_epoch:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(tc.seed * 1_000_003 + epoch))
-            order_epoch = epoch
-        idx = order[pos * batch:(pos + 1) * batch]
-        x0 = to_model_range(images[upload(idx, device)]).contiguous(memory_format=layout)
-        t, noise, y = batch_inputs(x0, data.labels[idx], schedule.T, null, tc.label_dropout if null else 0.0, batch_gen)
-        if flip:
-            mirrored = torch.rand(batch, generator=batch_gen) < 0.5
-            x0 = torch.where(upload(mirrored, device)[:, None, None, None], x0.flip(-1), x0)  # (drawn for the global batch)
-        x0, t, noise, y = x0[mine], upload(t[mine], device), upload(noise[mine], device), upload(y[mine], device)
-
-        progress = max(step / total_steps if total_steps else 0.0, elapsed / budget_s if budget_s else 0.0)
-        lr = lr_at(step, tc, progress) * guard.lr_scale
-        for group in opt.param_groups:
-            group["lr"] = lr
-        with autocast(device, tc.precision):
-            loss = diffusion_loss(model, schedule, cfg.diffusion.prediction, x0, t, noise, y, tc.min_snr_gamma)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if tc.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        opt.step()
-        ema_update(ema, net, ema_decay_at(step, tc.ema_decay))
-        loss_sum += loss.detach()
-        step += 1
-        guard.watch(loss, step)
-        report("step", step=step)
-
-        if step % LOG_EVERY == 0 or step % tc.sample_every == 0:
-            restored = guard.check(step, out, net, ema, opt, batch_gen, report, world)
-            if restored is not None:  # rolled back to the last good state
-                step = last_log_step = restored
-                loss_sum.zero_()
-                continue
-        if step % LOG_EVERY == 0:
-            _log_metrics(out, step, steps_per_epoch, loss_sum, step - last_log_step, lr, batch, (now := time.monotonic()),
-                         last_log_t, start, report, world)
-            last_log_t, last_log_step = now, step
-        if step % tc.sample_every == 0 and world.is_main:
-            grid_path = _checkpoint(out, cfg, net, ema, opt, batch_gen, step, steps_per_epoch, data, schedule, report)
-            last_log_t = time.monotonic()  # keep images/s about training, not sampling
-
-    guard.check(step, out, net, ema, opt, batch_gen, report, world, final=True)
-    if step > last_log_step:  # the tail since the last full interval, so short runs log too
-        _log_metrics(out, step, steps_per_epoch, loss_sum, step - last_log_step, lr, batch, time.monotonic(),
-                     last_log_t, start, report, world)
-    if step > 0 and step % tc.sample_every != 0 and world.is_main:
-        grid_path = _checkpoint(out, cfg, net, ema, opt, batch_gen, step, steps_per_epoch, data, schedule, report)
-    barrier(world)  # nobody leaves before rank 0 has written the last checkpoint
-    report("done", step=step, stopped_by=stopped_by)
-    return TrainResult(step, step / steps_per_epoch, out / MODEL_FILE, grid_path, stopped_by)
+    if not compiling.wanted(cfg.train.compile, device):
+        return model
+    report("notice", message="compiling the U-Net with torch.compile before the first step "
+                             "(a minute or so; --no-compile skips it).")
+    # Under DDP the try runs without gradient sync: a backward that fails halfway must not
+    # leave the reducer mid-reduction, or the other ranks waiting in an all-reduce.
+    quiet = model.no_sync if world.active else contextlib.nullcontext
+    return compiling.compiled(model, lambda fast: _dry_step(fast, net, cfg, schedule, batches.local_shape, batches.layout,
+                                                            device, quiet), report, device)
 
 
 def _dry_step(fast, net, cfg: RunConfig, schedule: Schedule, shape: tuple, layout: torch.memory_format,
@@ -386,55 +353,41 @@ class NonFiniteGuard:
         self.snapshot = None
 
     def watch(self, loss: torch.Tensor, step: int) -> None:
-        self.first_bad.masked_fill_((self.first_bad < 0) & ~torch.isfinite(loss.detach()), step)
+        self.first_bad.masked_fill_((self.first_bad < 0) & ~torch.isfinite(loss), step)
 
-    def check(self, step, out, model, ema, opt, batch_gen, report, world: World = World(), final: bool = False) -> int | None:
+    def check(self, state: TrainState, out: Path, report, world: World = World(), final: bool = False) -> bool:
+        """True when it rolled `state` back; raises when the loss went bad and it cannot."""
         bad = int(max_over_ranks(world, self.first_bad).item())  # every rank sees the same verdict
+        rollback = self.mode == "rollback" and not final
         if bad < 0:
-            if self.mode == "rollback" and not final:
-                self.snapshot = (step, *(copy.deepcopy(m.state_dict()) for m in (model, ema, opt)), batch_gen.get_state())
-            return None
-        if self.mode == "rollback" and self.snapshot is not None and self.rollbacks < MAX_ROLLBACKS and not final:
-            good_step, m_sd, e_sd, o_sd, gen_state = self.snapshot
-            model.load_state_dict(m_sd)
-            ema.load_state_dict(e_sd)
-            opt.load_state_dict(copy.deepcopy(o_sd))
-            batch_gen.set_state(gen_state)
+            if rollback:
+                self.snapshot = state.snapshot()
+            return False
+        if rollback and self.snapshot is not None and self.rollbacks < MAX_ROLLBACKS:
+            state.restore(self.snapshot)
             self.first_bad.fill_(-1)
             self.lr_scale *= 0.5
             self.rollbacks += 1
-            report("notice", message=f"the loss was not finite at step {bad}; rolled back to step {good_step} "
+            report("notice", message=f"the loss was not finite at step {bad}; rolled back to step {state.step} "
                                      f"and halved the learning rate (rollback {self.rollbacks} of {MAX_ROLLBACKS}).")
-            return good_step
+            return True
         saved = checkpoint.model_metadata(checkpoint.read_header(out / MODEL_FILE))["step"] if (out / MODEL_FILE).exists() else None
         kept = f"the last checkpoint (step {saved}) in '{out}' is intact" if saved is not None else "no checkpoint had been saved yet"
         raise UserError(f"the loss became NaN or infinite at step {bad}; {kept}. Lower --lr, keep --grad-clip on, "
                         f"or pass --on-nonfinite rollback.")
 
 
-def _log_metrics(out: Path, step, steps_per_epoch, loss_sum, steps, lr, batch, now, last_t, start, report, world):
-    """Append one line to metrics.jsonl: the mean loss since the last line over all ranks (one host sync)."""
-    mean_loss = mean_over_ranks(world, loss_sum / steps).item()
-    loss_sum.zero_()
-    if not world.is_main:
-        return
-    record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": mean_loss, "lr": lr,
-              "images_per_s": batch * steps / max(now - last_t, 1e-9), "elapsed_s": now - start}
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
-    report("log", **record)
-
-
-def _checkpoint(out, cfg, model, ema, opt, batch_gen, step, steps_per_epoch, data, schedule, report) -> Path:
+def _checkpoint(out: Path, cfg: RunConfig, state: TrainState, per_epoch: int, data: ImageData, schedule: Schedule,
+                report) -> Path:
     try:
-        save_state(out, cfg, model, ema, opt, batch_gen, step, step / steps_per_epoch, data.class_names)
+        state.save(out, cfg, data.class_names, state.step / per_epoch)
     except OSError as e:  # disk full, folder removed, permissions changed mid-run
-        raise UserError(f"could not write the checkpoint for step {step} to '{out}' ({e.strerror or e}); "
+        raise UserError(f"could not write the checkpoint for step {state.step} to '{out}' ({e.strerror or e}); "
                         f"the previous checkpoint there is intact.") from None
-    report("checkpoint", step=step, path=out / MODEL_FILE)
-    path = sample_grid(ema, cfg, schedule, data.class_names, out / "samples" / f"step_{step:07d}.png", cfg.train.seed)
+    report("checkpoint", step=state.step, path=out / MODEL_FILE)
+    path = sample_grid(state.ema, cfg, schedule, data.class_names, out / "samples" / f"step_{state.step:07d}.png", cfg.train.seed)
     shutil.copyfile(path, out / "samples" / "latest.png")
-    report("grid", step=step, path=path)
+    report("grid", step=state.step, path=path)
     _plot_loss(out, report)
     return path
 
@@ -444,18 +397,7 @@ def _plot_loss(out: Path, report) -> None:
     from diffcli.plots import loss_curve
 
     try:
-        if loss_curve(out / "metrics.jsonl", out / "loss.png"):
+        if loss_curve(out / METRICS_FILE, out / "loss.png"):
             report("loss_curve", path=out / "loss.png")
     except UserError as e:
         report("notice", message=str(e))
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop metrics logged after the checkpoint we continue from (and a last
-    line a kill cut short, which `read_metrics` skips)."""
-    from diffcli.plots import read_metrics
-
-    if not path.exists():
-        return
-    keep = [json.dumps(r) + "\n" for r in read_metrics(path) if r.get("step", 0) <= step]
-    checkpoint.atomic_write_bytes(path, "".join(keep).encode())

@@ -1,0 +1,78 @@
+"""Numbers a user gives, checked in one place.
+
+A `Range` is declared once beside the setting it bounds (a config field's metadata, a
+`SamplerSpec` field, a command-line option's `Annotated` type) and `check` applies it:
+NaN and ±infinity are refused for every float, whatever its range, because a NaN
+passes every comparison-based check (`nan < 0` is False) and turns into NaN images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from diffcli.errors import UserError
+
+
+@dataclass(frozen=True)
+class Range:
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # low itself is excluded (a learning rate > 0)
+    high_open: bool = False  # high itself is excluded (an EMA decay < 1)
+
+    def describe(self) -> str:
+        lo, hi = self.low, self.high
+        if hi is None:
+            if lo is None:
+                return "a finite number"
+            if lo == 0:
+                return "positive" if self.low_open else "0 or more"
+            return f"{'above' if self.low_open else 'at least'} {lo:g}"
+        if lo is None:
+            return f"{'below' if self.high_open else 'at most'} {hi:g}"
+        if not (self.low_open or self.high_open):
+            return f"between {lo:g} and {hi:g}"
+        return f"in {'(' if self.low_open else '['}{lo:g}, {hi:g}{')' if self.high_open else ']'}"
+
+    def contains(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return not (self.high is not None and (value >= self.high if self.high_open else value > self.high))
+
+
+def check(value, bounds: Range | None, name: str):
+    """`value` itself when it is finite and inside `bounds` (None: any finite number);
+    otherwise a UserError naming `name`. None passes: it means "not given"."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{name} must be a finite number, got {value}.")
+    if bounds is not None and not bounds.contains(value):
+        raise UserError(f"{name} must be {bounds.describe()}, got {value:g}.")
+    return value
+
+
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+AT_LEAST_ONE = Range(1)
+SHARE = Range(0, 1, high_open=True)  # a probability that must leave something: [0, 1)
+
+
+def bounded(default, bounds: Range):
+    """A dataclass field whose values must lie in `bounds` (read by `check_fields`)."""
+    return dataclasses.field(default=default, metadata={"range": bounds})
+
+
+def field_range(cls, name: str) -> Range | None:
+    """The Range declared on field `name` of dataclass `cls` (None: it has none): a CLI
+    option that sets a field refers to it instead of declaring the bound again."""
+    return {f.name: f for f in dataclasses.fields(cls)}[name].metadata.get("range")
+
+
+def check_fields(obj, name_of) -> None:
+    """`check` every bounded field of dataclass `obj`; `name_of(field)` names it in the error."""
+    for f in dataclasses.fields(obj):
+        if "range" in f.metadata:
+            check(getattr(obj, f.name), f.metadata["range"], name_of(f.name))

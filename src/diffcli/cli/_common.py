@@ -1,0 +1,177 @@
+"""What the commands share: consoles, exit codes, the user-error wrapper with the one
+numeric check, the options several commands take (declared once), label and list
+parsing, the output-error context and the progress bar.
+
+torch is never imported here: `diffcli --help` must stay fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from diffcli.checks import AT_LEAST_ONE, NON_NEGATIVE, Range, check, field_range
+from diffcli.errors import UserError
+from diffcli.spec import DEFAULT_GUIDANCE, SamplerSpec
+
+console = Console()
+err_console = Console(stderr=True)
+
+EXIT_USER_ERROR = 1  # a problem the user can fix; usage errors from the parser exit 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell convention
+
+
+@dataclass(frozen=True)
+class Sets:
+    """Marks an option that sets field `name` of a core dataclass (a config section, the
+    `SamplerSpec`): the core checks it against the Range declared on that field."""
+    cls: type
+    name: str
+
+    @property
+    def range(self) -> Range | None:
+        return field_range(self.cls, self.name)
+
+
+def option_name(param: inspect.Parameter, hint) -> str:
+    """How the user wrote this option: its first declared flag, else --the-name."""
+    info = next((m for m in typing.get_args(hint)[1:] if isinstance(m, typer.models.ParameterInfo)), None)
+    flags = [d for d in (getattr(info, "param_decls", None) or ()) if d.startswith("--")]
+    if isinstance(info, typer.models.ArgumentInfo):
+        return param.name.upper()
+    return flags[0].split("/")[0] if flags else "--" + param.name.replace("_", "-")
+
+
+def check_numbers(fn, values: dict) -> None:
+    """Every number the user gave to `fn`: NaN and ±infinity refused for every float, and
+    each literal `Range` in the option's Annotated type enforced. Options marked `Sets` are
+    left to the core they set, which checks them against the field's own Range."""
+    hints = typing.get_type_hints(fn, include_extras=True)
+    for param in inspect.signature(fn).parameters.values():
+        value, hint = values.get(param.name), hints.get(param.name)
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        marks = typing.get_args(hint)[1:] if typing.get_origin(hint) is Annotated else ()
+        bounds = next((m for m in marks if isinstance(m, Range)), None)
+        check(value, bounds, option_name(param, hint))
+
+
+def user_command(fn):
+    """Check the numbers, then run; a UserError becomes one sentence on stderr and exit 1,
+    Ctrl-C exit 130, both without a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            check_numbers(fn, kwargs)
+            return fn(*args, **kwargs)
+        except UserError as e:
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(EXIT_USER_ERROR) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted.")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+    return wrapper
+
+
+@contextlib.contextmanager
+def writing(path: Path):
+    """Turn a failure to write `path` (a missing folder, no permission, a bad extension)
+    into one sentence."""
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "strerror", None) or e
+        raise UserError(f"could not write '{path}': {reason}.") from None
+
+
+def progress(label: str):
+    """The progress bar every long command shows: label, bar, n/N, a free text field
+    (`info`), elapsed time and ETA."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
+
+
+def print_notice(message: str) -> None:
+    err_console.print(f"[yellow]note:[/] {escape(message)}", highlight=False)
+
+
+def setup_logging() -> None:
+    """Warnings from the core (a skipped image file, a read-only data folder) through rich."""
+    import logging
+
+    from rich.logging import RichHandler
+
+    log = logging.getLogger("diffcli")
+    if not log.handlers:
+        log.addHandler(RichHandler(console=err_console, show_time=False, show_path=False))
+        log.setLevel(logging.INFO)
+
+
+def safe_name(text: str) -> str:
+    """`text` as a piece of a file name."""
+    return "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in text)
+
+
+def parse_labels(text: str, class_names: list[str]) -> list[int]:
+    """'all', '3', 'cat', '1,cat,7' -> class indices; unconditional models take only 'all'."""
+    k = len(class_names)
+    if k == 0:
+        if text.strip().lower() not in ("all", ""):
+            raise UserError("this model was trained without classes; use --label all.")
+        return [0]  # index num_classes (= 0) is the "no label" token
+    if text.strip().lower() == "all":
+        return list(range(k))
+    lower = {name.lower(): i for i, name in enumerate(class_names)}
+    out = []
+    for part in (p.strip() for p in text.split(",")):
+        if part.lower() in lower:
+            out.append(lower[part.lower()])
+        elif part.lstrip("-").isdigit():
+            i = int(part)
+            if not 0 <= i < k:
+                raise UserError(f"--label {i} is out of range: this model has classes 0..{k - 1}.")
+            out.append(i)
+        else:
+            shown = ", ".join(class_names[:12]) + (" ..." if k > 12 else "")
+            raise UserError(f"unknown class '{part}'; this model's classes are: {shown}.")
+    return out
+
+
+def parse_list(text: str, kind: type, option: str, bounds: Range | None = None) -> list:
+    """'10,20,50' -> [10, 20, 50], each value checked like a single number option."""
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{option} must be a comma-separated list, got '{text}'.") from None
+    if not values:
+        raise UserError(f"{option} is empty.")
+    return [check(v, bounds, option) for v in values]
+
+
+# --- options used by several commands, declared once ------------------------------
+
+Ckpt = Annotated[Path, typer.Option(help="A model.safetensors written by `diffcli train`.")]
+Device = Annotated[str, typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps.")]
+ImageSeed = Annotated[int, typer.Option(help="Image i is made from seed SEED+i, whatever the batch size."), NON_NEGATIVE]
+BatchSize = Annotated[int, typer.Option(help="Images per forward pass."), AT_LEAST_ONE]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+DATA_ROOT_HELP = "Where named datasets live or are downloaded to (default: $DIFFCLI_DATA_ROOT, else ~/.cache/diffcli/datasets)."
+DataRoot = Annotated[Optional[str], typer.Option(help=DATA_ROOT_HELP)]
+Sampler = Annotated[str, typer.Option(help="ddpm (stochastic, all T steps), ddim (deterministic with --eta 0) "
+                                           "or dpm++ (DPM-Solver++ 2M).")]
+Steps = Annotated[Optional[int], typer.Option(help="Sampling steps (default: ddim 50, dpm++ 20, ddpm T)."),
+                  Sets(SamplerSpec, "steps")]
+Guidance = Annotated[Optional[float], typer.Option(help=f"Classifier-free guidance weight: 1 plain conditional, "
+                                                        f"0 unconditional (default: {DEFAULT_GUIDANCE:g})."),
+                     Sets(SamplerSpec, "guidance")]

@@ -1,0 +1,124 @@
+"""`diffcli eval` and `diffcli classifier train`: options, one core call, tables."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from diffcli.checks import POSITIVE, Range
+from diffcli.cli._common import (AsJson, BatchSize, Ckpt, DataRoot, Device, Guidance, ImageSeed, Sampler, Steps, console,
+                                 progress, safe_name, writing)
+from diffcli.errors import UserError
+from diffcli.spec import SamplerSpec
+
+
+def evaluate(
+    ckpt: Ckpt,
+    classifier: Annotated[Optional[Path], typer.Option(help="A classifier from `diffcli classifier train`: class accuracy and classifier-FD.")] = None,
+    fid: Annotated[bool, typer.Option("--fid", help="Also compute Inception-v3 FID against the test split (slow on a CPU).")] = False,
+    inception_weights: Annotated[Optional[Path], typer.Option(help="The FID Inception weights file, if not in torch's hub cache.")] = None,
+    memorisation: Annotated[bool, typer.Option("--memorisation/--no-memorisation", help="Distances to the nearest training images.")] = True,
+    pairs: Annotated[Optional[Path], typer.Option(help="Write a contact sheet of the samples closest to a training image.")] = None,
+    n: Annotated[int, typer.Option(help="Images generated per class."), Range(2)] = 100,
+    sampler: Sampler = "ddim",
+    steps: Steps = None,
+    guidance: Guidance = None,
+    seed: ImageSeed = 0,
+    data: Annotated[Optional[str], typer.Option(help="The real images to compare with (default: the model's training data).")] = None,
+    data_root: DataRoot = None,
+    real_n: Annotated[Optional[int], typer.Option(help="Use only the first N real test images as the reference (default: all)."), Range(2)] = None,
+    batch_size: BatchSize = 250,
+    device: Device = "auto",
+    as_json: AsJson = False,
+):
+    """Measure a model's samples: class accuracy, classifier-FD, memorisation, and Inception FID."""
+    from diffcli.devices import describe, pick_device
+    from diffcli.evaluation import EvalOptions, run
+
+    opts = EvalOptions(ckpt, SamplerSpec(sampler, steps, guidance), n, seed, batch_size, classifier, fid, inception_weights,
+                       memorisation, pairs, data, data_root, real_n)
+    dev = pick_device(device)
+    report = {**run(opts, dev, console.status), "device": describe(dev)}
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_report(report)
+
+
+def _print_report(report: dict) -> None:
+    console.print(f"{report['images']:,} images from {report['model']}: {report['sampler']} {report['steps']} steps, "
+                  f"guidance {report['guidance']:g}, seeds {report['seed']}.., {report['sampling_s']:.1f} s on {report['device']}",
+                  highlight=False)
+    table = Table(show_header=True, title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("for scale")
+    if "class_accuracy" in report:
+        table.add_row("class accuracy", f"{report['class_accuracy']:.2%}",
+                      f"the classifier scores {report['classifier']['test_accuracy']:.2%} on real test images")
+        table.add_row("classifier-FD", f"{report['classifier_fd']:.3f}",
+                      f"real training images score {report['classifier_fd_real_floor']:.3f} (lower is better)")
+    if "fid" in report:
+        table.add_row("FID (Inception-v3)", f"{report['fid']:.2f}", f"against {report['fid_reference']}")
+    if "nn_ratio" in report:
+        table.add_row("nearest-training-image distance", f"{report['nn_distance_generated']:.3f}",
+                      f"median RMS; real test images: {report['nn_distance_real']:.3f} (ratio {report['nn_ratio']:.2f})")
+        table.add_row("samples closer than 99% of real", f"{report['close_share']:.1%}", "about 1% when nothing is copied")
+    console.print(table)
+    if "per_class_accuracy" in report:
+        shown = ", ".join(f"{name} {'-' if acc is None else f'{acc:.0%}'}"
+                          for name, acc in zip(report["class_names"], report["per_class_accuracy"]))
+        console.print(f"class accuracy per class: {shown}", highlight=False)
+
+
+classifier_app = typer.Typer(help="Reference classifiers for `diffcli eval`.", no_args_is_help=True)
+
+
+def classifier_train(
+    data: Annotated[str, typer.Option(help="shapes, mnist, fashion-mnist, cifar10, or a folder of images (sub-folders = classes).")],
+    data_root: DataRoot = None,
+    image_size: Annotated[Optional[int], typer.Option(help="Resize images to this size: the size of the models it will judge."), Range(4)] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Train on only the first N training images (quick experiments)."), Range(1)] = None,
+    out: Annotated[Optional[Path], typer.Option(help="The .safetensors file to write (default: DATA-classifier.safetensors).")] = None,
+    epochs: Annotated[float, typer.Option(help="Passes over the training split."), POSITIVE] = 3.0,
+    batch_size: Annotated[int, typer.Option(help="Images per step."), Range(1)] = 128,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (one-cycle: warm-up, then cosine to zero)."), POSITIVE] = 3e-3,
+    width: Annotated[Optional[int], typer.Option(help="Channels at full resolution (default: 16)."), Range(1)] = None,
+    seed: Annotated[int, typer.Option(help="Seed for initialisation, data order and augmentation."), Range(0)] = 0,
+    device: Device = "auto",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file.")] = False,
+):
+    """Train the classifier that `diffcli eval` uses to judge class fidelity; scores it on the test split."""
+    from diffcli import data as D
+    from diffcli.classifier import ClassifierConfig, reference_splits, save_classifier, train_classifier
+    from diffcli.devices import describe, pick_device
+
+    out = out or Path(f"{safe_name(Path(data).name if data not in D.NAMED else data)}-classifier.safetensors")
+    if out.exists() and not overwrite:
+        raise UserError(f"'{out}' already exists; pass --overwrite to replace it or choose another --out.")
+    dev = pick_device(device)
+    with console.status(f"loading {data} ..."):
+        train_data, test_data, held = reference_splits(data, data_root, image_size, limit)
+    console.print(f"{data}: {len(train_data.labels):,} training images, {len(test_data.labels):,} test images ({held}); "
+                  f"{describe(dev)}", highlight=False)
+    with progress("classifier") as bar:
+        task = bar.add_task("train", total=None, info="")
+
+        def report(event, step, total, loss):
+            if step % 20 == 0 or step == total:
+                bar.update(task, total=total, completed=step, info=f"loss {loss:.3f}")
+
+        model, scores = train_classifier(train_data, test_data, epochs, batch_size, lr, width or ClassifierConfig.width,
+                                         seed, dev, report)
+    with writing(out):
+        save_classifier(out, model, train_data.class_names, data, scores)
+    console.print(f"test accuracy [bold]{scores['test_accuracy']:.2%}[/] on {scores['test_images']:,} images", highlight=False)
+    table = Table(show_header=False)
+    for name, acc in zip(train_data.class_names, scores["per_class_accuracy"]):
+        table.add_row(name, "-" if acc is None else f"{acc:.2%}")
+    console.print(table)
+    console.print(f"wrote [cyan]{out}[/]; next: diffcli eval --ckpt MODEL --classifier {out}", highlight=False)

@@ -1,0 +1,121 @@
+"""`diffcli sample` and `diffcli compare`: options, one `SamplerSpec`, one core call, print."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from diffcli.checks import AT_LEAST_ONE, NON_NEGATIVE, Range
+from diffcli.cli._common import (BatchSize, Ckpt, Device, Guidance, ImageSeed, Sampler, Sets, Steps, console, parse_labels,
+                                 parse_list, print_notice, safe_name, writing)
+from diffcli.errors import UserError
+from diffcli.spec import DEFAULT_GUIDANCE, SamplerSpec
+
+
+def sample(
+    ckpt: Ckpt,
+    label: Annotated[str, typer.Option(help="Class to draw: an index, a class name, several joined by commas, or all.")] = "all",
+    n: Annotated[int, typer.Option(help="Images per label."), Range(1)] = 8,
+    sampler: Sampler = "ddim",
+    steps: Steps = None,
+    eta: Annotated[float, typer.Option(help="DDIM noise: 0 deterministic, 1 DDPM-like."), Sets(SamplerSpec, "eta")] = 0.0,
+    guidance: Guidance = None,
+    variance: Annotated[str, typer.Option(help="DDPM step variance: beta_tilde (posterior) or beta.")] = "beta_tilde",
+    clip: Annotated[bool, typer.Option("--clip/--no-clip", help="Clip the predicted x0 to the data range at every step.")] = True,
+    seed: ImageSeed = 0,
+    out: Annotated[Path, typer.Option(help="The grid image to write (one row per label).")] = Path("samples.png"),
+    save_individual: Annotated[Optional[Path], typer.Option(help="Also write every image as its own PNG into this folder.")] = None,
+    batch_size: BatchSize = 64,
+    device: Device = "auto",
+    trajectory: Annotated[Optional[Path], typer.Option(help="Also draw the denoising trajectory: a .png strip (x_t and predicted x0, one row per image) or a .gif animation.")] = None,
+    frames: Annotated[int, typer.Option(help="Steps shown in --trajectory, evenly spaced."), Range(1, 100)] = 8,
+    compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the U-Net first: pays off for many images on a GPU.")] = False,
+):
+    """Generate images from a trained model."""
+    if trajectory is not None and trajectory.suffix.lower() not in (".png", ".gif"):
+        raise UserError(f"--trajectory must end in .png or .gif, got '{trajectory.name}'.")
+    from diffcli.checkpoint import load_model
+    from diffcli.devices import describe, pick_device, timed
+    from diffcli.figures import enlargement, trajectory_gif, trajectory_strip
+    from diffcli.generate import Trajectory, compiled_for_sampling, generate
+    from diffcli.images import grid, save, to_pil
+    from diffcli.schedules import make_schedule
+
+    dev = pick_device(device)
+    model, cfg, meta = load_model(ckpt, dev)
+    schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
+    spec = SamplerSpec(sampler, steps, guidance, eta, variance, clip).resolve(schedule.T)
+    labels = parse_labels(label, meta["class_names"])
+    per_image = [lab for lab in labels for _ in range(n)]
+    seeds = list(range(seed, seed + len(per_image)))
+    prediction = cfg.diffusion.prediction
+    if compile:
+        with console.status(f"compiling the U-Net for {describe(dev)} ..."):
+            model = compiled_for_sampling(model, schedule, prediction, spec, labels=per_image, seeds=seeds,
+                                          batch_size=batch_size, report=lambda event, message: print_notice(message))
+    recorder = Trajectory(spec.steps, frames) if trajectory else None
+    with console.status(f"sampling {len(per_image)} images with {spec.sampler}, {spec.steps} steps on {describe(dev)} ..."):
+        imgs, seconds = timed(lambda: generate(model, schedule, prediction, spec, labels=per_image, seeds=seeds,
+                                               batch_size=batch_size, callback=recorder), dev)
+    with writing(out):
+        save(grid(imgs, n if len(labels) > 1 else math.ceil(n ** 0.5)), out)  # one label: a square-ish grid
+        for i, (img, lab, s) in enumerate(zip(imgs, per_image, seeds) if save_individual else ()):
+            tag = meta["class_names"][lab] if meta["class_names"] else "uncond"
+            save(to_pil(img), save_individual / f"{i:05d}_{safe_name(tag)}_seed{s}.png")
+        if trajectory and trajectory.suffix.lower() == ".gif":
+            trajectory_gif(recorder.xt, recorder.x0, imgs, trajectory)
+        elif trajectory:
+            save(trajectory_strip(recorder.xt, recorder.x0, recorder.timesteps, imgs, scale=enlargement(imgs)), trajectory)
+    console.print(f"wrote [cyan]{out}[/]: {len(per_image)} images, {spec.describe()}, "
+                  f"{seconds:.1f} s ({len(per_image) / seconds:.1f} images/s) on {describe(dev)}", highlight=False)
+    if trajectory:
+        console.print(f"trajectory: [cyan]{trajectory}[/] (t = {', '.join(map(str, recorder.timesteps))})", highlight=False)
+
+
+def compare(
+    ckpt: Ckpt,
+    samplers: Annotated[str, typer.Option(help="Comma-separated samplers, one row each.")] = "ddpm,ddim,dpm++",
+    steps: Annotated[str, typer.Option(help="Comma-separated step counts, one column each (ddpm always runs all T).")] = "10,20,50",
+    guidance: Annotated[Optional[str], typer.Option(help=f"Comma-separated guidance weights, a row each per sampler (default: {DEFAULT_GUIDANCE:g}).")] = None,
+    label: Annotated[str, typer.Option(help="The class to draw (index or name).")] = "0",
+    n: Annotated[int, typer.Option(help="Images per cell."), Range(1, 64)] = 4,
+    seed: Annotated[int, typer.Option(help="Seeds SEED..SEED+n-1: the same starting noise in every cell."), NON_NEGATIVE] = 0,
+    out: Annotated[Path, typer.Option(help="The contact sheet to write.")] = Path("compare.png"),
+    device: Device = "auto",
+):
+    """Contact sheet of samplers x steps (x guidance) from the same starting noise, each cell timed."""
+    names = parse_list(samplers, str, "--samplers")
+    step_list = parse_list(steps, int, "--steps", AT_LEAST_ONE)
+    weights = parse_list(guidance, float, "--guidance") if guidance else [DEFAULT_GUIDANCE]
+
+    from diffcli.checkpoint import load_model
+    from diffcli.devices import describe, pick_device
+    from diffcli.figures import sweep_sheet
+    from diffcli.generate import sweep
+    from diffcli.images import save
+    from diffcli.schedules import make_schedule
+
+    dev = pick_device(device)
+    model, cfg, meta = load_model(ckpt, dev)
+    T = cfg.diffusion.timesteps
+    rows = [(s, w) for s in names for w in weights]
+    columns = sorted(set(step_list) | ({T} if "ddpm" in names else set()))
+    # A cell for each (row, column) the sampler can run: ddpm only in the T column.
+    cells = {(s, w, k): SamplerSpec(s, k, w).resolve(T) for s, w in rows for k in columns
+             if (k == T if s == "ddpm" else k in step_list)}
+    lab = parse_labels(label, meta["class_names"])[0]
+    seeds = list(range(seed, seed + n))
+    with console.status(f"sampling {len(cells)} cells of {n} images on {describe(dev)} ..."):
+        results = dict(zip(cells, sweep(model, make_schedule(cfg.diffusion.schedule, T), cfg.diffusion.prediction,
+                                        list(cells.values()), label=lab, seeds=seeds)))
+    sheet = sweep_sheet([[results.get((s, w, k)) for k in columns] for s, w in rows],
+                        [[f"{s} {k} steps w={w:g}" for k in columns] for s, w in rows],
+                        ["ddpm runs all T steps" if s == "ddpm" else "" for s, _ in rows])
+    with writing(out):
+        save(sheet, out)
+    name = meta["class_names"][lab] if meta["class_names"] else "unconditional"
+    console.print(f"wrote [cyan]{out}[/]: {len(rows)} rows x {len(columns)} columns, label {name}, seeds {seed}..{seed + n - 1}",
+                  highlight=False)

@@ -1,0 +1,186 @@
+"""`diffcli train`: options, the run's config, one call to the training loop, progress."""
+
+import os
+import signal
+import time
+import typing
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from diffcli.cli._common import DATA_ROOT_HELP, EXIT_INTERRUPTED, Sets, console, err_console, progress, setup_logging
+from diffcli.config import DataConfig, DiffusionConfig, TrainConfig
+
+
+def _opt(kind, cls, name: str, help: str, *decls: str):
+    """The type of an option that sets config field `name` of section `cls`, with that
+    field's own bounds (config.validate checks them, naming the key)."""
+    return Annotated[Optional[kind], typer.Option(*decls, help=help), Sets(cls, name)]
+
+
+def train(
+    data: _opt(str, DataConfig, "name", "shapes (built in, no download), mnist, fashion-mnist, cifar10, or a folder of images (sub-folders = classes).") = None,
+    data_root: _opt(str, DataConfig, "root", DATA_ROOT_HELP) = None,
+    image_size: _opt(int, DataConfig, "image_size", "Resize images to this size (default: the dataset's own).") = None,
+    limit: _opt(int, DataConfig, "limit", "Use only the first N images (quick experiments).") = None,
+    out: Annotated[Path, typer.Option(help="Run folder: model.safetensors, train_state, config.yaml, metrics.jsonl, samples/.")] = Path("runs/latest"),
+    preset: Annotated[Optional[str], typer.Option(help="Model size: tiny (tests), small (MNIST on a CPU, the default), base (DDPM CIFAR-10, 35.7M).")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="YAML config (the same format as a run's config.yaml); options given here override it.")] = None,
+    epochs: _opt(float, TrainConfig, "epochs", "Stop after this many passes over the data (default: 10 when no other limit is set).") = None,
+    max_steps: _opt(int, TrainConfig, "max_steps", "Stop after this many optimizer steps.") = None,
+    minutes: _opt(float, TrainConfig, "minutes", "Wall-clock budget: stop cleanly, save and sample when it is spent.") = None,
+    batch_size: _opt(int, TrainConfig, "batch_size", "Images per step (default: preset).") = None,
+    lr: _opt(float, TrainConfig, "lr", "Peak learning rate of AdamW (default: preset).") = None,
+    lr_schedule: _opt(str, TrainConfig, "lr_schedule", "constant or cosine (after warm-up).") = None,
+    warmup_steps: _opt(int, TrainConfig, "warmup_steps", "Linear learning-rate warm-up steps (default: preset).") = None,
+    ema_decay: _opt(float, TrainConfig, "ema_decay", "EMA decay of the weights used for sampling (default: preset).") = None,
+    label_dropout: _opt(float, TrainConfig, "label_dropout", "Share of labels dropped, for classifier-free guidance (default: 0.1).") = None,
+    min_snr_gamma: _opt(float, TrainConfig, "min_snr_gamma", "Min-SNR-γ loss weighting; 0 = plain MSE (default: 5).") = None,
+    grad_clip: _opt(float, TrainConfig, "grad_clip", "Clip the gradient norm at this value; 0 turns clipping off (default: 1.0).") = None,
+    timesteps: _opt(int, DiffusionConfig, "timesteps", "Diffusion steps T (default: 1000).") = None,
+    schedule: _opt(str, DiffusionConfig, "schedule", "Noise schedule: linear or cosine (default: cosine).") = None,
+    prediction: _opt(str, DiffusionConfig, "prediction", "What the network predicts: v or eps (default: v).") = None,
+    flip: _opt(bool, DataConfig, "flip", "Random horizontal flips (default: on for cifar10 and folders).", "--flip/--no-flip") = None,
+    on_nonfinite: _opt(str, TrainConfig, "on_nonfinite", "When the loss becomes NaN/inf: stop (keep the last checkpoint) or rollback (to the last good state, halving the LR) (default: stop).") = None,
+    sample_every: _opt(int, TrainConfig, "sample_every", "Steps between checkpoints and sample grids (default: preset).") = None,
+    device: _opt(str, TrainConfig, "device", "auto (CUDA, then MPS, then CPU), cpu, cuda or mps.") = None,
+    seed: _opt(int, TrainConfig, "seed", "Seed for initialisation, data order and noise (default: 0).") = None,
+    compile: _opt(bool, TrainConfig, "compile", "torch.compile the U-Net: faster steps after a minute or so of compiling (default: on for CUDA only).", "--compile/--no-compile") = None,
+    precision: _opt(str, TrainConfig, "precision", "auto (bf16 on CUDA, fp32 elsewhere), fp32, or bf16 (also on the CPU: faster where it has AMX, slower where it does not).") = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over in an --out folder that holds another run.")] = False,
+):
+    """Train a class-conditional diffusion model."""
+    setup_logging()
+    from diffcli import config as C
+    from diffcli.data import NAMED
+    from diffcli.runs import run_config
+
+    values = config_values(train, locals())
+    if resume:
+        cfg = C.resumed(run_config(out), values["train"])
+    else:
+        cfg = C.build_config(preset, str(config) if config else None, values)
+        C.absolute_data_paths(cfg, NAMED)
+    _run(cfg, out, resume, overwrite)
+
+
+def config_values(fn, given: dict) -> dict:
+    """{section: {key: value}} of the options of `fn` that set a config field (`Sets`)."""
+    from diffcli.config import SECTIONS
+
+    section_of = {cls: name for name, cls in SECTIONS.items()}
+    values: dict = {name: {} for name in SECTIONS}
+    for param, hint in typing.get_type_hints(fn, include_extras=True).items():
+        mark = next((m for m in getattr(hint, "__metadata__", ()) if isinstance(m, Sets)), None)
+        if mark is not None:
+            values[section_of[mark.cls]][mark.name] = given[param]
+    return values
+
+
+def _run(cfg, out: Path, resume: bool, overwrite: bool) -> None:
+    from diffcli import data as D
+    from diffcli import distributed
+    from diffcli.config import fit_to_data
+    from diffcli.devices import describe
+    from diffcli.runs import prepare_out
+
+    world, device = distributed.setup(cfg.train.device)
+    if world.active:
+        err_console.print(f"rank {world.rank} of {world.size}: {describe(device)}, pid {os.getpid()}", highlight=False)
+    if not world.is_main:  # rank 0 speaks and writes for the run
+        console.quiet = err_console.quiet = True
+    try:
+        if world.is_main:
+            prepare_out(out, resume, overwrite)
+        # Rank 0 loads first (it may extract archives); the others then read what it left.
+        for turn in (True, False):
+            if world.is_main == turn:
+                with console.status(f"loading {cfg.data.name} ..."):
+                    data = D.load(cfg.data.name, cfg.data.root, cfg.data.image_size, cfg.data.limit)
+            distributed.barrier(world)
+        _, c, h, _ = data.images.shape
+        fit_to_data(cfg, c, h, data.num_classes)
+        _print_dataset(data)
+        _train_with_progress(cfg, data, out, resume, world, device)
+    finally:
+        distributed.shutdown(world)
+
+
+class _Progress:
+    """Draws the training loop's reports: a bar by steps, or by seconds for a --minutes run."""
+
+    def __init__(self, bar):
+        self.bar, self.task, self.by_time, self.t0, self.notices = bar, None, False, 0.0, set()
+
+    def __call__(self, event: str, **info) -> None:
+        from diffcli.devices import describe
+
+        if event == "start":
+            ranks = f" over {info['world']} processes ({info['batch'] // info['world']} each)" if info["world"] > 1 else ""
+            console.print(f"device: [bold]{describe(info['device'])}[/]; {info['params']:,} parameters; "
+                          f"global batch {info['batch']}{ranks}, {info['steps_per_epoch']} steps per epoch"
+                          + (f"; budget {info['budget_s'] / 60:g} min" if info["budget_s"] else ""), highlight=False)
+            self.by_time, self.t0 = not info["total_steps"], time.monotonic()
+            total = info["budget_s"] if self.by_time else info["total_steps"]
+            self.task = self.bar.add_task("train", total=total, completed=0 if self.by_time else info["step"], info="")
+        elif event == "step":
+            done = min(time.monotonic() - self.t0, self.bar.tasks[0].total) if self.by_time else info["step"]
+            self.bar.update(self.task, completed=done)
+        elif event == "log":
+            self.bar.update(self.task, info=f"step {info['step']} loss {info['loss']:.4f} {info['images_per_s']:.0f} img/s")
+        elif event == "notice" and info["message"] not in self.notices:
+            self.notices.add(info["message"])
+            self.bar.console.print(f"[yellow]note:[/] {escape(info['message'])}", highlight=False)
+        elif event == "grid":
+            self.bar.console.print(f"step {info['step']}: checkpoint and sample grid [cyan]{info['path']}[/]", highlight=False)
+
+
+def _train_with_progress(cfg, data, out, resume, world, device) -> None:
+    from diffcli.training import train as train_loop
+
+    stops = {"count": 0}
+
+    def on_sigint(signum, frame):
+        stops["count"] += 1
+        if stops["count"] > 1:
+            raise KeyboardInterrupt
+        err_console.print("[yellow]stopping after this step and saving (Ctrl-C again to quit at once)...[/]")
+
+    old_handler = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        with progress("train") as bar:
+            result = train_loop(cfg, data, out, resume, _Progress(bar), should_stop=lambda: stops["count"] > 0,
+                                world=world, device=device)
+    finally:
+        signal.signal(signal.SIGINT, old_handler)
+    console.print(f"[bold green]done[/]: {result.step} steps ({result.epoch:.2f} epochs), stopped by {result.stopped_by}.")
+    console.print(f"model: [cyan]{result.model_path}[/]")
+    if result.grid_path:
+        console.print(f"samples: [cyan]{result.grid_path}[/]")
+    console.print(f"next: diffcli sample --ckpt {result.model_path} --label all --out samples.png", highlight=False)
+    if result.stopped_by == "interrupt":
+        raise typer.Exit(EXIT_INTERRUPTED)
+
+
+def _print_dataset(data) -> None:
+    import torch
+
+    n, c, h, w = data.images.shape
+    table = Table(title=f"dataset: {data.name}", show_header=False, title_justify="left")
+    table.add_row("images", f"{n:,}")
+    table.add_row("size", f"{h}x{w}, {c} channel{'s' if c > 1 else ''}, uint8 {int(data.images.min())}..{int(data.images.max())}")
+    if data.class_names:
+        counts = torch.bincount(data.labels, minlength=data.num_classes).tolist()
+        shown = ", ".join(f"{name} {k}" for name, k in list(zip(data.class_names, counts))[:12])
+        table.add_row("classes", f"{data.num_classes}: {shown}{' ...' if data.num_classes > 12 else ''}")
+        if min(counts) * 2 < max(counts):
+            err_console.print(f"[yellow]warning:[/] classes are unbalanced ({min(counts)} to {max(counts)} images).")
+    else:
+        table.add_row("classes", "none (unconditional)")
+    console.print(table)
+    if n < 1000:
+        err_console.print(f"[yellow]warning:[/] only {n} images: a diffusion model this size may memorise them.")

@@ -1,0 +1,155 @@
+"""The run folder: its layout, the refusal to mix two runs in one, what a resume reads,
+and the summaries `diffcli inspect` prints of a run folder or a checkpoint file.
+
+    runs/NAME/model.safetensors        EMA weights + config: enough to sample
+              train_state.safetensors  everything `--resume` needs (trainstate.py)
+              config.yaml              the resolved config, accepted back by --config
+              metrics.jsonl            one line per LOG_EVERY steps
+              samples/step_*.png       one grid per checkpoint; samples/latest.png
+              loss.png                 the loss curve (with the plots extra)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from diffcli import checkpoint
+from diffcli.config import RunConfig, from_dict
+from diffcli.errors import UserError
+from diffcli.files import atomic_write_bytes
+
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "train_state.safetensors"
+METRICS_FILE = "metrics.jsonl"
+
+
+def prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix two runs in one folder; check it is writable before any work."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out '{out}' is a file; give a folder for the run.")
+    holds_run = (out / STATE_FILE).exists() or (out / MODEL_FILE).exists()
+    if holds_run and not (resume or overwrite):
+        raise UserError(f"'{out}' already holds a run; pass --resume to continue it or --overwrite to start over.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to the output folder '{out}' ({e.strerror}).") from None
+
+
+def state_path(out: Path) -> Path:
+    path = out / STATE_FILE
+    if not path.is_file():
+        raise UserError(f"cannot resume: '{path}' does not exist (is '{out}' a diffcli run folder?).")
+    return path
+
+
+def run_config(out: Path) -> RunConfig:
+    """The config a run was trained with, from its training state's header (no weights read)."""
+    return from_dict(checkpoint.model_metadata(checkpoint.read_header(state_path(out)))["config"])
+
+
+def checkpoint_bytes(params: int) -> int:
+    """Disk a run needs at most: train_state (weights, EMA, two Adam moments) + the model
+    file, each written beside its predecessor before the rename, plus room for grids."""
+    return 2 * (4 + 1) * 4 * params + 50_000_000
+
+
+def check_free_space(out: Path, params: int) -> None:
+    need, free = checkpoint_bytes(params), shutil.disk_usage(out).free
+    if free < need:
+        raise UserError(f"only {free / 1e6:.0f} MB free in '{out}', and this run's checkpoints need about "
+                        f"{need / 1e6:.0f} MB; free some space or choose another --out.")
+
+
+def truncate_metrics(out: Path, step: int) -> None:
+    """On resume, drop metrics logged after the checkpoint we continue from (and a last
+    line a kill cut short, which `read_metrics` skips)."""
+    from diffcli.plots import read_metrics
+
+    path = out / METRICS_FILE
+    if path.exists():
+        keep = [json.dumps(r) + "\n" for r in read_metrics(path) if r.get("step", 0) <= step]
+        atomic_write_bytes(path, "".join(keep).encode())
+
+
+# --- what `diffcli inspect` shows ---------------------------------------------------
+
+def describe_file(path: Path) -> dict:
+    """What a .safetensors file written by diffcli holds, from its header alone."""
+    header = checkpoint.read_header(path)
+    if (header.get("__metadata__") or {}).get("format") == "diffcli-classifier":
+        return classifier_summary(header)
+    return model_summary(header, checkpoint.model_metadata(header), path.stat().st_size)
+
+
+def describe(target: Path) -> dict:
+    """`describe_file` of a checkpoint, or of a run folder's model plus its last metrics."""
+    if target.is_dir() and (target / MODEL_FILE).exists():
+        return {**describe_file(target / MODEL_FILE), **run_summary(target)}
+    return describe_file(target)
+
+
+def run_summary(run_dir: Path) -> dict:
+    """The last metrics line and the latest pictures of a run folder."""
+    from diffcli.plots import read_metrics
+
+    records = read_metrics(run_dir / METRICS_FILE)
+    info = {}
+    if records:
+        last = records[-1]
+        info.update({"last_step": last["step"], "last_loss": round(last["loss"], 5),
+                     "images_per_s": round(last["images_per_s"], 1), "minutes_this_session": round(last["elapsed_s"] / 60, 1)})
+    for key, name in (("latest_grid", "samples/latest.png"), ("loss_curve", "loss.png")):
+        if (run_dir / name).exists():
+            info[key] = str(run_dir / name)
+    return info
+
+
+def classifier_summary(header: dict) -> dict:
+    from dataclasses import asdict
+
+    from diffcli.classifier import classifier_metadata
+
+    meta = classifier_metadata(header)
+    return {"kind": "classifier", "dataset": meta["dataset"], **asdict(meta["config"]), "classes": meta["class_names"],
+            "test_accuracy": meta["test_accuracy"], "per_class_accuracy": [None if a is None else round(a, 4) for a in meta["per_class_accuracy"]],
+            "test_images": meta["test_images"]}
+
+
+def model_summary(header: dict, meta: dict, file_size: int) -> dict:
+    cfg = meta["config"]
+    m, d, t = cfg.get("model", {}), cfg.get("diffusion", {}), cfg.get("train", {})
+    params, dtypes = 0, set()
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        count = 1
+        for dim in entry.get("shape", []):
+            count *= dim
+        params += count
+        dtypes.add(entry.get("dtype", "?"))
+    return {
+        "kind": "diffusion model",
+        "architecture": f"U-Net, {m.get('base_channels')} channels x {m.get('channel_mult')}, "
+                        f"{m.get('num_res_blocks')} blocks/level, attention at levels {m.get('attn_levels')}",
+        "preset": t.get("preset"),
+        "parameters": params,
+        "dtype": ", ".join(sorted(dtypes)),
+        "image_size": m.get("image_size"),
+        "channels": m.get("in_channels"),
+        "classes": meta["class_names"] or "none (unconditional)",
+        "schedule": d.get("schedule"),
+        "timesteps": d.get("timesteps"),
+        "prediction": d.get("prediction"),
+        "training_step": meta["step"],
+        "epochs": meta["epoch"],
+        "ema_decay": t.get("ema_decay"),
+        "dataset": cfg.get("data", {}).get("name"),
+        "diffcli_version": meta["version"],
+        "file_size": f"{file_size / 1e6:.1f} MB",
+    }

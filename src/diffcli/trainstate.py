@@ -1,0 +1,101 @@
+"""`TrainState`: everything a training run carries from step to step, in one object that
+saves, loads, snapshots and restores itself.
+
+Saved without pickle as `train_state.safetensors` (raw and EMA weights, optimizer
+moments, the batch generator's and torch's RNG states; the optimizer's hyper-parameters
+as JSON metadata) beside `model.safetensors` (the EMA weights, enough to sample). So a
+resumed run continues the same random sequence, bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from diffcli import checkpoint
+from diffcli.config import RunConfig, to_dict
+from diffcli.devices import fused_adamw
+from diffcli.errors import UserError
+from diffcli.runs import MODEL_FILE, STATE_FILE, state_path
+from diffcli.unet import UNet
+
+
+@dataclass
+class TrainState:
+    net: torch.nn.Module  # the weights being trained
+    ema: torch.nn.Module  # their exponential moving average: what is sampled
+    opt: torch.optim.Optimizer
+    batch_gen: torch.Generator  # timesteps, noise, label dropout and flips (CPU)
+    step: int = 0
+
+    @classmethod
+    def create(cls, cfg: RunConfig, device: torch.device, layout: torch.memory_format) -> TrainState:
+        """A fresh state: weights from torch's global generator (seed it first), as usual."""
+        tc = cfg.train
+        net = UNet(cfg.model).to(device, memory_format=layout)
+        ema = copy.deepcopy(net).eval().requires_grad_(False)
+        opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=fused_adamw(device))
+        return cls(net, ema, opt, torch.Generator().manual_seed(tc.seed))
+
+    # --- files -----------------------------------------------------------------------
+
+    def save(self, out: Path, cfg: RunConfig, class_names: list[str], epoch: float) -> None:
+        """train_state.safetensors, then model.safetensors, each written atomically."""
+        opt_sd = self.opt.state_dict()
+        tensors = {f"model.{k}": v for k, v in self.net.state_dict().items()}
+        tensors.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
+        for pid, st in opt_sd["state"].items():
+            for k, v in st.items():
+                tensors[f"opt.{pid}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+        tensors["rng.batch"] = self.batch_gen.get_state()
+        tensors["rng.torch"] = torch.get_rng_state()
+        metadata = {"format": checkpoint.FORMAT, "config": json.dumps(to_dict(cfg)), "class_names": json.dumps(class_names),
+                    "step": str(self.step), "epoch": repr(epoch), "optimizer": json.dumps({"param_groups": opt_sd["param_groups"]})}
+        checkpoint.save_tensors(out / STATE_FILE, tensors, metadata)
+        checkpoint.save_model(out / MODEL_FILE, self.ema.state_dict(), to_dict(cfg), class_names, self.step, epoch)
+
+    def load(self, out: Path) -> None:
+        """Continue from the run in `out`: weights, moments, RNG states and step."""
+        from safetensors.torch import load_file
+
+        path = state_path(out)
+        header = checkpoint.read_header(path)
+        meta = checkpoint.model_metadata(header)
+        try:
+            tensors = load_file(str(path))
+        except Exception as e:
+            raise UserError(f"cannot resume: '{path}' is damaged ({e}).") from None
+        self.net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        self.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        state: dict[int, dict] = {}
+        for k, v in tensors.items():
+            if k.startswith("opt."):
+                _, pid, name = k.split(".", 2)
+                state.setdefault(int(pid), {})[name] = v
+        param_groups = json.loads(header["__metadata__"]["optimizer"])["param_groups"]
+        self.opt.load_state_dict({"state": state, "param_groups": param_groups})
+        # Saved moments come back contiguous; give them their parameter's layout (channels_last, mostly),
+        # since the fused AdamW kernel walks a parameter and its moments as flat memory.
+        for param, st in self.opt.state.items():
+            for name, value in st.items():
+                if torch.is_tensor(value) and value.shape == param.shape:
+                    st[name] = torch.empty_like(param).copy_(value)
+        self.batch_gen.set_state(tensors["rng.batch"])
+        torch.set_rng_state(tensors["rng.torch"])
+        self.step = meta["step"]
+
+    # --- in memory (the rollback after a non-finite loss) -------------------------------
+
+    def snapshot(self) -> tuple:
+        return (self.step, *(copy.deepcopy(m.state_dict()) for m in (self.net, self.ema, self.opt)), self.batch_gen.get_state())
+
+    def restore(self, snap: tuple) -> None:
+        self.step, net_sd, ema_sd, opt_sd, gen_state = snap
+        self.net.load_state_dict(net_sd)
+        self.ema.load_state_dict(ema_sd)
+        self.opt.load_state_dict(copy.deepcopy(opt_sd))
+        self.batch_gen.set_state(gen_state)
