@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from diffcli import checkpoint, files, training
+from diffcli import files, training
 from diffcli.checkpoint import load_model, model_metadata, read_header
 from diffcli.cli import app
 

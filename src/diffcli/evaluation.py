@@ -23,7 +23,7 @@ import torch
 from diffcli import data as D
 from diffcli import metrics
 from diffcli.classifier import Classifier, held_out, per_class_accuracy, predict
-from diffcli.errors import UserError
+from diffcli.errors import UserError, writing
 from diffcli.spec import SamplerSpec
 
 CLOSE_PERCENTILE = 1.0  # a sample is "close" when nearer its training neighbour than 99% of real held-out images are
@@ -80,10 +80,8 @@ def run(opts: EvalOptions, device, status=lambda text: contextlib.nullcontext())
         from diffcli.figures import pairs_sheet
         from diffcli.images import save
 
-        try:
+        with writing(opts.pairs):
             save(pairs_sheet(images, real.train.images, mem["nearest"], mem["distances"]), opts.pairs)
-        except (OSError, ValueError) as e:
-            raise UserError(f"could not write '{opts.pairs}': {e}.") from None
     return {"model": str(opts.ckpt), "dataset": data_name, "class_names": meta["class_names"], **report}
 
 

@@ -26,20 +26,20 @@ from typing import Callable
 
 import torch
 
-from diffcli import checkpoint, compiling
+from diffcli import compiling
 from diffcli.config import RunConfig, TrainConfig, save_yaml
 from diffcli.data import ImageData, to_model_range
 from diffcli.devices import autocast, memory_format, pick_device, upload
-from diffcli.distributed import World, any_rank, barrier, check_batch, max_over_ranks, mean_over_ranks
+from diffcli.distributed import World, any_rank, barrier, check_batch, mean_over_ranks
 from diffcli.errors import UserError
 from diffcli.generate import generate
 from diffcli.images import grid, save
 from diffcli.runs import METRICS_FILE, MODEL_FILE, check_free_space, truncate_metrics
 from diffcli.schedules import Schedule, make_schedule, q_sample, v_target
 from diffcli.spec import SamplerSpec
-from diffcli.trainstate import TrainState
+from diffcli.trainstate import NonFiniteGuard, TrainState
+
 LOG_EVERY = 50  # steps between metrics lines and non-finite checks (the only host syncs)
-MAX_ROLLBACKS = 3  # with on_nonfinite=rollback: give up after this many
 STOP_CHECK_EVERY = 10  # steps between the ranks' vote on stopping (time budget, Ctrl-C)
 DEFAULT_EPOCHS = 10  # when no stopping rule is given
 GRID_COLUMNS = 8
@@ -333,48 +333,6 @@ def _dry_step(fast, net, cfg: RunConfig, schedule: Schedule, shape: tuple, layou
             loss = diffusion_loss(fast, schedule, cfg.diffusion.prediction, x, t, torch.zeros_like(x), y, cfg.train.min_snr_gamma)
         loss.backward()
     net.zero_grad(set_to_none=True)
-
-
-class NonFiniteGuard:
-    """Notices a NaN/inf loss on the step it happens without a host sync per step: each
-    step records, on the device, the first step whose loss was not finite; `check` reads
-    that once per LOG_EVERY steps and before every checkpoint, so a bad state is never saved.
-
-    mode "stop": raise with the step and advice; the last checkpoint stays intact.
-    mode "rollback": go back to the state kept at the last good check, halve the learning
-    rate, and continue (at most MAX_ROLLBACKS times).
-    """
-
-    def __init__(self, mode: str, device: torch.device):
-        self.mode = mode
-        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
-        self.lr_scale = 1.0
-        self.rollbacks = 0
-        self.snapshot = None
-
-    def watch(self, loss: torch.Tensor, step: int) -> None:
-        self.first_bad.masked_fill_((self.first_bad < 0) & ~torch.isfinite(loss), step)
-
-    def check(self, state: TrainState, out: Path, report, world: World = World(), final: bool = False) -> bool:
-        """True when it rolled `state` back; raises when the loss went bad and it cannot."""
-        bad = int(max_over_ranks(world, self.first_bad).item())  # every rank sees the same verdict
-        rollback = self.mode == "rollback" and not final
-        if bad < 0:
-            if rollback:
-                self.snapshot = state.snapshot()
-            return False
-        if rollback and self.snapshot is not None and self.rollbacks < MAX_ROLLBACKS:
-            state.restore(self.snapshot)
-            self.first_bad.fill_(-1)
-            self.lr_scale *= 0.5
-            self.rollbacks += 1
-            report("notice", message=f"the loss was not finite at step {bad}; rolled back to step {state.step} "
-                                     f"and halved the learning rate (rollback {self.rollbacks} of {MAX_ROLLBACKS}).")
-            return True
-        saved = checkpoint.model_metadata(checkpoint.read_header(out / MODEL_FILE))["step"] if (out / MODEL_FILE).exists() else None
-        kept = f"the last checkpoint (step {saved}) in '{out}' is intact" if saved is not None else "no checkpoint had been saved yet"
-        raise UserError(f"the loss became NaN or infinite at step {bad}; {kept}. Lower --lr, keep --grad-clip on, "
-                        f"or pass --on-nonfinite rollback.")
 
 
 def _checkpoint(out: Path, cfg: RunConfig, state: TrainState, per_epoch: int, data: ImageData, schedule: Schedule,

@@ -5,6 +5,9 @@ Saved without pickle as `train_state.safetensors` (raw and EMA weights, optimize
 moments, the batch generator's and torch's RNG states; the optimizer's hyper-parameters
 as JSON metadata) beside `model.safetensors` (the EMA weights, enough to sample). So a
 resumed run continues the same random sequence, bit for bit.
+
+`NonFiniteGuard` watches the loss and, when it turns NaN, stops before a bad state is
+saved or rolls the state back to its last good snapshot.
 """
 
 from __future__ import annotations
@@ -19,9 +22,12 @@ import torch
 from diffcli import checkpoint
 from diffcli.config import RunConfig, to_dict
 from diffcli.devices import fused_adamw
+from diffcli.distributed import World, max_over_ranks
 from diffcli.errors import UserError
 from diffcli.runs import MODEL_FILE, STATE_FILE, state_path
 from diffcli.unet import UNet
+
+MAX_ROLLBACKS = 3  # with on_nonfinite=rollback: give up after this many
 
 
 @dataclass
@@ -99,3 +105,45 @@ class TrainState:
         self.ema.load_state_dict(ema_sd)
         self.opt.load_state_dict(copy.deepcopy(opt_sd))
         self.batch_gen.set_state(gen_state)
+
+
+class NonFiniteGuard:
+    """Notices a NaN/inf loss on the step it happens without a host sync per step: each
+    step records, on the device, the first step whose loss was not finite; `check` reads
+    that once per LOG_EVERY steps and before every checkpoint, so a bad state is never saved.
+
+    mode "stop": raise with the step and advice; the last checkpoint stays intact.
+    mode "rollback": go back to the state kept at the last good check, halve the learning
+    rate, and continue (at most MAX_ROLLBACKS times).
+    """
+
+    def __init__(self, mode: str, device: torch.device):
+        self.mode = mode
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.lr_scale = 1.0
+        self.rollbacks = 0
+        self.snapshot = None
+
+    def watch(self, loss: torch.Tensor, step: int) -> None:
+        self.first_bad.masked_fill_((self.first_bad < 0) & ~torch.isfinite(loss), step)
+
+    def check(self, state: TrainState, out: Path, report, world: World = World(), final: bool = False) -> bool:
+        """True when it rolled `state` back; raises when the loss went bad and it cannot."""
+        bad = int(max_over_ranks(world, self.first_bad).item())  # every rank sees the same verdict
+        rollback = self.mode == "rollback" and not final
+        if bad < 0:
+            if rollback:
+                self.snapshot = state.snapshot()
+            return False
+        if rollback and self.snapshot is not None and self.rollbacks < MAX_ROLLBACKS:
+            state.restore(self.snapshot)
+            self.first_bad.fill_(-1)
+            self.lr_scale *= 0.5
+            self.rollbacks += 1
+            report("notice", message=f"the loss was not finite at step {bad}; rolled back to step {state.step} "
+                                     f"and halved the learning rate (rollback {self.rollbacks} of {MAX_ROLLBACKS}).")
+            return True
+        saved = checkpoint.model_metadata(checkpoint.read_header(out / MODEL_FILE))["step"] if (out / MODEL_FILE).exists() else None
+        kept = f"the last checkpoint (step {saved}) in '{out}' is intact" if saved is not None else "no checkpoint had been saved yet"
+        raise UserError(f"the loss became NaN or infinite at step {bad}; {kept}. Lower --lr, keep --grad-clip on, "
+                        f"or pass --on-nonfinite rollback.")

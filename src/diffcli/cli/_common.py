@@ -7,7 +7,6 @@ torch is never imported here: `diffcli --help` must stay fast.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import typing
@@ -20,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from diffcli.checks import AT_LEAST_ONE, NON_NEGATIVE, Range, check, field_range
-from diffcli.errors import UserError
+from diffcli.errors import UserError, writing  # noqa: F401  (writing: for the commands)
 from diffcli.spec import DEFAULT_GUIDANCE, SamplerSpec
 
 console = Console()
@@ -82,21 +81,17 @@ def user_command(fn):
     return wrapper
 
 
-@contextlib.contextmanager
-def writing(path: Path):
-    """Turn a failure to write `path` (a missing folder, no permission, a bad extension)
-    into one sentence."""
-    try:
-        yield
-    except (OSError, ValueError) as e:
-        reason = getattr(e, "strerror", None) or e
-        raise UserError(f"could not write '{path}': {reason}.") from None
-
-
 def progress(label: str):
     """The progress bar every long command shows: label, bar, n/N, a free text field
     (`info`), elapsed time and ETA."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                     TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
@@ -162,7 +157,8 @@ def parse_list(text: str, kind: type, option: str, bounds: Range | None = None) 
 # --- options used by several commands, declared once ------------------------------
 
 Ckpt = Annotated[Path, typer.Option(help="A model.safetensors written by `diffcli train`.")]
-Device = Annotated[str, typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps.")]
+DEVICE_HELP = "auto (CUDA, then MPS, then CPU), cpu, cuda or mps."
+Device = Annotated[str, typer.Option(help=DEVICE_HELP)]
 ImageSeed = Annotated[int, typer.Option(help="Image i is made from seed SEED+i, whatever the batch size."), NON_NEGATIVE]
 BatchSize = Annotated[int, typer.Option(help="Images per forward pass."), AT_LEAST_ONE]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]

@@ -8,9 +8,23 @@ from typing import Annotated, Optional
 
 import typer
 
-from diffcli.checks import AT_LEAST_ONE, NON_NEGATIVE, Range
-from diffcli.cli._common import (BatchSize, Ckpt, Device, Guidance, ImageSeed, Sampler, Sets, Steps, console, parse_labels,
-                                 parse_list, print_notice, safe_name, writing)
+from diffcli.checks import AT_LEAST_ONE, Range
+from diffcli.cli._common import (
+    BatchSize,
+    Ckpt,
+    Device,
+    Guidance,
+    ImageSeed,
+    Sampler,
+    Sets,
+    Steps,
+    console,
+    parse_labels,
+    parse_list,
+    print_notice,
+    safe_name,
+    writing,
+)
 from diffcli.errors import UserError
 from diffcli.spec import DEFAULT_GUIDANCE, SamplerSpec
 
@@ -82,7 +96,7 @@ def compare(
     guidance: Annotated[Optional[str], typer.Option(help=f"Comma-separated guidance weights, a row each per sampler (default: {DEFAULT_GUIDANCE:g}).")] = None,
     label: Annotated[str, typer.Option(help="The class to draw (index or name).")] = "0",
     n: Annotated[int, typer.Option(help="Images per cell."), Range(1, 64)] = 4,
-    seed: Annotated[int, typer.Option(help="Seeds SEED..SEED+n-1: the same starting noise in every cell."), NON_NEGATIVE] = 0,
+    seed: ImageSeed = 0,  # the same seeds, so the same starting noise, in every cell
     out: Annotated[Path, typer.Option(help="The contact sheet to write.")] = Path("compare.png"),
     device: Device = "auto",
 ):

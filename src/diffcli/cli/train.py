@@ -11,7 +11,16 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from diffcli.cli._common import DATA_ROOT_HELP, EXIT_INTERRUPTED, Sets, console, err_console, progress, setup_logging
+from diffcli.cli._common import (
+    DATA_ROOT_HELP,
+    DEVICE_HELP,
+    EXIT_INTERRUPTED,
+    Sets,
+    console,
+    err_console,
+    progress,
+    setup_logging,
+)
 from diffcli.config import DataConfig, DiffusionConfig, TrainConfig
 
 
@@ -46,7 +55,7 @@ def train(
     flip: _opt(bool, DataConfig, "flip", "Random horizontal flips (default: on for cifar10 and folders).", "--flip/--no-flip") = None,
     on_nonfinite: _opt(str, TrainConfig, "on_nonfinite", "When the loss becomes NaN/inf: stop (keep the last checkpoint) or rollback (to the last good state, halving the LR) (default: stop).") = None,
     sample_every: _opt(int, TrainConfig, "sample_every", "Steps between checkpoints and sample grids (default: preset).") = None,
-    device: _opt(str, TrainConfig, "device", "auto (CUDA, then MPS, then CPU), cpu, cuda or mps.") = None,
+    device: _opt(str, TrainConfig, "device", DEVICE_HELP) = None,
     seed: _opt(int, TrainConfig, "seed", "Seed for initialisation, data order and noise (default: 0).") = None,
     compile: _opt(bool, TrainConfig, "compile", "torch.compile the U-Net: faster steps after a minute or so of compiling (default: on for CUDA only).", "--compile/--no-compile") = None,
     precision: _opt(str, TrainConfig, "precision", "auto (bf16 on CUDA, fp32 elsewhere), fp32, or bf16 (also on the CPU: faster where it has AMX, slower where it does not).") = None,
