@@ -43,10 +43,10 @@ class Sets:
 
 def option_name(param: inspect.Parameter, hint) -> str:
     """How the user wrote this option: its first declared flag, else --the-name."""
-    info = next((m for m in typing.get_args(hint)[1:] if isinstance(m, typer.models.ParameterInfo)), None)
-    flags = [d for d in (getattr(info, "param_decls", None) or ()) if d.startswith("--")]
+    info = next((m for m in getattr(hint, "__metadata__", ()) if isinstance(m, typer.models.ParameterInfo)), None)
     if isinstance(info, typer.models.ArgumentInfo):
         return param.name.upper()
+    flags = [d for d in (getattr(info, "param_decls", None) or ()) if d.startswith("--")]
     return flags[0].split("/")[0] if flags else "--" + param.name.replace("_", "-")
 
 
@@ -59,8 +59,7 @@ def check_numbers(fn, values: dict) -> None:
         value, hint = values.get(param.name), hints.get(param.name)
         if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
-        marks = typing.get_args(hint)[1:] if typing.get_origin(hint) is Annotated else ()
-        bounds = next((m for m in marks if isinstance(m, Range)), None)
+        bounds = next((m for m in getattr(hint, "__metadata__", ()) if isinstance(m, Range)), None)
         check(value, bounds, option_name(param, hint))
 
 
