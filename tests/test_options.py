@@ -75,7 +75,7 @@ def inputs(tiny_run, tmp_path_factory):
     picture = folder / "in.png"
     Image.new("RGB", (20, 20), (10, 200, 30)).save(picture)
     return {"--ckpt": str(tiny_run / "model.safetensors"), "--data": "shapes", "CKPT": str(tiny_run / "model.safetensors"),
-            "IMAGE": str(picture)}
+            "IMAGE": str(picture), "IMAGES": str(picture), "--label": "0"}
 
 
 def invoke(path, cmd, inputs, option, value, workdir, *more):
@@ -108,12 +108,9 @@ def test_every_number_option_refuses_nan_infinity_and_out_of_range(path, fn, par
     bounds, key = declared_range(fn, param.name)
     names = [option] + ([key] if key else [])
     kind = number_type(fn, param.name)
-    values = []
-    if kind is float:
-        values += ["nan", "inf", "-inf"]
-    else:
-        assert bounds is not None and (bounds.low is not None or bounds.high is not None), \
-            f"{' '.join(path)} {option} declares no range (an Annotated Range, or Sets of a bounded field)"
+    assert bounds is not None and (bounds.low is not None or bounds.high is not None), \
+        f"{' '.join(path)} {option} declares no range (an Annotated Range, or Sets of a bounded field)"
+    values = ["nan", "inf", "-inf"] if kind is float else []
     if bounds is not None and bounds.low is not None:
         values.append(str(int(bounds.low) - 1 if kind is int else bounds.low - 0.5))
     if bounds is not None and bounds.high is not None:

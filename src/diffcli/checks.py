@@ -21,8 +21,12 @@ class Range:
     high: float | None = None
     low_open: bool = False  # low itself is excluded (a learning rate > 0)
     high_open: bool = False  # high itself is excluded (an EMA decay < 1)
+    why: str = ""  # said after the bound, e.g. "a covariance needs two images"
 
     def describe(self) -> str:
+        return self._bound() + (f" ({self.why})" if self.why else "")
+
+    def _bound(self) -> str:
         lo, hi = self.low, self.high
         if hi is None:
             if lo is None:
@@ -50,7 +54,7 @@ def check(value, bounds: Range | None, name: str):
     if isinstance(value, float) and not math.isfinite(value):
         raise UserError(f"{name} must be a finite number, got {value}.")
     if bounds is not None and not bounds.contains(value):
-        raise UserError(f"{name} must be {bounds.describe()}, got {value:g}.")
+        raise UserError(f"{name} must be {bounds.describe()}, got {value if isinstance(value, int) else f'{value:g}'}.")
     return value
 
 
@@ -71,8 +75,9 @@ def field_range(cls, name: str) -> Range | None:
     return {f.name: f for f in dataclasses.fields(cls)}[name].metadata.get("range")
 
 
-def check_fields(obj, name_of) -> None:
-    """`check` every bounded field of dataclass `obj`; `name_of(field)` names it in the error."""
+def check_fields(obj, name_of, skip: tuple[str, ...] = ()) -> None:
+    """`check` every bounded field of dataclass `obj` but those in `skip`; `name_of(field)`
+    names it in the error."""
     for f in dataclasses.fields(obj):
-        if "range" in f.metadata:
+        if "range" in f.metadata and f.name not in skip:
             check(getattr(obj, f.name), f.metadata["range"], name_of(f.name))

@@ -8,6 +8,7 @@ accepts back, so a run can be repeated exactly.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -284,13 +285,15 @@ STOP_KEYS = ("epochs", "max_steps", "minutes")
 RUN_ON_KEYS = ("device", "compile", "precision")
 
 
-def resumed(saved: RunConfig, train_values: dict) -> RunConfig:
+def resumed(saved: RunConfig, values: dict) -> RunConfig:
     """The config a resumed run continues with: its own recipe, where only where to stop
-    (a new limit replaces all the old ones) and where and how to run may change."""
-    stop = {k: train_values[k] for k in STOP_KEYS if train_values.get(k) is not None}
+    (a new limit replaces all the old ones) and where and how to run may change. The other
+    values given are still checked, so a bad one is refused rather than silently ignored."""
+    validate(apply_overrides(copy.deepcopy(saved), {s: {k: v for k, v in d.items() if v is not None} for s, d in values.items()}))
+    stop = {k: values["train"][k] for k in STOP_KEYS if values["train"].get(k) is not None}
     if stop:
         saved.train.epochs = saved.train.max_steps = saved.train.minutes = None
-    run_on = {k: train_values[k] for k in RUN_ON_KEYS if train_values.get(k) is not None}
+    run_on = {k: values["train"][k] for k in RUN_ON_KEYS if values["train"].get(k) is not None}
     apply_overrides(saved, {"train": {**stop, **run_on}})
     validate(saved)
     return saved

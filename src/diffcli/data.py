@@ -200,6 +200,20 @@ def read_image(path: Path):
         raise UserError(f"cannot read '{path}' ({e.strerror}).") from None
 
 
+def fit_image(img, channels: int, size: int) -> torch.Tensor:
+    """A user's picture as a model input: centre-cropped to a square, resized to `size`,
+    in the model's channels (grey or RGB); uint8 (C, H, W)."""
+    from diffcli.images import center_square, pil_to_tensor
+
+    return pil_to_tensor(center_square(img.convert("L" if channels == 1 else "RGB"), size))
+
+
+def fit_mask(img, size: int) -> torch.Tensor:
+    """A mask picture as bool (1, H, W), cropped and resized as `fit_image` does the image
+    it goes with: True (white, lighter than mid-grey) marks what is to be redrawn."""
+    return fit_image(img, 1, size) > 127
+
+
 # --- image folders ---------------------------------------------------------
 
 def load_folder(path: Path, image_size: int | None) -> ImageData:

@@ -164,3 +164,27 @@ def pairs_sheet(images: torch.Tensor, train_images: torch.Tensor, nearest: torch
     rows = [cells[i:i + per_row] for i in range(0, len(cells), per_row)]
     rows[-1] += [(None, "")] * (per_row - len(rows[-1]))
     return contact_sheet(rows)
+
+
+def edit_sheet(inputs: torch.Tensor, results: torch.Tensor, masks: torch.Tensor | None = None) -> Image.Image:
+    """One row per input: the input, its mask (white = redrawn) if any, then its results
+    (len(results) / len(inputs) of them, in order)."""
+    n = len(results) // len(inputs)
+    rows = []
+    for k, img in enumerate(inputs):
+        cells = [img[None]]
+        if masks is not None:
+            cells.append((masks[k:k + 1].to(torch.uint8) * 255).expand(1, img.shape[0], -1, -1))
+        rows += [*cells, results[k * n:(k + 1) * n]]
+    cells = torch.cat(rows)
+    return grid(cells, len(cells) // len(inputs))
+
+
+def animation(frames: torch.Tensor, path: str | Path, scale: int = 4, ms_per_frame: int = 120) -> Path:
+    """A looping GIF of the frames, enlarged `scale` times, going there and back."""
+    pictures = [enlarged(to_pil(f), scale) for f in frames]
+    loop = pictures + pictures[-2:0:-1]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    loop[0].save(path, save_all=True, append_images=loop[1:], duration=ms_per_frame, loop=0)
+    return path

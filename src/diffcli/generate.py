@@ -15,6 +15,31 @@ from diffcli.schedules import Schedule
 from diffcli.spec import SamplerSpec
 
 
+def denoiser(model: torch.nn.Module, schedule: Schedule, prediction: str, guidance: float) -> samplers.Denoiser:
+    """The model as the samplers see it: under autocast, guided at weight `guidance` when
+    it has classes, returning (ε̂, x̂0)."""
+    device = next(model.parameters()).device
+
+    def network(x, t, y):
+        with autocast(device):
+            return model(x, t, y)
+
+    if model.cfg.num_classes > 0:
+        network = samplers.guided(network, guidance, model.cfg.num_classes)
+    return samplers.predictions(network, schedule, prediction)
+
+
+def per_batch(model: torch.nn.Module, seeds: list[int], batch_size: int, run) -> torch.Tensor:
+    """uint8 images from `run(chunk, randn_like)` (a model-range batch) over slices of
+    `seeds`, each image drawing from its own generator, so batching changes nothing."""
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(seeds), batch_size):
+        chunk = slice(start, start + batch_size)
+        out.append(from_model_range(run(chunk, samplers.PerImageNoise(seeds[chunk], device))).cpu())
+    return torch.cat(out)
+
+
 @torch.no_grad()
 def generate(model: torch.nn.Module, schedule: Schedule, prediction: str, spec: SamplerSpec, *,
              labels: list[int], seeds: list[int], batch_size: int = 64, callback=None) -> torch.Tensor:
@@ -26,25 +51,16 @@ def generate(model: torch.nn.Module, schedule: Schedule, prediction: str, spec: 
     """
     spec = spec.resolve(schedule.T)
     cfg = model.cfg
-    device = next(model.parameters()).device
-    shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+    denoise = denoiser(model, schedule, prediction, spec.guidance)
 
-    def network(x, t, y):
-        with autocast(device):
-            return model(x, t, y)
-
-    if cfg.num_classes > 0:
-        network = samplers.guided(network, spec.guidance, cfg.num_classes)
-    denoise = samplers.predictions(network, schedule, prediction)
-    out = []
-    for start in range(0, len(seeds), batch_size):
-        chunk = slice(start, start + batch_size)
-        randn_like = samplers.PerImageNoise(seeds[chunk], device)
-        noise = randn_like(torch.empty(len(seeds[chunk]), *shape, device=device))
+    def run(chunk: slice, randn_like) -> torch.Tensor:
+        device = randn_like.device
+        noise = randn_like(torch.empty(len(seeds[chunk]), cfg.in_channels, cfg.image_size, cfg.image_size, device=device))
         y = torch.tensor(labels[chunk], device=device, dtype=torch.long)
-        cb = None if callback is None else (lambda i, t, x, x0, s=start: callback(s, i, t, x, x0))
-        out.append(from_model_range(samplers.sample(spec, denoise, schedule, noise, y, randn_like, cb)).cpu())
-    return torch.cat(out)
+        cb = None if callback is None else (lambda i, t, x, x0: callback(chunk.start, i, t, x, x0))
+        return samplers.sample(spec, denoise, schedule, noise, y, randn_like, cb)
+
+    return per_batch(model, seeds, batch_size, run)
 
 
 def compiled_for_sampling(model: torch.nn.Module, schedule: Schedule, prediction: str, spec: SamplerSpec, *,

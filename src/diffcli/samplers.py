@@ -127,12 +127,14 @@ def ddim_step(schedule: Schedule, x: torch.Tensor, t: int, s: int, eps: torch.Te
 
 
 def ddpm(denoise: Denoiser, schedule: Schedule, noise: torch.Tensor, labels: torch.Tensor, randn_like: RandnLike,
-         variance: str = "beta_tilde", clip_x0: bool = True, callback: Callback = None) -> torch.Tensor:
-    """Ancestral sampling through all T steps (Ho et al. 2020, Alg. 2, with `ddpm_step`)."""
+         variance: str = "beta_tilde", clip_x0: bool = True, callback: Callback = None, first: int = 0) -> torch.Tensor:
+    """Ancestral sampling through all T steps (Ho et al. 2020, Alg. 2, with `ddpm_step`).
+    `first` > 0 starts part-way, at timestep T - 1 - first, from `noise` = x_t there
+    (SDEdit: every sampler here takes `first`, an index into its list of timesteps)."""
     if variance not in ("beta_tilde", "beta"):
         raise ValueError(f"unknown variance {variance!r}")
     x = noise.float()
-    for i, t in enumerate(range(schedule.T - 1, -1, -1)):
+    for i, t in enumerate(range(schedule.T - 1 - first, -1, -1), start=first):
         _, x0 = _predict(denoise, x, t, labels, clip_x0, schedule)
         if callback is not None:
             callback(i, t, x, x0)
@@ -154,14 +156,14 @@ def timesteps(T: int, steps: int) -> list[int]:
 
 def ddim(denoise: Denoiser, schedule: Schedule, noise: torch.Tensor, labels: torch.Tensor, steps: int,
          eta: float = 0.0, randn_like: RandnLike | None = None, clip_x0: bool = True,
-         callback: Callback = None) -> torch.Tensor:
+         callback: Callback = None, first: int = 0) -> torch.Tensor:
     """DDIM on the trailing `timesteps`. η = 0 is deterministic; η = 1 with all T steps is
     DDPM's ancestral sampler with variance β̃_t (σ² of eq. 16 equals β̃_t then)."""
     if eta > 0 and randn_like is None:
         raise ValueError("ddim with eta > 0 draws noise: pass randn_like")
     x = noise.float()
     ts = timesteps(schedule.T, steps)
-    for i, t in enumerate(ts):
+    for i, t in enumerate(ts[first:], start=first):
         s = ts[i + 1] if i + 1 < len(ts) else -1
         eps, x0 = _predict(denoise, x, t, labels, clip_x0, schedule)
         if callback is not None:
@@ -188,7 +190,7 @@ def ddim_invert(denoise: Denoiser, schedule: Schedule, x0: torch.Tensor, labels:
 
 
 def dpmpp_2m(denoise: Denoiser, schedule: Schedule, noise: torch.Tensor, labels: torch.Tensor, steps: int,
-             clip_x0: bool = True, callback: Callback = None) -> torch.Tensor:
+             clip_x0: bool = True, callback: Callback = None, first: int = 0) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), deterministic, on the same trailing
     timesteps as DDIM. With α_t = sqrt(ᾱ_t), σ_t = sqrt(1-ᾱ_t), λ = log(α/σ), h = λ_s - λ_t:
     x_s = (σ_s/σ_t) x_t - α_s (e^{-h} - 1) D, where D = x̂0 on the first step and
@@ -196,8 +198,8 @@ def dpmpp_2m(denoise: Denoiser, schedule: Schedule, noise: torch.Tensor, labels:
     is first order and returns x̂0 (lower_order_final in the reference code)."""
     x = noise.float()
     ts = timesteps(schedule.T, steps)
-    x0_prev, h_prev = None, None
-    for i, t in enumerate(ts):
+    x0_prev, h_prev = None, None  # a start part-way (first > 0) begins with a first-order step
+    for i, t in enumerate(ts[first:], start=first):
         s = ts[i + 1] if i + 1 < len(ts) else -1
         _, x0 = _predict(denoise, x, t, labels, clip_x0, schedule)
         if callback is not None:
@@ -219,13 +221,53 @@ def dpmpp_2m(denoise: Denoiser, schedule: Schedule, noise: torch.Tensor, labels:
     return x
 
 
+def repaint(spec: SamplerSpec, denoise: Denoiser, schedule: Schedule, noise: torch.Tensor, labels: torch.Tensor,
+            randn_like: RandnLike, known: torch.Tensor, keep: torch.Tensor, jumps: int = 1) -> torch.Tensor:
+    """Inpainting (RePaint, Lugmayr et al. 2022, Alg. 1) with DDIM or DDPM steps: after each
+    step t -> s the kept region (`keep` = 1) is replaced by `known` noised to s, and each
+    step is done `jumps` times, going back from x_s to x_t through q(x_t | x_s) (eq. 9's
+    resampling, jump length 1) so that the redrawn region comes to agree with what is kept.
+    At the end the kept region is `known` itself."""
+    spec = spec.resolve(schedule.T)
+    if spec.sampler not in ("ddim", "ddpm"):
+        raise ValueError("repaint steps with ddim or ddpm")
+    ts = plan(spec, schedule.T)
+
+    def noised(x0, t):  # q(x_t | x_0), Ho et al. 2020, eq. 4
+        abar = _abar(schedule, t, x0)
+        return abar.sqrt() * x0 + (1 - abar).sqrt() * randn_like(x0)
+
+    x = keep * noised(known, ts[0]) + (1 - keep) * noise.float()
+    for i, t in enumerate(ts):
+        s = ts[i + 1] if i + 1 < len(ts) else -1
+        for turn in range(jumps):
+            eps, x0 = _predict(denoise, x, t, labels, spec.clip, schedule)
+            if spec.sampler == "ddpm":
+                x_s = ddpm_step(schedule, x, t, x0, randn_like(x) if t > 0 else None, spec.variance)
+            else:
+                x_s = ddim_step(schedule, x, t, s, eps, x0, spec.eta, randn_like(x) if spec.eta > 0 and s >= 0 else None)
+            x_s = keep * (known if s < 0 else noised(known, s)) + (1 - keep) * x_s
+            if turn + 1 < jumps:  # back up one step and redo it: q(x_t | x_s) = N(sqrt(ᾱ_t/ᾱ_s) x_s, (1 - ᾱ_t/ᾱ_s) I)
+                ratio = _abar(schedule, t, x) / _abar(schedule, s, x)
+                x = ratio.sqrt() * x_s + (1 - ratio).sqrt() * randn_like(x)
+        x = x_s
+    return x
+
+
+def plan(spec: SamplerSpec, T: int) -> list[int]:
+    """The timesteps `spec` visits on a model of T steps, noisiest first."""
+    spec = spec.resolve(T)
+    return list(range(T - 1, -1, -1)) if spec.sampler == "ddpm" else timesteps(T, spec.steps)
+
+
 def sample(spec: SamplerSpec, denoise: Denoiser, schedule: Schedule, noise: torch.Tensor, labels: torch.Tensor,
-           randn_like: RandnLike, callback: Callback = None) -> torch.Tensor:
-    """Run the sampler `spec` names, with its settings; `spec` is resolved against
+           randn_like: RandnLike, callback: Callback = None, first: int = 0) -> torch.Tensor:
+    """Run the sampler `spec` names, with its settings, from `noise` = x_t at the timestep
+    `plan(spec, T)[first]` (0: the start, pure noise); `spec` is resolved against
     `schedule.T` here, so its checks hold for every caller."""
     spec = spec.resolve(schedule.T)
     if spec.sampler == "ddpm":
-        return ddpm(denoise, schedule, noise, labels, randn_like, spec.variance, spec.clip, callback)
+        return ddpm(denoise, schedule, noise, labels, randn_like, spec.variance, spec.clip, callback, first)
     if spec.sampler == "ddim":
-        return ddim(denoise, schedule, noise, labels, spec.steps, spec.eta, randn_like, spec.clip, callback)
-    return dpmpp_2m(denoise, schedule, noise, labels, spec.steps, spec.clip, callback)
+        return ddim(denoise, schedule, noise, labels, spec.steps, spec.eta, randn_like, spec.clip, callback, first)
+    return dpmpp_2m(denoise, schedule, noise, labels, spec.steps, spec.clip, callback, first)

@@ -34,22 +34,27 @@ class SamplerSpec:
     variance: str = "beta_tilde"
     clip: bool = True  # clip x̂0 to the data range at every step
 
-    def resolve(self, T: int) -> SamplerSpec:
-        """This spec with every default filled in for a model of T diffusion steps, or a
-        UserError naming the option that cannot be served."""
+    def __post_init__(self):
+        """What needs no model is refused at once, before any file is read."""
         if self.sampler not in SAMPLERS:
             raise UserError(f"unknown sampler '{self.sampler}'; choose one of {', '.join(SAMPLERS)}.")
         if self.variance not in VARIANCES:
             raise UserError(f"--variance must be one of {', '.join(VARIANCES)}, got '{self.variance}'.")
+        check_fields(self, lambda name: f"--{name}", skip=("steps",))  # steps: by `resolve`, which knows T
+
+    def resolve(self, T: int) -> SamplerSpec:
+        """This spec with every default filled in for a model of T diffusion steps, or a
+        UserError naming the option that cannot be served. Resolving twice changes nothing."""
         if self.steps is not None and not 1 <= self.steps <= T:
             raise UserError(f"--steps must be between 1 and T={T}, got {self.steps}.")
         if self.sampler == "ddpm" and self.steps not in (None, T):
-            raise UserError(f"ddpm runs all T={T} steps; for fewer steps use --sampler ddim (with --eta 1 for a stochastic one).")
-        check_fields(self, lambda name: f"--{name}")
+            raise UserError(f"ddpm runs all T={T} steps; for fewer steps use --sampler ddim.")
         steps = T if self.sampler == "ddpm" else (self.steps or DEFAULT_STEPS[self.sampler])
         guidance = DEFAULT_GUIDANCE if self.guidance is None else float(self.guidance)
         return dataclasses.replace(self, steps=steps, guidance=guidance)
 
     def describe(self) -> str:
-        return f"{self.sampler} {self.steps} steps, guidance {self.guidance:g}"
+        steps = "default steps" if self.steps is None else f"{self.steps} steps"
+        guidance = DEFAULT_GUIDANCE if self.guidance is None else self.guidance
+        return f"{self.sampler} {steps}, guidance {guidance:g}"
 

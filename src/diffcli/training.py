@@ -130,8 +130,8 @@ def train(cfg: RunConfig, data: ImageData, out: Path, resume: bool = False,
     state = TrainState.create(cfg, device, layout)
     if resume:
         state.load(out)
-        if world.is_main:
-            truncate_metrics(out, state.step)
+    if world.is_main:  # the metrics after the checkpoint resumed from; all of them when starting over
+        truncate_metrics(out, state.step)
     if world.is_main:
         save_yaml(cfg, out / "config.yaml")
     batches = Batches(data, cfg, world, device, layout)
@@ -284,12 +284,11 @@ class Meter:
 
     def log(self, step: int) -> None:
         """One line, averaged over all ranks, for the steps since the last (none: no line)."""
-        steps = step - self.last_step
+        steps, now = step - self.last_step, time.monotonic()  # the clock before the sync below
         if steps <= 0:
             return
         mean_loss = mean_over_ranks(self.world, self.loss_sum / steps).item()
         self.loss_sum.zero_()
-        now = time.monotonic()
         record = {"step": step, "epoch": round(step / self.batches.per_epoch, 4), "loss": mean_loss, "lr": self.lr,
                   "images_per_s": self.batches.size * steps / max(now - self.last_t, 1e-9), "elapsed_s": now - self.started}
         self.last_step, self.last_t = step, now

@@ -122,7 +122,7 @@ class NonFiniteGuard:
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
         self.lr_scale = 1.0
         self.rollbacks = 0
-        self.snapshot = None
+        self.last_good = None  # a TrainState.snapshot() from the last check that found the loss finite
 
     def watch(self, loss: torch.Tensor, step: int) -> None:
         self.first_bad.masked_fill_((self.first_bad < 0) & ~torch.isfinite(loss), step)
@@ -133,10 +133,10 @@ class NonFiniteGuard:
         rollback = self.mode == "rollback" and not final
         if bad < 0:
             if rollback:
-                self.snapshot = state.snapshot()
+                self.last_good = state.snapshot()
             return False
-        if rollback and self.snapshot is not None and self.rollbacks < MAX_ROLLBACKS:
-            state.restore(self.snapshot)
+        if rollback and self.last_good is not None and self.rollbacks < MAX_ROLLBACKS:
+            state.restore(self.last_good)
             self.first_bad.fill_(-1)
             self.lr_scale *= 0.5
             self.rollbacks += 1

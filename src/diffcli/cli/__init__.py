@@ -9,7 +9,7 @@ from __future__ import annotations
 import typer
 
 from diffcli import __version__
-from diffcli.cli import evaluate, inspect, sample, train
+from diffcli.cli import edit, evaluate, info, sample, train
 from diffcli.cli._common import console, user_command
 
 app = typer.Typer(
@@ -40,8 +40,10 @@ COMMANDS = {  # name: function, in the order `diffcli --help` lists them
     "sample": sample.sample,
     "compare": sample.compare,
     "eval": evaluate.evaluate,
-    "noise-preview": inspect.noise_preview,
-    "inspect": inspect.inspect,
+    "edit": edit.edit,
+    "interpolate": edit.interpolate,
+    "noise-preview": info.noise_preview,
+    "inspect": info.inspect,
 }
 for _name, _fn in COMMANDS.items():
     app.command(_name)(user_command(_fn))

@@ -20,7 +20,7 @@ from rich.markup import escape
 
 from diffcli.checks import AT_LEAST_ONE, NON_NEGATIVE, Range, check, field_range
 from diffcli.errors import UserError, writing  # noqa: F401  (writing: for the commands)
-from diffcli.spec import DEFAULT_GUIDANCE, SamplerSpec
+from diffcli.spec import DEFAULT_GUIDANCE, DEFAULT_STEPS, SamplerSpec
 
 console = Console()
 err_console = Console(stderr=True)
@@ -163,10 +163,9 @@ BatchSize = Annotated[int, typer.Option(help="Images per forward pass."), AT_LEA
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 DATA_ROOT_HELP = "Where named datasets live or are downloaded to (default: $DIFFCLI_DATA_ROOT, else ~/.cache/diffcli/datasets)."
 DataRoot = Annotated[Optional[str], typer.Option(help=DATA_ROOT_HELP)]
-Sampler = Annotated[str, typer.Option(help="ddpm (stochastic, all T steps), ddim (deterministic with --eta 0) "
-                                           "or dpm++ (DPM-Solver++ 2M).")]
-Steps = Annotated[Optional[int], typer.Option(help="Sampling steps (default: ddim 50, dpm++ 20, ddpm T)."),
-                  Sets(SamplerSpec, "steps")]
+Sampler = Annotated[str, typer.Option(help="ddpm (stochastic, all T steps), ddim or dpm++ (DPM-Solver++ 2M).")]
+Steps = Annotated[Optional[int], typer.Option(help="Sampling steps (default: " + ", ".join(
+    f"{name} {k}" for name, k in DEFAULT_STEPS.items()) + ", ddpm T)."), Sets(SamplerSpec, "steps")]
 Guidance = Annotated[Optional[float], typer.Option(help=f"Classifier-free guidance weight: 1 plain conditional, "
                                                         f"0 unconditional (default: {DEFAULT_GUIDANCE:g})."),
                      Sets(SamplerSpec, "guidance")]

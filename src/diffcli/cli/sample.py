@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from diffcli.checks import AT_LEAST_ONE, Range
+from diffcli.checks import AT_LEAST_ONE, NON_NEGATIVE, Range
 from diffcli.cli._common import (
     BatchSize,
     Ckpt,
@@ -51,6 +52,7 @@ def sample(
     """Generate images from a trained model."""
     if trajectory is not None and trajectory.suffix.lower() not in (".png", ".gif"):
         raise UserError(f"--trajectory must end in .png or .gif, got '{trajectory.name}'.")
+    spec = SamplerSpec(sampler, steps, guidance, eta, variance, clip)
     from diffcli.checkpoint import load_model
     from diffcli.devices import describe, pick_device, timed
     from diffcli.figures import enlargement, trajectory_gif, trajectory_strip
@@ -61,7 +63,7 @@ def sample(
     dev = pick_device(device)
     model, cfg, meta = load_model(ckpt, dev)
     schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
-    spec = SamplerSpec(sampler, steps, guidance, eta, variance, clip).resolve(schedule.T)
+    spec = spec.resolve(schedule.T)
     labels = parse_labels(label, meta["class_names"])
     per_image = [lab for lab in labels for _ in range(n)]
     seeds = list(range(seed, seed + len(per_image)))
@@ -74,15 +76,18 @@ def sample(
     with console.status(f"sampling {len(per_image)} images with {spec.sampler}, {spec.steps} steps on {describe(dev)} ..."):
         imgs, seconds = timed(lambda: generate(model, schedule, prediction, spec, labels=per_image, seeds=seeds,
                                                batch_size=batch_size, callback=recorder), dev)
+    picture = grid(imgs, n if len(labels) > 1 else math.ceil(n ** 0.5))  # one label: a square-ish grid
     with writing(out):
-        save(grid(imgs, n if len(labels) > 1 else math.ceil(n ** 0.5)), out)  # one label: a square-ish grid
-        for i, (img, lab, s) in enumerate(zip(imgs, per_image, seeds) if save_individual else ()):
-            tag = meta["class_names"][lab] if meta["class_names"] else "uncond"
-            save(to_pil(img), save_individual / f"{i:05d}_{safe_name(tag)}_seed{s}.png")
-        if trajectory and trajectory.suffix.lower() == ".gif":
-            trajectory_gif(recorder.xt, recorder.x0, imgs, trajectory)
-        elif trajectory:
-            save(trajectory_strip(recorder.xt, recorder.x0, recorder.timesteps, imgs, scale=enlargement(imgs)), trajectory)
+        save(picture, out)
+    for i, (img, lab, s) in enumerate(zip(imgs, per_image, seeds) if save_individual else ()):
+        tag = meta["class_names"][lab] if meta["class_names"] else "uncond"
+        with writing(path := save_individual / f"{i:05d}_{safe_name(tag)}_seed{s}.png"):
+            save(to_pil(img), path)
+    if trajectory:
+        strip = None if trajectory.suffix.lower() == ".gif" else trajectory_strip(
+            recorder.xt, recorder.x0, recorder.timesteps, imgs, scale=enlargement(imgs))
+        with writing(trajectory):
+            trajectory_gif(recorder.xt, recorder.x0, imgs, trajectory) if strip is None else save(strip, trajectory)
     console.print(f"wrote [cyan]{out}[/]: {len(per_image)} images, {spec.describe()}, "
                   f"{seconds:.1f} s ({len(per_image) / seconds:.1f} images/s) on {describe(dev)}", highlight=False)
     if trajectory:
@@ -96,7 +101,7 @@ def compare(
     guidance: Annotated[Optional[str], typer.Option(help=f"Comma-separated guidance weights, a row each per sampler (default: {DEFAULT_GUIDANCE:g}).")] = None,
     label: Annotated[str, typer.Option(help="The class to draw (index or name).")] = "0",
     n: Annotated[int, typer.Option(help="Images per cell."), Range(1, 64)] = 4,
-    seed: ImageSeed = 0,  # the same seeds, so the same starting noise, in every cell
+    seed: Annotated[int, typer.Option(help="Seeds SEED..SEED+n-1: the same starting noise in every cell."), NON_NEGATIVE] = 0,
     out: Annotated[Path, typer.Option(help="The contact sheet to write.")] = Path("compare.png"),
     device: Device = "auto",
 ):
@@ -104,6 +109,8 @@ def compare(
     names = parse_list(samplers, str, "--samplers")
     step_list = parse_list(steps, int, "--steps", AT_LEAST_ONE)
     weights = parse_list(guidance, float, "--guidance") if guidance else [DEFAULT_GUIDANCE]
+    rows = [(s, w) for s in names for w in weights]
+    specs = {(s, w): SamplerSpec(s, guidance=w) for s, w in rows}  # refuses a bad sampler or weight now
 
     from diffcli.checkpoint import load_model
     from diffcli.devices import describe, pick_device
@@ -115,10 +122,11 @@ def compare(
     dev = pick_device(device)
     model, cfg, meta = load_model(ckpt, dev)
     T = cfg.diffusion.timesteps
-    rows = [(s, w) for s in names for w in weights]
+    for k in step_list:
+        SamplerSpec(steps=k).resolve(T)  # every step count must fit this model, whichever rows use it
     columns = sorted(set(step_list) | ({T} if "ddpm" in names else set()))
     # A cell for each (row, column) the sampler can run: ddpm only in the T column.
-    cells = {(s, w, k): SamplerSpec(s, k, w).resolve(T) for s, w in rows for k in columns
+    cells = {(s, w, k): replace(specs[s, w], steps=k).resolve(T) for s, w in rows for k in columns
              if (k == T if s == "ddpm" else k in step_list)}
     lab = parse_labels(label, meta["class_names"])[0]
     seeds = list(range(seed, seed + n))

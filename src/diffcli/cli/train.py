@@ -46,17 +46,17 @@ def train(
     lr_schedule: _opt(str, TrainConfig, "lr_schedule", "constant or cosine (after warm-up).") = None,
     warmup_steps: _opt(int, TrainConfig, "warmup_steps", "Linear learning-rate warm-up steps (default: preset).") = None,
     ema_decay: _opt(float, TrainConfig, "ema_decay", "EMA decay of the weights used for sampling (default: preset).") = None,
-    label_dropout: _opt(float, TrainConfig, "label_dropout", "Share of labels dropped, for classifier-free guidance (default: 0.1).") = None,
-    min_snr_gamma: _opt(float, TrainConfig, "min_snr_gamma", "Min-SNR-γ loss weighting; 0 = plain MSE (default: 5).") = None,
-    grad_clip: _opt(float, TrainConfig, "grad_clip", "Clip the gradient norm at this value; 0 turns clipping off (default: 1.0).") = None,
-    timesteps: _opt(int, DiffusionConfig, "timesteps", "Diffusion steps T (default: 1000).") = None,
-    schedule: _opt(str, DiffusionConfig, "schedule", "Noise schedule: linear or cosine (default: cosine).") = None,
-    prediction: _opt(str, DiffusionConfig, "prediction", "What the network predicts: v or eps (default: v).") = None,
+    label_dropout: _opt(float, TrainConfig, "label_dropout", f"Share of labels dropped, for classifier-free guidance (default: {TrainConfig.label_dropout:g}).") = None,
+    min_snr_gamma: _opt(float, TrainConfig, "min_snr_gamma", f"Min-SNR-γ loss weighting; 0 = plain MSE (default: {TrainConfig.min_snr_gamma:g}).") = None,
+    grad_clip: _opt(float, TrainConfig, "grad_clip", f"Clip the gradient norm at this value; 0 turns clipping off (default: {TrainConfig.grad_clip:g}).") = None,
+    timesteps: _opt(int, DiffusionConfig, "timesteps", f"Diffusion steps T (default: {DiffusionConfig.timesteps}).") = None,
+    schedule: _opt(str, DiffusionConfig, "schedule", f"Noise schedule: linear or cosine (default: {DiffusionConfig.schedule}).") = None,
+    prediction: _opt(str, DiffusionConfig, "prediction", f"What the network predicts: v or eps (default: {DiffusionConfig.prediction}).") = None,
     flip: _opt(bool, DataConfig, "flip", "Random horizontal flips (default: on for cifar10 and folders).", "--flip/--no-flip") = None,
     on_nonfinite: _opt(str, TrainConfig, "on_nonfinite", "When the loss becomes NaN/inf: stop (keep the last checkpoint) or rollback (to the last good state, halving the LR) (default: stop).") = None,
     sample_every: _opt(int, TrainConfig, "sample_every", "Steps between checkpoints and sample grids (default: preset).") = None,
     device: _opt(str, TrainConfig, "device", DEVICE_HELP) = None,
-    seed: _opt(int, TrainConfig, "seed", "Seed for initialisation, data order and noise (default: 0).") = None,
+    seed: _opt(int, TrainConfig, "seed", f"Seed for initialisation, data order and noise (default: {TrainConfig.seed}).") = None,
     compile: _opt(bool, TrainConfig, "compile", "torch.compile the U-Net: faster steps after a minute or so of compiling (default: on for CUDA only).", "--compile/--no-compile") = None,
     precision: _opt(str, TrainConfig, "precision", "auto (bf16 on CUDA, fp32 elsewhere), fp32, or bf16 (also on the CPU: faster where it has AMX, slower where it does not).") = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")] = False,
@@ -70,7 +70,7 @@ def train(
 
     values = config_values(train, locals())
     if resume:
-        cfg = C.resumed(run_config(out), values["train"])
+        cfg = C.resumed(run_config(out), values)
     else:
         cfg = C.build_config(preset, str(config) if config else None, values)
         C.absolute_data_paths(cfg, NAMED)

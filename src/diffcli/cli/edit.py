@@ -1,0 +1,154 @@
+"""`diffcli edit` and `diffcli interpolate`: options, checks, one call into edit.py, print."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from diffcli.checks import NON_NEGATIVE, Range
+from diffcli.cli._common import (
+    BatchSize,
+    Ckpt,
+    Device,
+    Guidance,
+    ImageSeed,
+    Sampler,
+    Sets,
+    Steps,
+    console,
+    parse_labels,
+    parse_list,
+    safe_name,
+    writing,
+)
+from diffcli.errors import UserError
+from diffcli.spec import SamplerSpec
+
+STRENGTH = 0.6  # SDEdit's trade: enough noise for the label to take over, little enough that the layout stays
+Eta = Annotated[float, typer.Option(help="DDIM noise: 0 deterministic, 1 DDPM-like."), Sets(SamplerSpec, "eta")]
+
+
+def _load(ckpt: Path, device: str):
+    from diffcli.checkpoint import load_model
+    from diffcli.devices import pick_device
+    from diffcli.schedules import make_schedule
+
+    model, cfg, meta = load_model(ckpt, pick_device(device))
+    return model, make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps), cfg, meta["class_names"]
+
+
+def _one_label(text: str, class_names: list[str], option: str = "--label") -> int:
+    labels = parse_labels(text, class_names)
+    if len(labels) != 1:
+        raise UserError(f"{option} takes one class here, got '{text}'.")
+    return labels[0]
+
+
+def edit(
+    images: Annotated[list[Path], typer.Argument(help="Images to edit: PNG/JPEG/GIF/BMP/WebP, cropped to a square and resized to the model's size.")],
+    ckpt: Ckpt,
+    label: Annotated[str, typer.Option(help="The class to edit toward (index or name; 'all' for an unconditional model).")],
+    strength: Annotated[Optional[float], typer.Option(help=f"How far toward noise each image goes before it is redrawn: 0 keeps it, 1 draws anew (default {STRENGTH:g})."), Range(0, 1)] = None,
+    mask: Annotated[Optional[Path], typer.Option(help="Inpaint instead: an image whose white part is redrawn and black part kept (resized like the inputs).")] = None,
+    jumps: Annotated[int, typer.Option(help="With --mask: tries of every step (RePaint's resampling), so the seam is coherent; 1 = none."), Range(1, 50)] = 5,
+    invert: Annotated[bool, typer.Option("--invert", help="A deterministic edit: DDIM-invert each image under --source-label, then sample it back under --label.")] = False,
+    source_label: Annotated[Optional[str], typer.Option(help="With --invert: the class the images show (default: none, the unconditional model).")] = None,
+    sampler: Sampler = "ddim",
+    steps: Steps = None,
+    guidance: Guidance = None,
+    eta: Eta = 0.0,
+    n: Annotated[Optional[int], typer.Option(help="Variations per image, each from its own seed (default: 4; 1 with --invert)."), Range(1, 64)] = None,
+    seed: ImageSeed = 0,
+    out: Annotated[Path, typer.Option(help="The sheet to write: one row per image (input, mask, results).")] = Path("edited.png"),
+    save_individual: Annotated[Optional[Path], typer.Option(help="Also write every result as its own PNG into this folder.")] = None,
+    batch_size: BatchSize = 64,
+    device: Device = "auto",
+):
+    """Edit images with a trained model: image-to-image, inpainting (--mask) or inversion (--invert)."""
+    if mask is not None and invert:
+        raise UserError("--mask and --invert are two different edits; give one.")
+    if strength is not None and (mask is not None or invert):
+        raise UserError("--strength is for image-to-image; inpainting and --invert always start from noise.")
+    if source_label is not None and not invert:
+        raise UserError("--source-label goes with --invert.")
+    if invert and n not in (None, 1):
+        raise UserError("--invert is deterministic, so every variation would be the same: drop --n.")
+    n = n or (1 if invert else 4)
+    spec = SamplerSpec(sampler, steps, guidance, eta)
+    import torch
+
+    from diffcli import edit as E
+    from diffcli.data import fit_image, fit_mask, read_image
+    from diffcli.figures import edit_sheet
+    from diffcli.images import save, to_pil
+
+    model, schedule, cfg, class_names = _load(ckpt, device)
+    c, size = cfg.model.in_channels, cfg.model.image_size
+    inputs = torch.stack([fit_image(read_image(p), c, size) for p in images])
+    target = _one_label(label, class_names)
+    spec = spec.resolve(schedule.T)
+    per_image = inputs.repeat_interleave(n, dim=0)
+    labels, seeds = [target] * len(per_image), list(range(seed, seed + len(per_image)))
+    common = dict(images=per_image, labels=labels, batch_size=batch_size)
+    redraw = None if mask is None else fit_mask(read_image(mask), size)[None].expand(len(inputs), -1, -1, -1)
+    with console.status(f"editing {len(images)} image(s), {len(per_image)} result(s) with {spec.describe()} ..."):
+        if invert:
+            src = cfg.model.num_classes if source_label is None else _one_label(source_label, class_names, "--source-label")
+            results = E.invert(model, schedule, cfg.diffusion.prediction, spec, source_labels=[src] * len(labels), **common)
+        elif redraw is not None:
+            results = E.inpaint(model, schedule, cfg.diffusion.prediction, spec, redraw=redraw.repeat_interleave(n, dim=0),
+                                seeds=seeds, jumps=jumps, **common)
+        else:
+            results = E.img2img(model, schedule, cfg.diffusion.prediction, spec, seeds=seeds,
+                                strength=STRENGTH if strength is None else strength, **common)
+    sheet = edit_sheet(inputs, results, redraw)
+    with writing(out):
+        save(sheet, out)
+    for i, (img, s) in enumerate(zip(results, seeds) if save_individual else ()):
+        with writing(path := save_individual / f"{i:05d}_{safe_name(Path(images[i // n]).stem)}_seed{s}.png"):
+            save(to_pil(img), path)
+    mode = "inverted" if invert else "inpainted" if mask is not None else "edited"
+    console.print(f"wrote [cyan]{out}[/]: {len(images)} image(s) {mode} toward "
+                  f"{class_names[target] if class_names else 'the model'}, {len(results)} result(s), {spec.describe()}",
+                  highlight=False)
+
+
+def interpolate(
+    ckpt: Ckpt,
+    label: Annotated[str, typer.Option(help="One class (with two --seeds), or two joined by a comma (with one seed) to morph between.")] = "0",
+    seeds: Annotated[str, typer.Option(help="Two seeds to move between (one with two labels).")] = "0,1",
+    frames: Annotated[int, typer.Option(help="Images from the first end to the last, both included."), Range(2, 200)] = 9,
+    sampler: Sampler = "ddim",
+    steps: Steps = None,
+    guidance: Guidance = None,
+    out: Annotated[Path, typer.Option(help="A .png strip or a .gif animation.")] = Path("interp.png"),
+    batch_size: BatchSize = 64,
+    device: Device = "auto",
+):
+    """Move between two seeds (slerp of their noise) or two labels, with a deterministic sampler."""
+    if out.suffix.lower() not in (".png", ".gif"):
+        raise UserError(f"--out must end in .png or .gif, got '{out.name}'.")
+    seed_list = parse_list(seeds, int, "--seeds", NON_NEGATIVE)
+    spec = SamplerSpec(sampler, steps, guidance)
+    from diffcli import edit as E
+    from diffcli.figures import animation
+    from diffcli.images import grid, save
+
+    model, schedule, cfg, class_names = _load(ckpt, device)
+    labels = parse_labels(label, class_names)
+    args = (model, schedule, cfg.diffusion.prediction, spec)
+    if len(labels) == 1 and len(seed_list) == 2:
+        what = f"seeds {seed_list[0]} -> {seed_list[1]}"
+        with console.status(f"sampling {frames} frames between {what} ..."):
+            images = E.between_seeds(*args, label=labels[0], seeds=tuple(seed_list), frames=frames, batch_size=batch_size)
+    elif len(labels) == 2 and len(seed_list) == 1:
+        what = f"{class_names[labels[0]]} -> {class_names[labels[1]]}, seed {seed_list[0]}"
+        with console.status(f"sampling {frames} frames between {what} ..."):
+            images = E.between_labels(*args, labels=tuple(labels), seed=seed_list[0], frames=frames, batch_size=batch_size)
+    else:
+        raise UserError("give one --label with two --seeds, or two labels (--label a,b) with one seed.")
+    with writing(out):
+        animation(images, out) if out.suffix.lower() == ".gif" else save(grid(images, frames), out)
+    console.print(f"wrote [cyan]{out}[/]: {frames} frames, {what}, {spec.resolve(schedule.T).describe()}", highlight=False)
