@@ -51,12 +51,16 @@ def test_strength_0_returns_the_input(tiny_run, picture, tmp_path):
 
 
 def test_strength_1_is_sample_with_the_same_seeds(tiny_run, picture, tmp_path):
+    """With the same settings: edit's own default guidance (EDIT_GUIDANCE) is given to sample."""
+    from diffcli.edit import EDIT_GUIDANCE
+
     ckpt = tiny_run / "model.safetensors"
-    for sampler, steps in (("ddim", "4"), ("dpm++", "3")):
-        run("edit", picture, "--ckpt", ckpt, "--label", "star", "--strength", "1", "--n", "3", "--seed", "7",
+    for sampler, steps, guidance in (("ddim", "4", []), ("dpm++", "3", ["--guidance", "1.5"])):
+        run("edit", picture, "--ckpt", ckpt, "--label", "star", "--strength", "1", "--n", "3", "--seed", "7", *guidance,
             "--sampler", sampler, "--steps", steps, "--out", tmp_path / "e.png", "--save-individual", tmp_path / f"e{sampler}")
         run("sample", "--ckpt", ckpt, "--label", "star", "--n", "3", "--seed", "7", "--sampler", sampler, "--steps", steps,
-            "--out", tmp_path / "s.png", "--save-individual", tmp_path / f"s{sampler}")
+            *(guidance or ["--guidance", str(EDIT_GUIDANCE)]), "--out", tmp_path / "s.png", "--save-individual",
+            tmp_path / f"s{sampler}")
         assert torch.equal(pixels(tmp_path / f"e{sampler}"), pixels(tmp_path / f"s{sampler}")), sampler
 
 
@@ -118,21 +122,22 @@ def test_slerp_keeps_the_ends_and_the_norm():
     assert abs(((a + b) / 2).norm() / a.norm() - 0.71) < 0.05
 
 
-def test_inversion_then_sampling_reconstructs_the_input(tmp_path):
-    """On a model trained here (a few hundred steps of tiny on one shape), DDIM inversion and
-    DDIM sampling under the same label at guidance 1 give the input back within 3/255 RMS
-    at 100 steps: the ODE's discretisation error, not the model's quality, sets the bound."""
-    out = tmp_path / "run"
-    run("train", "--data", "shapes", "--limit", "200", "--preset", "tiny", "--max-steps", "150", "--out", out,
-        "--device", "cpu")
-    run("sample", "--ckpt", out / "model.safetensors", "--label", "circle", "--n", "2", "--steps", "20",
-        "--out", tmp_path / "s.png", "--save-individual", tmp_path / "inputs")
+def test_inversion_then_sampling_reconstructs_the_input(tiny_run, tmp_path):
+    """DDIM inversion, then DDIM sampling, under the same label at guidance 1 gives the input
+    back within 3/255 RMS at 100 steps on the model trained for this session (2.1 measured):
+    the ODE's discretisation sets the error, and at 10 steps it is well above the bound."""
+    ckpt = tiny_run / "model.safetensors"
+    run("sample", "--ckpt", ckpt, "--label", "circle", "--n", "2", "--steps", "20", "--out", tmp_path / "s.png",
+        "--save-individual", tmp_path / "inputs")
     inputs = sorted((tmp_path / "inputs").glob("*.png"))
-    run("edit", *inputs, "--ckpt", out / "model.safetensors", "--label", "circle", "--source-label", "circle",
-        "--invert", "--steps", "100", "--guidance", "1", "--out", tmp_path / "e.png", "--save-individual",
-        tmp_path / "each")
-    rms = (pixels(tmp_path / "each").float() - pixels(tmp_path / "inputs").float()).square().mean().sqrt() / 255
-    assert rms < 3 / 255, f"reconstruction RMS {rms * 255:.2f}/255"
+    rms = {}
+    for steps in (100, 10):
+        run("edit", *inputs, "--ckpt", ckpt, "--label", "circle", "--source-label", "circle", "--invert", "--steps", steps,
+            "--guidance", "1", "--out", tmp_path / "e.png", "--save-individual", tmp_path / f"each{steps}")
+        diff = pixels(tmp_path / f"each{steps}").float() - pixels(tmp_path / "inputs").float()
+        rms[steps] = diff.square().mean().sqrt().item()
+    assert rms[100] < 3, f"reconstruction RMS {rms[100]:.2f}/255"
+    assert rms[10] > 3, f"10 steps reconstruct within {rms[10]:.2f}/255: the bound would not notice a broken inversion"
 
 
 @pytest.mark.parametrize("args,fragment", [

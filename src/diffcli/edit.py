@@ -10,6 +10,7 @@ the results do not depend on the batch size. The sampler settings come in one
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
@@ -18,7 +19,12 @@ from diffcli.data import to_model_range
 from diffcli.errors import UserError
 from diffcli.generate import denoiser, generate, per_batch
 from diffcli.schedules import Schedule
-from diffcli.spec import SamplerSpec
+from diffcli.spec import EDIT_GUIDANCE, SamplerSpec
+
+
+def for_edit(spec: SamplerSpec) -> SamplerSpec:
+    """`spec` with EDIT_GUIDANCE where it leaves the guidance to the default."""
+    return replace(spec, guidance=EDIT_GUIDANCE) if spec.guidance is None else spec
 
 
 def first_step(spec: SamplerSpec, T: int, strength: float) -> int:
@@ -34,8 +40,9 @@ def img2img(model, schedule: Schedule, prediction: str, spec: SamplerSpec, *, im
             seeds: list[int], strength: float, batch_size: int = 64) -> torch.Tensor:
     """Noise each image to the timestep `strength` of the way to T with its seed's noise,
     then sample it back under its label. Strength 0 returns the images; strength 1 starts
-    from the noise alone and is `generate` with the same seeds and labels."""
-    spec = spec.resolve(schedule.T)
+    from the noise alone and is `generate` with the same seeds and labels. Guidance
+    defaults to EDIT_GUIDANCE."""
+    spec = for_edit(spec).resolve(schedule.T)
     plan, first = samplers.plan(spec, schedule.T), first_step(spec, schedule.T, strength)
     if first == len(plan):
         return images.clone()
@@ -79,8 +86,9 @@ def invert(model, schedule: Schedule, prediction: str, spec: SamplerSpec, *, ima
     """A deterministic edit: DDIM-invert each image under its source label with the plain
     conditional model (guidance 1: inversion under stronger guidance drifts, Mokady et al.
     2023, §3), then run DDIM back down under its label with the spec's guidance. With the
-    same label and guidance 1 the image comes back, up to the ODE's discretisation."""
-    spec = spec.resolve(schedule.T)
+    same label and guidance 1 the image comes back, up to the ODE's discretisation.
+    Guidance defaults to EDIT_GUIDANCE."""
+    spec = for_edit(spec).resolve(schedule.T)
     if spec.sampler != "ddim" or spec.eta != 0:
         raise UserError("--invert runs DDIM with --eta 0 both ways: use --sampler ddim.")
     there = denoiser(model, schedule, prediction, 1.0)

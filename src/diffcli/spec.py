@@ -24,6 +24,25 @@ VARIANCES = ("beta_tilde", "beta")  # DDPM's step variance: the posterior's β̃
 # 1.64 at 3): more guidance buys nothing and costs diversity (docs/results.md).
 DEFAULT_GUIDANCE = 2.0
 
+# The defaults of `diffcli edit` (edit.py), here so that the command line reads them without torch.
+# SDEdit's strength (Meng et al. 2022): the share of the sampler's steps that run again, from the
+# input noised that far. 0.6 leaves the layout and lets the label redraw the strokes.
+EDIT_STRENGTH = 0.6
+# Guidance for a change of class (image-to-image and inversion; inpainting keeps the sampling
+# default, its kept region anchors the label). From part-way noise the input still holds the
+# old class, and the weight that draws a clean sample is too weak to move it: on MNIST 3 -> 8
+# at strength 0.6 (DDIM 50), w = 2 made 39% 8s, 4 made 67%, 8 made 91% with 95% of the edits
+# still closer to their own input than to any other (docs/editing.md). Stable Diffusion's
+# img2img default, 7.5, is of the same size. On a 3-minute shapes model it neither helped nor
+# hurt (circle -> square 16% at w = 2, 18% at 8; the model barely draws squares yet): to be
+# checked again on a better-trained second dataset.
+EDIT_GUIDANCE = 8.0
+# RePaint's tries of every step. On MNIST with the lower half redrawn (DDIM 50) the true label
+# came back 99% of the time with 1, 100% with 3 and 5, but by eye only 5 joined the halves
+# of every stroke (docs/editing.md); the paper uses 10. Cost grows with it: 18, 49, 88 s for
+# 100 digits on 2 CPU cores.
+JUMPS = 5
+
 
 @dataclass(frozen=True)
 class SamplerSpec:

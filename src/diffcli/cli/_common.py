@@ -166,6 +166,7 @@ DataRoot = Annotated[Optional[str], typer.Option(help=DATA_ROOT_HELP)]
 Sampler = Annotated[str, typer.Option(help="ddpm (stochastic, all T steps), ddim or dpm++ (DPM-Solver++ 2M).")]
 Steps = Annotated[Optional[int], typer.Option(help="Sampling steps (default: " + ", ".join(
     f"{name} {k}" for name, k in DEFAULT_STEPS.items()) + ", ddpm T)."), Sets(SamplerSpec, "steps")]
+Eta = Annotated[float, typer.Option(help="DDIM noise: 0 deterministic, 1 DDPM-like."), Sets(SamplerSpec, "eta")]
 Guidance = Annotated[Optional[float], typer.Option(help=f"Classifier-free guidance weight: 1 plain conditional, "
                                                         f"0 unconditional (default: {DEFAULT_GUIDANCE:g})."),
                      Sets(SamplerSpec, "guidance")]

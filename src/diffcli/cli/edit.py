@@ -12,10 +12,10 @@ from diffcli.cli._common import (
     BatchSize,
     Ckpt,
     Device,
+    Eta,
     Guidance,
     ImageSeed,
     Sampler,
-    Sets,
     Steps,
     console,
     parse_labels,
@@ -24,10 +24,7 @@ from diffcli.cli._common import (
     writing,
 )
 from diffcli.errors import UserError
-from diffcli.spec import SamplerSpec
-
-STRENGTH = 0.6  # SDEdit's trade: enough noise for the label to take over, little enough that the layout stays
-Eta = Annotated[float, typer.Option(help="DDIM noise: 0 deterministic, 1 DDPM-like."), Sets(SamplerSpec, "eta")]
+from diffcli.spec import EDIT_STRENGTH, JUMPS, SamplerSpec
 
 
 def _load(ckpt: Path, device: str):
@@ -50,9 +47,9 @@ def edit(
     images: Annotated[list[Path], typer.Argument(help="Images to edit: PNG/JPEG/GIF/BMP/WebP, cropped to a square and resized to the model's size.")],
     ckpt: Ckpt,
     label: Annotated[str, typer.Option(help="The class to edit toward (index or name; 'all' for an unconditional model).")],
-    strength: Annotated[Optional[float], typer.Option(help=f"How far toward noise each image goes before it is redrawn: 0 keeps it, 1 draws anew (default {STRENGTH:g})."), Range(0, 1)] = None,
+    strength: Annotated[Optional[float], typer.Option(help=f"How far toward noise each image goes before it is redrawn: 0 keeps it, 1 draws anew (default {EDIT_STRENGTH:g})."), Range(0, 1)] = None,
     mask: Annotated[Optional[Path], typer.Option(help="Inpaint instead: an image whose white part is redrawn and black part kept (resized like the inputs).")] = None,
-    jumps: Annotated[int, typer.Option(help="With --mask: tries of every step (RePaint's resampling), so the seam is coherent; 1 = none."), Range(1, 50)] = 5,
+    jumps: Annotated[int, typer.Option(help="With --mask: tries of every step (RePaint's resampling), so the seam is coherent; 1 = none."), Range(1, 50)] = JUMPS,
     invert: Annotated[bool, typer.Option("--invert", help="A deterministic edit: DDIM-invert each image under --source-label, then sample it back under --label.")] = False,
     source_label: Annotated[Optional[str], typer.Option(help="With --invert: the class the images show (default: none, the unconditional model).")] = None,
     sampler: Sampler = "ddim",
@@ -88,7 +85,7 @@ def edit(
     c, size = cfg.model.in_channels, cfg.model.image_size
     inputs = torch.stack([fit_image(read_image(p), c, size) for p in images])
     target = _one_label(label, class_names)
-    spec = spec.resolve(schedule.T)
+    spec = (spec if mask is not None else E.for_edit(spec)).resolve(schedule.T)  # inpainting: sample's guidance
     per_image = inputs.repeat_interleave(n, dim=0)
     labels, seeds = [target] * len(per_image), list(range(seed, seed + len(per_image)))
     common = dict(images=per_image, labels=labels, batch_size=batch_size)
@@ -102,7 +99,7 @@ def edit(
                                 seeds=seeds, jumps=jumps, **common)
         else:
             results = E.img2img(model, schedule, cfg.diffusion.prediction, spec, seeds=seeds,
-                                strength=STRENGTH if strength is None else strength, **common)
+                                strength=EDIT_STRENGTH if strength is None else strength, **common)
     sheet = edit_sheet(inputs, results, redraw)
     with writing(out):
         save(sheet, out)
