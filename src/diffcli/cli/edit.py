@@ -8,21 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from diffcli.checks import NON_NEGATIVE, Range
-from diffcli.cli._common import (
-    BatchSize,
-    Ckpt,
-    Device,
-    Eta,
-    Guidance,
-    ImageSeed,
-    Sampler,
-    Steps,
-    console,
-    parse_labels,
-    parse_list,
-    safe_name,
-    writing,
-)
+from diffcli.cli._common import (BatchSize, Ckpt, Device, Eta, Guidance, ImageSeed, Sampler, Steps, console,
+                                 parse_labels, parse_list, safe_name, writing)
 from diffcli.errors import UserError
 from diffcli.spec import EDIT_STRENGTH, JUMPS, SamplerSpec
 

@@ -10,21 +10,8 @@ import typer
 from rich.table import Table
 
 from diffcli.checks import POSITIVE, Range
-from diffcli.cli._common import (
-    AsJson,
-    BatchSize,
-    Ckpt,
-    DataRoot,
-    Device,
-    Guidance,
-    ImageSeed,
-    Sampler,
-    Steps,
-    console,
-    progress,
-    safe_name,
-    writing,
-)
+from diffcli.cli._common import (AsJson, BatchSize, Ckpt, DataRoot, Device, Guidance, ImageSeed, Sampler, Steps,
+                                 console, progress, safe_name, writing)
 from diffcli.errors import UserError
 from diffcli.spec import SamplerSpec
 

@@ -10,22 +10,8 @@ from typing import Annotated, Optional
 import typer
 
 from diffcli.checks import AT_LEAST_ONE, NON_NEGATIVE, Range
-from diffcli.cli._common import (
-    BatchSize,
-    Ckpt,
-    Device,
-    Eta,
-    Guidance,
-    ImageSeed,
-    Sampler,
-    Steps,
-    console,
-    parse_labels,
-    parse_list,
-    print_notice,
-    safe_name,
-    writing,
-)
+from diffcli.cli._common import (BatchSize, Ckpt, Device, Eta, Guidance, ImageSeed, Sampler, Steps, console,
+                                 parse_labels, parse_list, print_notice, safe_name, writing)
 from diffcli.errors import UserError
 from diffcli.spec import DEFAULT_GUIDANCE, SamplerSpec
 
