@@ -8,10 +8,10 @@ from typing import Annotated, Optional
 import typer
 
 from diffcli.checks import NON_NEGATIVE, Range
-from diffcli.cli._common import (BatchSize, Ckpt, Device, Eta, Guidance, ImageSeed, Sampler, Steps, console,
+from diffcli.cli._common import (BatchSize, Ckpt, Device, Eta, Guidance, ImageSeed, Sampler, Sets, Steps, console,
                                  parse_labels, parse_list, safe_name, writing)
 from diffcli.errors import UserError
-from diffcli.spec import EDIT_STRENGTH, JUMPS, SamplerSpec
+from diffcli.spec import DEFAULT_GUIDANCE, EDIT_GUIDANCE, EDIT_STRENGTH, JUMPS, SamplerSpec
 
 
 def _load(ckpt: Path, device: str):
@@ -41,7 +41,9 @@ def edit(
     source_label: Annotated[Optional[str], typer.Option(help="With --invert: the class the images show (default: none, the unconditional model).")] = None,
     sampler: Sampler = "ddim",
     steps: Steps = None,
-    guidance: Guidance = None,
+    guidance: Annotated[Optional[float], typer.Option(help=f"Classifier-free guidance weight (default: {EDIT_GUIDANCE:g}, "
+                                                           f"enough to change the class; {DEFAULT_GUIDANCE:g} with --mask)."),
+                        Sets(SamplerSpec, "guidance")] = None,
     eta: Eta = 0.0,
     n: Annotated[Optional[int], typer.Option(help="Variations per image, each from its own seed (default: 4; 1 with --invert)."), Range(1, 64)] = None,
     seed: ImageSeed = 0,
