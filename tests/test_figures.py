@@ -68,7 +68,7 @@ def test_compare_sheet_with_guidance_sweep(tiny_run, tmp_path):
 def test_compare_puts_ddpm_in_the_T_column_only(tiny_run, tmp_path):
     out = tmp_path / "cmp.png"
     run("compare", "--ckpt", tiny_run / "model.safetensors", "--samplers", "ddpm,ddim", "--steps", "3",
-        "--n", "1", "--out", out)
+        "--n", "1", "--guidance", "1", "--out", out)  # one pass per step: the layout is what is checked
     sheet = Image.open(out)
     cell_w, cell_h = (2 * v for v in grid_size(1, 1, 32, 32))
     assert sheet.size == (2 * cell_w + 3 * PAD, 2 * (cell_h + HEADER) + 3 * PAD)  # columns: 3 steps and T
