@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from diffcli import samplers
+from diffcli import image_samplers, samplers
 from diffcli.schedules import make_schedule
 from diffcli.spec import SamplerSpec
 
@@ -51,15 +51,18 @@ def check_moments(x, label, what, discretisation=0.01):
 # returns E[x0 | x_99], whose variance is below the data's. That is the sampler, not a bug,
 # so it gets a wide variance allowance; 50 steps and more must be within 0.01.
 @pytest.mark.parametrize("sampler,steps,discretisation", [
-    ("ddpm", None, 0.01), ("ddim", 10, 0.13), ("ddim", 50, 0.01), ("ddim", 250, 0.01), ("dpm++", 20, 0.01)])
+    ("ddpm", None, 0.01), ("ddim", 10, 0.13), ("ddim", 50, 0.01), ("ddim", 250, 0.01), ("dpm++", 20, 0.01),
+    ("heun", 25, 0.01), ("heun-karras", 25, 0.01), ("ddim-karras", 50, 0.01)])
 def test_samplers_recover_gaussian_data(name, sampler, steps, discretisation):
     schedule = make_schedule(name, 1000)
     randn = batch_randn(0)
     label = 1
     noise = randn(torch.empty(N, 2))
     y = torch.full((N,), label)
-    x = samplers.sample(SamplerSpec(sampler, steps, clip=False), oracle(schedule), schedule, noise, y, randn)
-    check_moments(x, label, f"{sampler} {steps or 'T'} steps, {name}", discretisation)
+    sampler, _, spacing = sampler.partition("-")
+    spec = SamplerSpec(sampler, steps, clip=False, spacing=spacing or "trailing")
+    x = samplers.sample(spec, oracle(schedule), schedule, noise, y, randn)
+    check_moments(x, label, f"{sampler} {steps or 'T'} steps {spacing}, {name}", discretisation)
 
 
 def test_broken_oracle_is_caught():
@@ -194,7 +197,7 @@ def class_accuracy(x, label, mu=MU3):
     return (nearest == label).float().mean().item()
 
 
-@pytest.mark.parametrize("sampler,steps", [("ddpm", None), ("ddim", 10), ("ddim", 50), ("dpm++", 20)])
+@pytest.mark.parametrize("sampler,steps", [("ddpm", None), ("ddim", 10), ("ddim", 50), ("dpm++", 20), ("heun", 10)])
 def test_class_conditional_samples_land_on_their_class(sampler, steps):
     schedule = make_schedule("cosine", 1000)
     denoise = oracle(schedule, mu=MU3)
@@ -225,7 +228,7 @@ def test_ddim_inversion_reconstructs_the_input(name):
     x0 = MU[0] + S * torch.randn(256, 2, generator=torch.Generator().manual_seed(5))
     y = torch.zeros(256, dtype=torch.long)
     for steps in (100, 1000):
-        noise = samplers.ddim_invert(denoise, schedule, x0, y, steps)
+        noise = image_samplers.ddim_invert(denoise, schedule, x0, y, steps)
         assert abs(noise.std().item() - 1) < 0.1, "inversion should land on unit-variance noise"
         back = samplers.ddim(denoise, schedule, noise, y, steps, clip_x0=False)
         rms = (back - x0).pow(2).mean().sqrt().item()
@@ -240,7 +243,7 @@ def test_inversion_check_can_fail():
     off = samplers.predictions(lambda x, t, y: good(x, (t + 20).clamp(max=999), y), schedule, "eps")
     x0 = MU[0] + S * torch.randn(256, 2, generator=torch.Generator().manual_seed(5))
     y = torch.zeros(256, dtype=torch.long)
-    back = samplers.ddim(oracle(schedule), schedule, samplers.ddim_invert(off, schedule, x0, y, 100), y, 100, clip_x0=False)
+    back = samplers.ddim(oracle(schedule), schedule, image_samplers.ddim_invert(off, schedule, x0, y, 100), y, 100, clip_x0=False)
     assert (back - x0).pow(2).mean().sqrt().item() > 3 / 100
 
 
@@ -251,3 +254,25 @@ def test_determinism_check_can_fail():
     a = samplers.ddim(oracle(schedule), schedule, noise, y, 20, eta=1.0, randn_like=batch_randn(1))
     b = samplers.ddim(oracle(schedule), schedule, noise, y, 20, eta=1.0, randn_like=batch_randn(2))
     assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_karras_timesteps_start_at_pure_noise_and_crowd_the_low_noise_end(name):
+    schedule = make_schedule(name, 1000)
+    ts = samplers.karras_timesteps(schedule, 25)
+    assert ts[0] == 999 and ts[-1] == 0 and ts == sorted(set(ts), reverse=True)
+    below_100 = sum(t < 100 for t in ts)
+    assert below_100 >= 5 > sum(t < 100 for t in samplers.timesteps(1000, 25))  # trailing: 3 of 25 below t = 100
+    abar = schedule.alphas_cumprod.double()
+    sigma = ((1 - abar) / abar).sqrt()
+    assert sigma[ts[1]] <= samplers.HEUN_SIGMA_MAX * 1.1  # the ramp starts at EDM's sigma_max, not the schedule's 2e4
+
+
+def test_heun_spends_two_evaluations_a_step_but_euler_ones_at_the_ends():
+    schedule = make_schedule("cosine", 1000)
+    calls = []
+    network = eps_oracle(schedule)
+    denoise = samplers.predictions(lambda x, t, y: calls.append(1) or network(x, t, y), schedule, "eps")
+    samplers.sample(SamplerSpec("heun", 10, clip=False), denoise, schedule, torch.randn(8, 2), torch.zeros(8, dtype=torch.long),
+                    batch_randn(0))
+    assert len(calls) == 2 * 10 - 2  # Euler from T-1 (sigma above 80) and into sigma = 0

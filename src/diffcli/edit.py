@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import torch
 
-from diffcli import samplers
+from diffcli import image_samplers, samplers
 from diffcli.data import to_model_range
 from diffcli.errors import UserError
 from diffcli.generate import denoiser, generate, per_batch
@@ -27,11 +27,11 @@ def for_edit(spec: SamplerSpec) -> SamplerSpec:
     return replace(spec, guidance=EDIT_GUIDANCE) if spec.guidance is None else spec
 
 
-def first_step(spec: SamplerSpec, T: int, strength: float) -> int:
+def first_step(spec: SamplerSpec, schedule: Schedule, strength: float) -> int:
     """SDEdit's start (Meng et al. 2022): the index into the sampler's timesteps from which
     the last round(strength x steps) steps run, as diffusers' img2img pipelines count them.
     0 is the whole trajectory from pure noise; len(plan) is no step at all."""
-    steps = len(samplers.plan(spec, T))
+    steps = len(samplers.plan(spec, schedule))
     return steps - round(steps * strength)
 
 
@@ -43,7 +43,7 @@ def img2img(model, schedule: Schedule, prediction: str, spec: SamplerSpec, *, im
     from the noise alone and is `generate` with the same seeds and labels. Guidance
     defaults to EDIT_GUIDANCE."""
     spec = for_edit(spec).resolve(schedule.T)
-    plan, first = samplers.plan(spec, schedule.T), first_step(spec, schedule.T, strength)
+    plan, first = samplers.plan(spec, schedule), first_step(spec, schedule, strength)
     if first == len(plan):
         return images.clone()
     denoise = denoiser(model, schedule, prediction, spec.guidance)
@@ -64,7 +64,7 @@ def img2img(model, schedule: Schedule, prediction: str, spec: SamplerSpec, *, im
 def inpaint(model, schedule: Schedule, prediction: str, spec: SamplerSpec, *, images: torch.Tensor, redraw: torch.Tensor,
             labels: list[int], seeds: list[int], jumps: int, batch_size: int = 64) -> torch.Tensor:
     """Redraw where `redraw` (N, 1, H, W) is True under each label, keeping the rest of
-    each image exactly (RePaint, `samplers.repaint`, with `jumps` tries of every step)."""
+    each image exactly (RePaint, `image_samplers.repaint`, with `jumps` tries of every step)."""
     spec = spec.resolve(schedule.T)
     if spec.sampler not in ("ddim", "ddpm"):
         raise UserError("inpainting runs --sampler ddim or ddpm: dpm++ carries each step into the next, "
@@ -75,7 +75,7 @@ def inpaint(model, schedule: Schedule, prediction: str, spec: SamplerSpec, *, im
         known = to_model_range(images[chunk].to(randn_like.device))
         keep = (~redraw[chunk]).to(known.device, known.dtype)
         y = torch.tensor(labels[chunk], device=known.device)
-        return samplers.repaint(spec, denoise, schedule, randn_like(known), y, randn_like, known, keep, jumps)
+        return image_samplers.repaint(spec, denoise, schedule, randn_like(known), y, randn_like, known, keep, jumps)
 
     return per_batch(model, seeds, batch_size, run)
 
@@ -89,7 +89,7 @@ def invert(model, schedule: Schedule, prediction: str, spec: SamplerSpec, *, ima
     same label and guidance 1 the image comes back, up to the ODE's discretisation.
     Guidance defaults to EDIT_GUIDANCE."""
     spec = for_edit(spec).resolve(schedule.T)
-    if spec.sampler != "ddim" or spec.eta != 0:
+    if spec.sampler != "ddim" or spec.eta != 0 or spec.spacing != "trailing":
         raise UserError("--invert runs DDIM with --eta 0 both ways: use --sampler ddim.")
     there = denoiser(model, schedule, prediction, 1.0)
     back = denoiser(model, schedule, prediction, spec.guidance)
@@ -97,7 +97,7 @@ def invert(model, schedule: Schedule, prediction: str, spec: SamplerSpec, *, ima
     def run(chunk: slice, randn_like) -> torch.Tensor:
         x0 = to_model_range(images[chunk].to(randn_like.device))
         src, y = (torch.tensor(v[chunk], device=x0.device) for v in (source_labels, labels))
-        x_T = samplers.ddim_invert(there, schedule, x0, src, spec.steps)
+        x_T = image_samplers.ddim_invert(there, schedule, x0, src, spec.steps)
         return samplers.ddim(back, schedule, x_T, y, spec.steps, clip_x0=spec.clip)
 
     return per_batch(model, list(range(len(labels))), batch_size, run)  # no noise is drawn

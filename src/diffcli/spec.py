@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from diffcli.checks import AT_LEAST_ONE, NON_NEGATIVE, bounded, check_fields
 from diffcli.errors import UserError
 
-SAMPLERS = ("ddpm", "ddim", "dpm++")
-DEFAULT_STEPS = {"ddim": 50, "dpm++": 20}  # ddpm always runs all T steps
+SAMPLERS = ("ddpm", "ddim", "dpm++", "heun")
+# ddpm always runs all T steps; heun evaluates the network twice a step (2 x steps - 1 in all)
+DEFAULT_STEPS = {"ddim": 50, "dpm++": 20, "heun": 25}
+SPACINGS = ("trailing", "karras")  # how the steps are spread over 0..T-1 (samplers.plan)
 VARIANCES = ("beta_tilde", "beta")  # DDPM's step variance: the posterior's β̃_t, or β_t
 
 # Classifier-free guidance weight used by `diffcli sample`, `diffcli eval` and the training
@@ -52,6 +54,7 @@ class SamplerSpec:
     eta: float = bounded(0.0, NON_NEGATIVE)  # DDIM's noise: 0 deterministic, 1 DDPM-like
     variance: str = "beta_tilde"
     clip: bool = True  # clip x̂0 to the data range at every step
+    spacing: str = "trailing"
 
     def __post_init__(self):
         """What needs no model is refused at once, before any file is read."""
@@ -59,6 +62,10 @@ class SamplerSpec:
             raise UserError(f"unknown sampler '{self.sampler}'; choose one of {', '.join(SAMPLERS)}.")
         if self.variance not in VARIANCES:
             raise UserError(f"--variance must be one of {', '.join(VARIANCES)}, got '{self.variance}'.")
+        if self.spacing not in SPACINGS:
+            raise UserError(f"--spacing must be one of {', '.join(SPACINGS)}, got '{self.spacing}'.")
+        if self.sampler == "ddpm" and self.spacing != "trailing":
+            raise UserError("ddpm runs all T steps, so there is no spacing to choose; drop --spacing.")
         check_fields(self, lambda name: f"--{name}", skip=("steps",))  # steps: by `resolve`, which knows T
 
     def resolve(self, T: int) -> SamplerSpec:

@@ -163,7 +163,10 @@ BatchSize = Annotated[int, typer.Option(help="Images per forward pass."), AT_LEA
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 DATA_ROOT_HELP = "Where named datasets live or are downloaded to (default: $DIFFCLI_DATA_ROOT, else ~/.cache/diffcli/datasets)."
 DataRoot = Annotated[Optional[str], typer.Option(help=DATA_ROOT_HELP)]
-Sampler = Annotated[str, typer.Option(help="ddpm (stochastic, all T steps), ddim or dpm++ (DPM-Solver++ 2M).")]
+Sampler = Annotated[str, typer.Option(help="ddpm (stochastic, all T steps), ddim, dpm++ (DPM-Solver++ 2M) or heun "
+                                           "(EDM's 2nd order: two network passes a step).")]
+Spacing = Annotated[str, typer.Option(help="How the steps spread over the timesteps: trailing (even, from T-1) or karras "
+                                           "(EDM's rho=7, denser at low noise).")]
 Steps = Annotated[Optional[int], typer.Option(help="Sampling steps (default: " + ", ".join(
     f"{name} {k}" for name, k in DEFAULT_STEPS.items()) + ", ddpm T)."), Sets(SamplerSpec, "steps")]
 Eta = Annotated[float, typer.Option(help="DDIM noise: 0 deterministic, 1 DDPM-like."), Sets(SamplerSpec, "eta")]

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from diffcli.checks import POSITIVE, Range
-from diffcli.cli._common import (AsJson, BatchSize, Ckpt, DataRoot, Device, Guidance, ImageSeed, Sampler, Steps,
+from diffcli.cli._common import (AsJson, BatchSize, Ckpt, DataRoot, Device, Guidance, ImageSeed, Sampler, Spacing, Steps,
                                  console, progress, safe_name, writing)
 from diffcli.errors import UserError
 from diffcli.spec import SamplerSpec
@@ -26,6 +26,7 @@ def evaluate(
     n: Annotated[int, typer.Option(help="Images generated per class."), Range(2, why="a covariance needs two images")] = 100,
     sampler: Sampler = "ddim",
     steps: Steps = None,
+    spacing: Spacing = "trailing",
     guidance: Guidance = None,
     seed: ImageSeed = 0,
     data: Annotated[Optional[str], typer.Option(help="The real images to compare with (default: the model's training data).")] = None,
@@ -39,7 +40,7 @@ def evaluate(
     from diffcli.devices import describe, pick_device
     from diffcli.evaluation import EvalOptions, run
 
-    opts = EvalOptions(ckpt, SamplerSpec(sampler, steps, guidance), n, seed, batch_size, classifier, fid, inception_weights,
+    opts = EvalOptions(ckpt, SamplerSpec(sampler, steps, guidance, spacing=spacing), n, seed, batch_size, classifier, fid, inception_weights,
                        memorisation, pairs, data, data_root, real_n)
     dev = pick_device(device)
     report = {**run(opts, dev, console.status), "device": describe(dev)}

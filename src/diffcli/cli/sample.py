@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from diffcli.checks import AT_LEAST_ONE, NON_NEGATIVE, Range
-from diffcli.cli._common import (BatchSize, Ckpt, Device, Eta, Guidance, ImageSeed, Sampler, Steps, console,
+from diffcli.cli._common import (BatchSize, Ckpt, Device, Eta, Guidance, ImageSeed, Sampler, Spacing, Steps, console,
                                  parse_labels, parse_list, print_notice, safe_name, writing)
 from diffcli.errors import UserError
 from diffcli.spec import DEFAULT_GUIDANCE, SamplerSpec
@@ -25,6 +25,7 @@ def sample(
     eta: Eta = 0.0,
     guidance: Guidance = None,
     variance: Annotated[str, typer.Option(help="DDPM step variance: beta_tilde (posterior) or beta.")] = "beta_tilde",
+    spacing: Spacing = "trailing",
     clip: Annotated[bool, typer.Option("--clip/--no-clip", help="Clip the predicted x0 to the data range at every step.")] = True,
     seed: ImageSeed = 0,
     out: Annotated[Path, typer.Option(help="The grid image to write (one row per label).")] = Path("samples.png"),
@@ -38,7 +39,7 @@ def sample(
     """Generate images from a trained model."""
     if trajectory is not None and trajectory.suffix.lower() not in (".png", ".gif"):
         raise UserError(f"--trajectory must end in .png or .gif, got '{trajectory.name}'.")
-    spec = SamplerSpec(sampler, steps, guidance, eta, variance, clip)
+    spec = SamplerSpec(sampler, steps, guidance, eta, variance, clip, spacing)
     from diffcli.checkpoint import load_model
     from diffcli.devices import describe, pick_device, timed
     from diffcli.figures import enlargement, trajectory_gif, trajectory_strip
