@@ -97,18 +97,23 @@ def held_out(data: ImageData, share: float = 0.1, seed: int = 0) -> tuple[ImageD
     return pick(order[k:]), pick(order[:k])
 
 
-def reference_splits(name: str, root: str | None, image_size: int | None,
-                     limit: int | None = None) -> tuple[ImageData, ImageData, str]:
-    """(train, test, what the test images are) for a reference classifier: a named
-    dataset's own test split, or a share of a folder held out; `limit` trims train."""
+def reference_split(data: ImageData, name: str, root: str | None, image_size: int | None) -> tuple[ImageData, ImageData, str]:
+    """(what to fit on, what to score on, what that is) for the training images `data` of
+    dataset `name`: a named dataset's own test split, or a share of a folder held out."""
     from diffcli import data as D
 
-    train = D.load(name, root, image_size)
     if name in D.NAMED:
-        test, what = D.load(name, root, image_size, split="test"), "test split"
-    else:
-        train, test = held_out(train)
-        what = "10% held out"
+        return data, D.load(name, root, image_size, split="test"), "test split"
+    fit, test = held_out(data)
+    return fit, test, "10% held out"
+
+
+def reference_splits(name: str, root: str | None, image_size: int | None,
+                     limit: int | None = None) -> tuple[ImageData, ImageData, str]:
+    """`reference_split` of a dataset loaded here, with the fitting images cut to `limit`."""
+    from diffcli import data as D
+
+    train, test, what = reference_split(D.load(name, root, image_size), name, root, image_size)
     if limit:
         train = ImageData(train.images[:limit], train.labels[:limit], train.class_names, train.name)
     return train, test, what

@@ -18,7 +18,8 @@ from diffcli import image_samplers, samplers
 from diffcli.data import to_model_range
 from diffcli.errors import UserError
 from diffcli.generate import denoiser, generate, per_batch
-from diffcli.schedules import Schedule
+from diffcli.devices import autocast
+from diffcli.schedules import Schedule, q_sample
 from diffcli.spec import EDIT_GUIDANCE, SamplerSpec
 
 
@@ -52,8 +53,7 @@ def img2img(model, schedule: Schedule, prediction: str, spec: SamplerSpec, *, im
         x0 = to_model_range(images[chunk].to(randn_like.device))
         noise = randn_like(x0)  # the first draw of each image's generator, as in `generate`
         if first > 0:
-            abar = schedule.alphas_cumprod[plan[first]].to(x0.device)
-            noise = abar.sqrt() * x0 + (1 - abar).sqrt() * noise  # q(x_t | x_0)
+            noise = q_sample(schedule, x0, torch.full((len(x0),), plan[first], device=x0.device), noise)
         y = torch.tensor(labels[chunk], device=x0.device)
         return samplers.sample(spec, denoise, schedule, noise, y, randn_like, first=first)
 
@@ -172,8 +172,6 @@ def mixed_guidance(model, labels: tuple[int, int], alpha: torch.Tensor, w: float
     product p(x|a)^(1-α) p(x|b)^α of the two conditionals. The labels it is called with are
     ignored. Mixing the class embeddings instead would need the network's inside, and an
     average of two embeddings is a point the network never saw in training."""
-    from diffcli.devices import autocast
-
     device, null = next(model.parameters()).device, model.cfg.num_classes
     a = alpha.float().reshape(-1, 1, 1, 1)
 

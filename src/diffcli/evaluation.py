@@ -22,7 +22,7 @@ import torch
 
 from diffcli import data as D
 from diffcli import metrics
-from diffcli.classifier import Classifier, held_out, per_class_accuracy, predict
+from diffcli.classifier import Classifier, per_class_accuracy, predict, reference_split
 from diffcli.errors import UserError, writing
 from diffcli.spec import SamplerSpec
 
@@ -110,11 +110,11 @@ class RealImages:
 def real_images(name: str, root: str | None, image_size: int, limit: int | None = None) -> RealImages:
     """The real images a model is measured against; `limit` keeps the first N reference images."""
     train = D.load(name, root, image_size)
+    fit, reference, _ = reference_split(train, name, root, image_size)
     if name in D.NAMED:
-        reference, pool, source = D.load(name, root, image_size, split="test"), None, f"{name}-test"
+        pool, source = None, f"{name}-test"
     else:
-        pool, reference = held_out(train)
-        source = "folder-" + hashlib.sha1(str(Path(name).resolve()).encode()).hexdigest()[:10] + "-held-out"
+        pool, source = fit, "folder-" + hashlib.sha1(str(Path(name).resolve()).encode()).hexdigest()[:10] + "-held-out"
     if limit:
         reference = D.ImageData(reference.images[:limit], reference.labels[:limit], reference.class_names, reference.name)
     return RealImages(train, reference, pool, f"{source}{len(reference.labels)}-{image_size}px")
@@ -131,25 +131,24 @@ def evaluate(model, cfg, class_names: list[str], opts: EvalOptions, real: RealIm
     from diffcli.generate import generate
     from diffcli.schedules import make_schedule
 
-    s = opts
-    spec = s.spec.resolve(cfg.diffusion.timesteps)
-    labels = torch.tensor([k for k in (range(len(class_names)) or [0]) for _ in range(s.n_per_class)])
+    spec = opts.spec.resolve(cfg.diffusion.timesteps)
+    labels = torch.tensor([k for k in (range(len(class_names)) or [0]) for _ in range(opts.n_per_class)])
     schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
     device = next(model.parameters()).device
     with status(f"sampling {len(labels)} images with {spec.sampler}, {spec.steps} steps ..."):
         images, seconds = timed(lambda: generate(model, schedule, cfg.diffusion.prediction, spec, labels=labels.tolist(),
-                                                 seeds=list(range(s.seed, s.seed + len(labels))), batch_size=s.batch_size),
+                                                 seeds=list(range(opts.seed, opts.seed + len(labels))), batch_size=opts.batch_size),
                                 device)
-    report = {"images": len(labels), "sampler": spec.sampler, "steps": spec.steps, "guidance": spec.guidance, "seed": s.seed,
+    report = {"images": len(labels), "sampler": spec.sampler, "steps": spec.steps, "guidance": spec.guidance, "seed": opts.seed,
               "sampling_s": round(seconds, 2)}
     if clf is not None:
         # The floor: real images the reference does not hold, as many as generated.
         source = real.pool if real.pool is not None else real.train
-        floor = source.images[torch.randperm(len(source.labels), generator=torch.Generator().manual_seed(s.seed))[:len(labels)]]
+        floor = source.images[torch.randperm(len(source.labels), generator=torch.Generator().manual_seed(opts.seed))[:len(labels)]]
         with status("classifying ..."):
             report.update(class_fidelity(clf, images, labels, real.reference.images, floor))
     mem = None
-    if s.memorisation:
+    if opts.memorisation:
         with status("searching the nearest training images ..."):
             mem = memorisation(images, real.train.images, real.reference.images[:max(len(labels), 1000)],
                                None if real.pool is None else real.pool.images)

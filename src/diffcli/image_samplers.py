@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from diffcli.samplers import Denoiser, RandnLike, abar_at, ddim_step, ddpm_step, plan, predict, timesteps
-from diffcli.schedules import Schedule
+from diffcli.schedules import Schedule, q_sample
 from diffcli.spec import SamplerSpec
 
 
@@ -41,9 +41,8 @@ def repaint(spec: SamplerSpec, denoise: Denoiser, schedule: Schedule, noise: tor
         raise ValueError("repaint steps with ddim or ddpm")
     ts = plan(spec, schedule)
 
-    def noised(x0, t):  # q(x_t | x_0), Ho et al. 2020, eq. 4
-        abar = abar_at(schedule, t, x0)
-        return abar.sqrt() * x0 + (1 - abar).sqrt() * randn_like(x0)
+    def noised(x0, t):
+        return q_sample(schedule, x0, torch.full((len(x0),), t, device=x0.device), randn_like(x0))
 
     x = keep * noised(known, ts[0]) + (1 - keep) * noise.float()
     for i, t in enumerate(ts):
