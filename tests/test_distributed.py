@@ -79,3 +79,48 @@ def test_a_dead_rank_stops_the_others_instead_of_hanging(tmp_path):
     assert proc.returncode != 0, "a run with a dead rank must not report success"
     assert time.monotonic() - start < 120
     assert "rank: 1" in rest or "exitcode" in rest.lower() or "signal" in rest.lower(), rest[-2000:]
+
+
+def test_share_splits_every_item_once_in_rank_order():
+    from diffcli.distributed import World, share
+
+    for n in (0, 1, 2, 7, 10):
+        for size in (1, 2, 3, 4):
+            parts = [share(World(r, size), n) for r in range(size)]
+            assert [i for p in parts for i in range(p.start, p.stop)] == list(range(n)), (n, size)
+            assert max(p.stop - p.start for p in parts) - min(p.stop - p.start for p in parts) <= 1
+
+
+def test_sample_and_eval_over_three_processes_equal_one(tiny_run, tmp_path):
+    """Image i is the same picture however many processes draw, also when a rank has no
+    share (2 images, 3 ranks); eval's numbers come out the same (20 images, uneven shares)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from diffcli.cli import app
+
+    ckpt = tiny_run / "model.safetensors"
+    common = ["--ckpt", ckpt, "--steps", "3"]
+    for label, per in (("circle", "2"),):  # rank 2 has no share; eval below splits 20 images 7, 7, 6
+        three = diffcli("sample", *common, "--label", label, "--per-label", per, "--out", tmp_path / "three.png",
+                        "--save-individual", tmp_path / f"three-{label}", nproc=3)
+        assert three.returncode == 0, three.stderr[-3000:]
+        one = CliRunner().invoke(app, ["sample", *map(str, common), "--label", label, "--n", per, "--out",
+                                       str(tmp_path / "one.png"), "--save-individual", str(tmp_path / f"one-{label}")])
+        assert one.exit_code == 0, one.output
+        names = sorted(p.name for p in (tmp_path / f"one-{label}").iterdir())
+        assert names == sorted(p.name for p in (tmp_path / f"three-{label}").iterdir()) and len(names) == int(per) * (10 if label == "all" else 1)
+        for name in names:
+            assert (tmp_path / f"one-{label}" / name).read_bytes() == (tmp_path / f"three-{label}" / name).read_bytes(), name
+        assert (tmp_path / "one.png").read_bytes() == (tmp_path / "three.png").read_bytes()
+
+    three = diffcli("eval", *common, "--per-label", "2", "--json", nproc=3)
+    assert three.returncode == 0, three.stderr[-3000:]
+    one = CliRunner().invoke(app, ["eval", *map(str, common), "--n", "2", "--json"])
+    assert one.exit_code == 0, one.output
+    a, b = json.loads(three.stdout), json.loads(one.stdout)
+    assert a.pop("device").endswith("x 3 processes")
+    for key in ("sampling_s", "device"):
+        a.pop(key, None), b.pop(key, None)
+    assert a == b

@@ -1,4 +1,4 @@
-"""torch.distributed for `torchrun --nproc_per_node N -m diffcli train ...`.
+"""torch.distributed for `torchrun --nproc_per_node N -m diffcli train|sample|eval ...`.
 
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK (and spans nodes with --nnodes and
 --rdzv-endpoint); without them everything here is a no-op and the run is one process.
@@ -88,6 +88,32 @@ def check_batch(world: World, batch: int) -> int:
         raise UserError(f"the global batch size {batch} does not divide among {world.size} processes; "
                         f"pass a --batch-size that is a multiple of {world.size}.")
     return batch // world.size
+
+
+def share(world: World, n: int) -> slice:
+    """This rank's contiguous share of n items (the first n % size ranks take one more)."""
+    base, extra = divmod(n, world.size)
+    start = world.rank * base + min(world.rank, extra)
+    return slice(start, start + base + (world.rank < extra))
+
+
+def gather_shares(world: World, mine: torch.Tensor, n: int) -> torch.Tensor:
+    """Every rank's `share` of n rows, concatenated in rank order, on every rank: the whole
+    of what one process would have made. Padded to the largest share for the collective."""
+    if not world.active:
+        return mine
+    shares = [share(World(r, world.size), n) for r in range(world.size)]
+    longest = max(s.stop - s.start for s in shares)
+    shapes: list = [None] * world.size  # a rank with no share (n < size) learns the row shape from the others
+    dist.all_gather_object(shapes, tuple(mine.shape[1:]) if len(mine) else None)
+    row = next(s for s in shapes if s is not None)
+    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    padded = torch.zeros((longest, *row), dtype=mine.dtype, device=on)
+    if len(mine):
+        padded[:len(mine)] = mine.to(on)
+    parts = [torch.empty_like(padded) for _ in shares]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:s.stop - s.start] for part, s in zip(parts, shares)]).to(mine.device)
 
 
 def shutdown(world: World) -> None:

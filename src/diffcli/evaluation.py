@@ -23,6 +23,7 @@ import torch
 from diffcli import data as D
 from diffcli import metrics
 from diffcli.classifier import Classifier, per_class_accuracy, predict, reference_split
+from diffcli.distributed import World
 from diffcli.errors import UserError, writing
 from diffcli.spec import SamplerSpec
 
@@ -47,9 +48,11 @@ class EvalOptions:
     real_n: int | None = None  # keep only the first N real reference images
 
 
-def run(opts: EvalOptions, device, status=lambda text: contextlib.nullcontext()) -> dict:
+def run(opts: EvalOptions, device, status=lambda text: contextlib.nullcontext(), world: World = World()) -> dict:
     """Load what `opts` names, check that it fits together before minutes of sampling,
-    then `evaluate`. Returns the report of plain numbers (and writes the pairs sheet)."""
+    then `evaluate`. Returns the report of plain numbers (and writes the pairs sheet).
+    Under torchrun (`world`) every rank draws its share of the images; rank 0 measures
+    them all and the other ranks return {}."""
     from diffcli.checkpoint import load_model
 
     if not (opts.classifier or opts.fid or opts.memorisation):
@@ -57,23 +60,11 @@ def run(opts: EvalOptions, device, status=lambda text: contextlib.nullcontext())
     model, cfg, meta = load_model(opts.ckpt, device)
     opts.spec.resolve(cfg.diffusion.timesteps)  # a bad --steps should fail before the data loads
     data_name, data_root = opts.data or cfg.data.name, opts.data_root or cfg.data.root
-    clf = clf_meta = None
-    if opts.classifier:
-        clf, clf_meta = _matching_classifier(opts.classifier, cfg, meta, data_name, device)
-    inception = None
-    if opts.fid:
-        from diffcli.inception import load_inception
-
-        with status("loading Inception-v3 ..."):
-            inception = load_inception(opts.inception_weights, device)
-    # The real images before sampling: a missing dataset should fail before minutes of work.
-    with status(f"loading {data_name} ..."):
-        real = real_images(data_name, data_root, cfg.model.image_size, opts.real_n)
-    shape = (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)
-    if tuple(real.train.images.shape[1:]) != shape:
-        raise UserError(f"'{data_name}' holds {tuple(real.train.images.shape[1:])} images but the model makes "
-                        f"{shape}; pass --data with the model's training data.")
-    report, images, mem = evaluate(model, cfg, meta["class_names"], opts, real, clf, inception, status)
+    if not world.is_main:  # the other ranks only draw their share of the images
+        evaluate(model, cfg, meta["class_names"], opts, None, world=world)
+        return {}
+    clf, clf_meta, inception, real = _measures(opts, cfg, meta, data_name, data_root, device, status)
+    report, images, mem = evaluate(model, cfg, meta["class_names"], opts, real, clf, inception, status, world)
     if clf is not None:
         report["classifier"] = {"path": str(opts.classifier), "test_accuracy": clf_meta["test_accuracy"]}
     if opts.pairs and mem is not None:
@@ -83,6 +74,26 @@ def run(opts: EvalOptions, device, status=lambda text: contextlib.nullcontext())
         with writing(opts.pairs):
             save(pairs_sheet(images, real.train.images, mem["nearest"], mem["distances"]), opts.pairs)
     return {"model": str(opts.ckpt), "dataset": data_name, "class_names": meta["class_names"], **report}
+
+
+def _measures(opts: EvalOptions, cfg, meta: dict, data_name: str, data_root, device, status) -> tuple:
+    """The classifier, Inception and real images `opts` asks for, each checked against the
+    model, all before sampling: a missing dataset should fail before minutes of work."""
+    clf = clf_meta = inception = None
+    if opts.classifier:
+        clf, clf_meta = _matching_classifier(opts.classifier, cfg, meta, data_name, device)
+    if opts.fid:
+        from diffcli.inception import load_inception
+
+        with status("loading Inception-v3 ..."):
+            inception = load_inception(opts.inception_weights, device)
+    with status(f"loading {data_name} ..."):
+        real = real_images(data_name, data_root, cfg.model.image_size, opts.real_n)
+    shape = (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)
+    if tuple(real.train.images.shape[1:]) != shape:
+        raise UserError(f"'{data_name}' holds {tuple(real.train.images.shape[1:])} images but the model makes "
+                        f"{shape}; pass --data with the model's training data.")
+    return clf, clf_meta, inception, real
 
 
 def _matching_classifier(path: Path, cfg, meta: dict, data_name: str, device):
@@ -120,13 +131,13 @@ def real_images(name: str, root: str | None, image_size: int, limit: int | None 
     return RealImages(train, reference, pool, f"{source}{len(reference.labels)}-{image_size}px")
 
 
-def evaluate(model, cfg, class_names: list[str], opts: EvalOptions, real: RealImages, clf: Classifier | None = None,
-             inception: tuple | None = None,
-             status=lambda text: contextlib.nullcontext()) -> tuple[dict, torch.Tensor, dict | None]:
+def evaluate(model, cfg, class_names: list[str], opts: EvalOptions, real: RealImages | None, clf: Classifier | None = None,
+             inception: tuple | None = None, status=lambda text: contextlib.nullcontext(),
+             world: World = World()) -> tuple[dict, torch.Tensor, dict | None]:
     """Sample `opts.n_per_class` images per class with `opts.spec` and measure them. Returns
     (report of plain numbers, the images, the memorisation result with its per-sample
     arrays or None). `inception` is (network, weights hash) from inception.load_inception;
-    `status(text)` gives a context manager shown while each stage runs."""
+    `status(text)` gives a context manager shown while each stage runs; `world`: see `run`."""
     from diffcli.devices import timed
     from diffcli.generate import generate
     from diffcli.schedules import make_schedule
@@ -137,8 +148,11 @@ def evaluate(model, cfg, class_names: list[str], opts: EvalOptions, real: RealIm
     device = next(model.parameters()).device
     with status(f"sampling {len(labels)} images with {spec.sampler}, {spec.steps} steps ..."):
         images, seconds = timed(lambda: generate(model, schedule, cfg.diffusion.prediction, spec, labels=labels.tolist(),
-                                                 seeds=list(range(opts.seed, opts.seed + len(labels))), batch_size=opts.batch_size),
+                                                 seeds=list(range(opts.seed, opts.seed + len(labels))), batch_size=opts.batch_size,
+                                                 world=world),
                                 device)
+    if not world.is_main:  # rank 0 measures
+        return {}, images, None
     report = {"images": len(labels), "sampler": spec.sampler, "steps": spec.steps, "guidance": spec.guidance, "seed": opts.seed,
               "sampling_s": round(seconds, 2)}
     if clf is not None:

@@ -11,6 +11,7 @@ import torch
 from diffcli import samplers
 from diffcli.data import from_model_range
 from diffcli.devices import autocast, timed
+from diffcli.distributed import World, gather_shares, share
 from diffcli.schedules import Schedule
 from diffcli.spec import SamplerSpec
 
@@ -29,25 +30,29 @@ def denoiser(model: torch.nn.Module, schedule: Schedule, prediction: str, guidan
     return samplers.predictions(network, schedule, prediction)
 
 
-def per_batch(model: torch.nn.Module, seeds: list[int], batch_size: int, run) -> torch.Tensor:
+def per_batch(model: torch.nn.Module, seeds: list[int], batch_size: int, run, world: World = World()) -> torch.Tensor:
     """uint8 images from `run(chunk, randn_like)` (a model-range batch) over slices of
-    `seeds`, each image drawing from its own generator, so batching changes nothing."""
+    `seeds`, each image drawing from its own generator, so batching changes nothing.
+    Under torchrun each rank makes its `share` of the images and all of them come back
+    to every rank: image i is the same picture with any number of processes."""
     device = next(model.parameters()).device
-    out = []
-    for start in range(0, len(seeds), batch_size):
-        chunk = slice(start, start + batch_size)
+    mine = share(world, len(seeds))
+    out = [torch.empty(0, dtype=torch.uint8)]  # a rank with no share still has a tensor to send
+    for start in range(mine.start, mine.stop, batch_size):
+        chunk = slice(start, min(start + batch_size, mine.stop))
         out.append(from_model_range(run(chunk, samplers.PerImageNoise(seeds[chunk], device))).cpu())
-    return torch.cat(out)
+    return gather_shares(world, torch.cat(out), len(seeds))
 
 
 @torch.no_grad()
 def generate(model: torch.nn.Module, schedule: Schedule, prediction: str, spec: SamplerSpec, *,
-             labels: list[int], seeds: list[int], batch_size: int = 64, callback=None) -> torch.Tensor:
+             labels: list[int], seeds: list[int], batch_size: int = 64, callback=None, world: World = World()) -> torch.Tensor:
     """Images (N, C, H, W) uint8, image i made from seed seeds[i] and label labels[i].
 
     `labels` may hold the model's "no label" index (num_classes) for unconditional
     images. Results do not depend on `batch_size` (each image owns its generator).
-    `callback(first_image, step, t, x_t, x0_hat)` sees every step of every batch.
+    `callback(first_image, step, t, x_t, x0_hat)` sees every step of every batch (of this
+    rank's share, under torchrun: `world`).
     """
     spec = spec.resolve(schedule.T)
     cfg = model.cfg
@@ -60,7 +65,7 @@ def generate(model: torch.nn.Module, schedule: Schedule, prediction: str, spec: 
         cb = None if callback is None else (lambda i, t, x, x0: callback(chunk.start, i, t, x, x0))
         return samplers.sample(spec, denoise, schedule, noise, y, randn_like, cb)
 
-    return per_batch(model, seeds, batch_size, run)
+    return per_batch(model, seeds, batch_size, run, world)
 
 
 def compiled_for_sampling(model: torch.nn.Module, schedule: Schedule, prediction: str, spec: SamplerSpec, *,

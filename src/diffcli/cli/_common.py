@@ -7,8 +7,10 @@ torch is never imported here: `diffcli --help` must stay fast.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import os
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +48,9 @@ def option_name(param: inspect.Parameter, hint) -> str:
     info = next((m for m in getattr(hint, "__metadata__", ()) if isinstance(m, typer.models.ParameterInfo)), None)
     if isinstance(info, typer.models.ArgumentInfo):
         return param.name.upper()
-    flags = [d for d in (getattr(info, "param_decls", None) or ()) if d.startswith("--")]
+    # In an Annotated option typer takes a first flag given positionally as the `default`.
+    first = (info.default,) if isinstance(getattr(info, "default", None), str) else ()
+    flags = [d for d in (*first, *(getattr(info, "param_decls", None) or ())) if d.startswith("--")]
     return flags[0].split("/")[0] if flags else "--" + param.name.replace("_", "-")
 
 
@@ -151,6 +155,25 @@ def parse_list(text: str, kind: type, option: str, bounds: Range | None = None) 
     if not values:
         raise UserError(f"{option} is empty.")
     return [check(v, bounds, option) for v in values]
+
+
+@contextlib.contextmanager
+def processes(device_name: str):
+    """(world, device) for this process: one process, or one rank of `torchrun
+    --nproc_per_node N -m diffcli ...`. Only rank 0 speaks (and the commands let only it
+    write); the process group is left on the way out, whatever happens inside."""
+    from diffcli import distributed
+    from diffcli.devices import describe
+
+    world, device = distributed.setup(device_name)
+    if world.active:
+        err_console.print(f"rank {world.rank} of {world.size}: {describe(device)}, pid {os.getpid()}", highlight=False)
+    if not world.is_main:
+        console.quiet = err_console.quiet = True
+    try:
+        yield world, device
+    finally:
+        distributed.shutdown(world)
 
 
 # --- options used by several commands, declared once ------------------------------

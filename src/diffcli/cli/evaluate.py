@@ -11,7 +11,7 @@ from rich.table import Table
 
 from diffcli.checks import POSITIVE, Range
 from diffcli.cli._common import (AsJson, BatchSize, Ckpt, DataRoot, Device, Guidance, ImageSeed, Sampler, Spacing, Steps,
-                                 console, progress, safe_name, writing)
+                                 console, processes, progress, safe_name, writing)
 from diffcli.errors import UserError
 from diffcli.spec import SamplerSpec
 
@@ -23,7 +23,7 @@ def evaluate(
     inception_weights: Annotated[Optional[Path], typer.Option(help="The FID Inception weights file, if not in torch's hub cache.")] = None,
     memorisation: Annotated[bool, typer.Option("--memorisation/--no-memorisation", help="Distances to the nearest training images.")] = True,
     pairs: Annotated[Optional[Path], typer.Option(help="Write a contact sheet of the samples closest to a training image.")] = None,
-    n: Annotated[int, typer.Option(help="Images generated per class."), Range(2, why="a covariance needs two images")] = 100,
+    n: Annotated[int, typer.Option("--n", "--per-label", help="Images generated per class (under torchrun write --per-label: its launcher takes --n for --nnodes)."), Range(2, why="a covariance needs two images")] = 100,
     sampler: Sampler = "ddim",
     steps: Steps = None,
     spacing: Spacing = "trailing",
@@ -37,13 +37,16 @@ def evaluate(
     as_json: AsJson = False,
 ):
     """Measure a model's samples: class accuracy, classifier-FD, memorisation, and Inception FID."""
-    from diffcli.devices import describe, pick_device
+    from diffcli.devices import describe
     from diffcli.evaluation import EvalOptions, run
 
     opts = EvalOptions(ckpt, SamplerSpec(sampler, steps, guidance, spacing=spacing), n, seed, batch_size, classifier, fid, inception_weights,
                        memorisation, pairs, data, data_root, real_n)
-    dev = pick_device(device)
-    report = {**run(opts, dev, console.status), "device": describe(dev)}
+    with processes(device) as (world, dev):  # under torchrun: the images drawn by every rank, measured by rank 0
+        report = run(opts, dev, console.status, world)
+    if not world.is_main:
+        return
+    report["device"] = describe(dev) + (f" x {world.size} processes" if world.active else "")
     if as_json:
         print(json.dumps(report, indent=2))
     else:

@@ -11,7 +11,7 @@ import typer
 
 from diffcli.checks import AT_LEAST_ONE, NON_NEGATIVE, Range
 from diffcli.cli._common import (BatchSize, Ckpt, Device, Eta, Guidance, ImageSeed, Sampler, Spacing, Steps, console,
-                                 parse_labels, parse_list, print_notice, safe_name, writing)
+                                 parse_labels, parse_list, print_notice, processes, safe_name, writing)
 from diffcli.errors import UserError
 from diffcli.spec import DEFAULT_GUIDANCE, SamplerSpec
 
@@ -19,7 +19,7 @@ from diffcli.spec import DEFAULT_GUIDANCE, SamplerSpec
 def sample(
     ckpt: Ckpt,
     label: Annotated[str, typer.Option(help="Class to draw: an index, a class name, several joined by commas, or all.")] = "all",
-    n: Annotated[int, typer.Option(help="Images per label."), Range(1)] = 8,
+    n: Annotated[int, typer.Option("--n", "--per-label", help="Images per label (under torchrun write --per-label: its launcher takes --n for --nnodes)."), Range(1)] = 8,
     sampler: Sampler = "ddim",
     steps: Steps = None,
     eta: Eta = 0.0,
@@ -40,14 +40,22 @@ def sample(
     if trajectory is not None and trajectory.suffix.lower() not in (".png", ".gif"):
         raise UserError(f"--trajectory must end in .png or .gif, got '{trajectory.name}'.")
     spec = SamplerSpec(sampler, steps, guidance, eta, variance, clip, spacing)
+    with processes(device) as (world, dev):
+        _sample(world, dev, ckpt, spec, label, n, seed, out, save_individual, batch_size, trajectory, frames, compile)
+
+
+def _sample(world, dev, ckpt, spec, label, n, seed, out, save_individual, batch_size, trajectory, frames, compile) -> None:
+    """`sample` in this process; under torchrun every rank draws its share of the images
+    and rank 0 writes them all."""
     from diffcli.checkpoint import load_model
-    from diffcli.devices import describe, pick_device, timed
+    from diffcli.devices import describe, timed
     from diffcli.figures import enlargement, trajectory_gif, trajectory_strip
     from diffcli.generate import Trajectory, compiled_for_sampling, generate
     from diffcli.images import grid, save, to_pil
     from diffcli.schedules import make_schedule
 
-    dev = pick_device(device)
+    if trajectory is not None and world.active:
+        raise UserError("--trajectory is drawn by one process; run it without torchrun.")
     model, cfg, meta = load_model(ckpt, dev)
     schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
     spec = spec.resolve(schedule.T)
@@ -62,7 +70,9 @@ def sample(
     recorder = Trajectory(spec.steps, frames) if trajectory else None
     with console.status(f"sampling {len(per_image)} images with {spec.sampler}, {spec.steps} steps on {describe(dev)} ..."):
         imgs, seconds = timed(lambda: generate(model, schedule, prediction, spec, labels=per_image, seeds=seeds,
-                                               batch_size=batch_size, callback=recorder), dev)
+                                               batch_size=batch_size, callback=recorder, world=world), dev)
+    if not world.is_main:
+        return
     picture = grid(imgs, n if len(labels) > 1 else math.ceil(n ** 0.5))  # one label: a square-ish grid
     with writing(out):
         save(picture, out)
@@ -76,7 +86,8 @@ def sample(
         with writing(trajectory):
             trajectory_gif(recorder.xt, recorder.x0, imgs, trajectory) if strip is None else save(strip, trajectory)
     console.print(f"wrote [cyan]{out}[/]: {len(per_image)} images, {spec.describe()}, "
-                  f"{seconds:.1f} s ({len(per_image) / seconds:.1f} images/s) on {describe(dev)}", highlight=False)
+                  f"{seconds:.1f} s ({len(per_image) / seconds:.1f} images/s) on {describe(dev)}"
+                  + (f" x {world.size} processes" if world.active else ""), highlight=False)
     if trajectory:
         console.print(f"trajectory: [cyan]{trajectory}[/] (t = {', '.join(map(str, recorder.timesteps))})", highlight=False)
 

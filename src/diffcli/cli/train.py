@@ -1,6 +1,5 @@
 """`diffcli train`: options, the run's config, one call to the training loop, progress."""
 
-import os
 import signal
 import time
 import typing
@@ -11,8 +10,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from diffcli.cli._common import (DATA_ROOT_HELP, DEVICE_HELP, EXIT_INTERRUPTED, Sets, console, err_console, progress,
-                                 setup_logging)
+from diffcli.cli._common import (DATA_ROOT_HELP, DEVICE_HELP, EXIT_INTERRUPTED, Sets, console, err_console, processes,
+                                 progress, setup_logging)
 from diffcli.config import DataConfig, DiffusionConfig, TrainConfig
 
 
@@ -86,15 +85,9 @@ def _run(cfg, out: Path, resume: bool, overwrite: bool) -> None:
     from diffcli import data as D
     from diffcli import distributed
     from diffcli.config import fit_to_data
-    from diffcli.devices import describe
     from diffcli.runs import prepare_out
 
-    world, device = distributed.setup(cfg.train.device)
-    if world.active:
-        err_console.print(f"rank {world.rank} of {world.size}: {describe(device)}, pid {os.getpid()}", highlight=False)
-    if not world.is_main:  # rank 0 speaks and writes for the run
-        console.quiet = err_console.quiet = True
-    try:
+    with processes(cfg.train.device) as (world, device):
         if world.is_main:
             prepare_out(out, resume, overwrite)
         # Rank 0 loads first (it may extract archives); the others then read what it left.
@@ -107,8 +100,6 @@ def _run(cfg, out: Path, resume: bool, overwrite: bool) -> None:
         fit_to_data(cfg, c, h, data.num_classes)
         _print_dataset(data)
         _train_with_progress(cfg, data, out, resume, world, device)
-    finally:
-        distributed.shutdown(world)
 
 
 class _Progress:
