@@ -1,6 +1,6 @@
 """The benchmark scripts still run (tiny settings; the numbers are not checked here).
 
-The three run side by side, one thread each, so together they take about as long as the
+The four run side by side, one thread each, so together they take about as long as the
 slowest one alone.
 """
 
@@ -18,7 +18,17 @@ def test_benchmark_scripts_run(mnist_root, tmp_path):
     clf = tmp_path / "clf.safetensors"  # untrained: the scores are not checked here, only that every contender runs
     save_classifier(clf, Classifier(ClassifierConfig(1, 28, 10, width=4)), [str(i) for i in range(10)], "mnist",
                     {"test_accuracy": 0.1, "per_class_accuracy": [0.1] * 10, "test_images": 10})
+    from diffcli.checkpoint import save_model
+    from diffcli.config import build_config, to_dict
+    from diffcli.unet import UNet
+
+    cfg = build_config("tiny", None, {"data": {"name": "mnist", "root": str(mnist_root)}})  # untrained, 28x28 digits
+    cfg.model.image_size, cfg.model.in_channels, cfg.model.num_classes = 28, 1, 10
+    model = tmp_path / "model.safetensors"
+    save_model(model, UNet(cfg.model).state_dict(), to_dict(cfg), [str(i) for i in range(10)], 0, 0.0)
     scripts = {
+        "quality_steps.py": ["--ckpt", str(model), "--classifier", str(clf), "--samplers", "ddim,heun", "--budgets", "2,6",
+                             "--n", "2", "--out", str(tmp_path / "curve.png")],
         "train_throughput.py": ["--presets", "small", "--batch", "4", "--rounds", "1", "--steps", "1"],
         "sample_throughput.py": ["--n", "2", "--steps", "2", "--rounds", "1"],
         "quality_mnist.py": ["--minutes", "0.02", "--n", "2", "--sample-steps", "2", "--limit", "300", "--data-root",
@@ -33,6 +43,9 @@ def test_benchmark_scripts_run(mnist_root, tmp_path):
         stdout, stderr = proc.communicate(timeout=600)
         assert proc.returncode == 0, f"{name}: {stderr[-2000:]}"
         out[name] = stdout
+    # guided: 2 evaluations a step; heun's 2 steps on cosine are Euler from sigma > 80, then Euler to 0
+    assert "| ddim | 1 | 2 |" in out["quality_steps.py"] and "| ddim | 3 | 6 |" in out["quality_steps.py"]
+    assert "| heun | 2 | 4 |" in out["quality_steps.py"] and (tmp_path / "curve.png").stat().st_size > 0
     assert "ratio diffcli / diffusers" in out["train_throughput.py"] and "718,211" in out["train_throughput.py"]
     assert "ratio diffcli / diffusers" in out["sample_throughput.py"]
     assert "whole process: diffcli sample" in out["sample_throughput.py"]
