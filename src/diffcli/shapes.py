@@ -6,6 +6,7 @@ A leaf module: torch and PIL only; data.py wraps the result as an `ImageData`.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -58,7 +59,15 @@ def _luma(rgb: torch.Tensor) -> torch.Tensor:
 def draw(size: int = 32, per_class: int = SHAPES_PER_CLASS, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """10 classes of coloured shapes with random position, size, rotation and colours on
     backgrounds of varied colour with a gentle gradient. Deterministic from `seed`; shapes are drawn at 4x
-    and box-filtered down, so edges are antialiased."""
+    and box-filtered down, so edges are antialiased. Copies of the last two sets drawn are
+    kept: `eval` and a process that trains and then evaluates load the same 30,000 images
+    more than once, and drawing them takes seconds."""
+    images, labels = _drawn(size, per_class, seed)
+    return images.clone(), labels.clone()
+
+
+@functools.lru_cache(maxsize=2)  # the train and the test split
+def _drawn(size: int, per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     from PIL import Image, ImageDraw
 
     g = torch.Generator().manual_seed(seed)
