@@ -24,6 +24,8 @@ from diffcli.checkpoint import load_model
 from diffcli.classifier import load_classifier
 from diffcli.devices import describe, pick_device
 from diffcli.evaluation import EvalOptions, evaluate, real_images
+from diffcli.samplers import HEUN_SIGMA_MAX
+from diffcli.schedules import make_schedule
 from diffcli.spec import SamplerSpec
 
 BUDGETS = (1, 2, 4, 8, 16, 32, 50, 100)  # network evaluations per image
@@ -67,11 +69,13 @@ def main() -> None:
     real = real_images(cfg.data.name, args.data_root or cfg.data.root, cfg.model.image_size)
     base = SamplerSpec(guidance=args.guidance).resolve(cfg.diffusion.timesteps)
     guided = base.guidance != 1.0 and cfg.model.num_classes > 0
+    abar_top = float(make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps).alphas_cumprod[-1])
+    top_sigma = ((1 - abar_top) / abar_top) ** 0.5  # above HEUN_SIGMA_MAX heun's first step is Euler
     counter = Counter(model)
     rows = []
     for sampler in args.samplers.split(","):
         for budget in map(int, args.budgets.split(",")):
-            k = steps_for(sampler, budget, guided, cfg.diffusion.schedule == "cosine")
+            k = steps_for(sampler, budget, guided, top_sigma > HEUN_SIGMA_MAX)
             if k is None or any(r["sampler"] == sampler and r["steps"] == k for r in rows):
                 continue
             spec = replace(base, sampler=sampler, steps=k)

@@ -7,10 +7,8 @@ torch is never imported here: `diffcli --help` must stay fast.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
-import os
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,25 +153,6 @@ def parse_list(text: str, kind: type, option: str, bounds: Range | None = None) 
     if not values:
         raise UserError(f"{option} is empty.")
     return [check(v, bounds, option) for v in values]
-
-
-@contextlib.contextmanager
-def processes(device_name: str):
-    """(world, device) for this process: one process, or one rank of `torchrun
-    --nproc_per_node N -m diffcli ...`. Only rank 0 speaks (and the commands let only it
-    write); the process group is left on the way out, whatever happens inside."""
-    from diffcli import distributed
-    from diffcli.devices import describe
-
-    world, device = distributed.setup(device_name)
-    if world.active:
-        err_console.print(f"rank {world.rank} of {world.size}: {describe(device)}, pid {os.getpid()}", highlight=False)
-    if not world.is_main:
-        console.quiet = err_console.quiet = True
-    try:
-        yield world, device
-    finally:
-        distributed.shutdown(world)
 
 
 # --- options used by several commands, declared once ------------------------------

@@ -11,7 +11,8 @@ from rich.table import Table
 
 from diffcli.checks import POSITIVE, Range
 from diffcli.cli._common import (AsJson, BatchSize, Ckpt, DataRoot, Device, Guidance, ImageSeed, Sampler, Spacing, Steps,
-                                 console, processes, progress, safe_name, writing)
+                                 console, progress, safe_name, writing)
+from diffcli.cli._ranks import processes, where
 from diffcli.errors import UserError
 from diffcli.spec import SamplerSpec
 
@@ -37,7 +38,6 @@ def evaluate(
     as_json: AsJson = False,
 ):
     """Measure a model's samples: class accuracy, classifier-FD, memorisation, and Inception FID."""
-    from diffcli.devices import describe
     from diffcli.evaluation import EvalOptions, run
 
     opts = EvalOptions(ckpt, SamplerSpec(sampler, steps, guidance, spacing=spacing), n, seed, batch_size, classifier, fid, inception_weights,
@@ -46,7 +46,7 @@ def evaluate(
         report = run(opts, dev, console.status, world)
     if not world.is_main:
         return
-    report["device"] = describe(dev) + (f" x {world.size} processes" if world.active else "")
+    report["device"] = where(dev, world)
     if as_json:
         print(json.dumps(report, indent=2))
     else:

@@ -11,7 +11,8 @@ import typer
 
 from diffcli.checks import AT_LEAST_ONE, NON_NEGATIVE, Range
 from diffcli.cli._common import (BatchSize, Ckpt, Device, Eta, Guidance, ImageSeed, Sampler, Spacing, Steps, console,
-                                 parse_labels, parse_list, print_notice, processes, safe_name, writing)
+                                 parse_labels, parse_list, print_notice, safe_name, writing)
+from diffcli.cli._ranks import processes, where
 from diffcli.errors import UserError
 from diffcli.spec import DEFAULT_GUIDANCE, SamplerSpec
 
@@ -86,8 +87,7 @@ def _sample(world, dev, ckpt, spec, label, n, seed, out, save_individual, batch_
         with writing(trajectory):
             trajectory_gif(recorder.xt, recorder.x0, imgs, trajectory) if strip is None else save(strip, trajectory)
     console.print(f"wrote [cyan]{out}[/]: {len(per_image)} images, {spec.describe()}, "
-                  f"{seconds:.1f} s ({len(per_image) / seconds:.1f} images/s) on {describe(dev)}"
-                  + (f" x {world.size} processes" if world.active else ""), highlight=False)
+                  f"{seconds:.1f} s ({len(per_image) / seconds:.1f} images/s) on {where(dev, world)}", highlight=False)
     if trajectory:
         console.print(f"trajectory: [cyan]{trajectory}[/] (t = {', '.join(map(str, recorder.timesteps))})", highlight=False)
 

@@ -10,8 +10,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from diffcli.cli._common import (DATA_ROOT_HELP, DEVICE_HELP, EXIT_INTERRUPTED, Sets, console, err_console, processes,
+from diffcli.cli._common import (DATA_ROOT_HELP, DEVICE_HELP, EXIT_INTERRUPTED, Sets, console, err_console,
                                  progress, setup_logging)
+from diffcli.cli._ranks import processes
 from diffcli.config import DataConfig, DiffusionConfig, TrainConfig
 
 
