@@ -1,5 +1,6 @@
 """The quality-per-step curve: class accuracy and classifier-FD of one model against the
-network evaluations each image costs, for every training-free sampler.
+network evaluations each image costs, for every training-free sampler, and for students
+distilled from it (`diffcli distill`), each at the steps it was made for.
 
 A network evaluation is one image through the U-Net: a guided step costs two (the
 conditional and the unconditional pass), heun's corrector one more per step. They are
@@ -8,7 +9,8 @@ images drawn, so what the table says is what the sampler did. Every point sample
 same seeds and is scored by `diffcli eval`'s own `evaluate` against the same real images.
 
     python benchmarks/quality_steps.py --ckpt runs/mnist/model.safetensors \\
-        --classifier mnist-classifier.safetensors --n 50 --out docs/images/quality_steps.png
+        --classifier mnist-classifier.safetensors --n 50 --out docs/images/quality_steps.png \
+        --students runs/mnist-4step/model.safetensors
 """
 
 from __future__ import annotations
@@ -50,6 +52,19 @@ class Counter:
         model.register_forward_hook(lambda module, args, out: setattr(self, "rows", self.rows + args[0].shape[0]))
 
 
+def point(name: str, model, cfg, meta, opts: EvalOptions, real, clf, counter: Counter) -> dict:
+    """One row of the table: `evaluate` with `opts`, and the evaluations per image it took."""
+    counter.rows = 0
+    report, images, _ = evaluate(model, cfg, meta["class_names"], opts, real, clf)
+    nfe = counter.rows / len(images)
+    steps = opts.spec.resolve(cfg.diffusion.timesteps, model.student).steps
+    row = {"sampler": name, "steps": steps, "nfe": round(nfe, 2), "class_accuracy": report["class_accuracy"],
+           "classifier_fd": report["classifier_fd"], "floor": report["classifier_fd_real_floor"], "seconds": report["sampling_s"]}
+    print(f"{name:9s} {steps:3d} steps  {nfe:6.1f} evals/image  acc {row['class_accuracy']:.3f}  "
+          f"cFD {row['classifier_fd']:.3f}  {row['seconds']:.1f} s", flush=True)
+    return row
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", type=Path, required=True)
@@ -60,6 +75,7 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=None, help="default: the sampling default")
     p.add_argument("--data-root", default=None)
     p.add_argument("--device", default="auto")
+    p.add_argument("--students", default="", help="comma-separated model files distilled from --ckpt")
     p.add_argument("--out", type=Path, default=None, help="the plot (.png); a .json and .md beside it")
     args = p.parse_args()
 
@@ -80,15 +96,11 @@ def main() -> None:
                 continue
             spec = replace(base, sampler=sampler, steps=k)
             opts = EvalOptions(args.ckpt, spec, args.n, memorisation=False)
-            counter.rows = 0
-            report, images, _ = evaluate(model, cfg, meta["class_names"], opts, real, clf)
-            nfe = counter.rows / len(images)
-            row = {"sampler": sampler, "steps": k, "nfe": round(nfe, 2), "class_accuracy": report["class_accuracy"],
-                   "classifier_fd": report["classifier_fd"], "floor": report["classifier_fd_real_floor"],
-                   "seconds": report["sampling_s"]}
-            rows.append(row)
-            print(f"{sampler:6s} {k:3d} steps  {nfe:6.1f} evals/image  acc {row['class_accuracy']:.3f}  "
-                  f"cFD {row['classifier_fd']:.3f}  {row['seconds']:.1f} s", flush=True)
+            rows.append(point(sampler, model, cfg, meta, opts, real, clf, counter))
+    for path in filter(None, args.students.split(",")):
+        student, student_cfg, student_meta = load_model(path, device)
+        opts = EvalOptions(Path(path), SamplerSpec(), args.n, memorisation=False)  # the steps it was made for
+        rows.append(point("distilled", student, student_cfg, student_meta, opts, real, clf, Counter(student)))
     table = ["| sampler | steps | evaluations / image | class accuracy | classifier-FD | seconds |", "|---|---|---|---|---|---|"]
     table += [f"| {r['sampler']} | {r['steps']} | {r['nfe']:g} | {r['class_accuracy']:.1%} | {r['classifier_fd']:.3f} | "
               f"{r['seconds']:.1f} |" for r in rows]

@@ -1,6 +1,6 @@
 """The benchmark scripts still run (tiny settings; the numbers are not checked here).
 
-The four run side by side, one thread each, so together they take about as long as the
+The five run side by side, one thread each, so together they take about as long as the
 slowest one alone.
 """
 
@@ -26,9 +26,15 @@ def test_benchmark_scripts_run(mnist_root, tmp_path):
     cfg.model.image_size, cfg.model.in_channels, cfg.model.num_classes = 28, 1, 10
     model = tmp_path / "model.safetensors"
     save_model(model, UNet(cfg.model).state_dict(), to_dict(cfg), [str(i) for i in range(10)], 0, 0.0)
+    from diffcli.config import DistillConfig
+
+    cfg.distill = DistillConfig(teacher=str(model), steps=2, guidance=2.0)  # an untrained "student" of it
+    student = tmp_path / "student.safetensors"
+    save_model(student, UNet(cfg.model).state_dict(), to_dict(cfg), [str(i) for i in range(10)], 0, 0.0)
     scripts = {
         "quality_steps.py": ["--ckpt", str(model), "--classifier", str(clf), "--samplers", "ddim,heun", "--budgets", "2,6",
-                             "--n", "2", "--out", str(tmp_path / "curve.png")],
+                             "--n", "2", "--out", str(tmp_path / "curve.png"), "--students", str(student)],
+        "distill_speed.py": ["--teacher", str(model), "--student", str(student), "--n", "1", "--rounds", "1"],
         "train_throughput.py": ["--presets", "small", "--batch", "4", "--rounds", "1", "--steps", "1"],
         "sample_throughput.py": ["--n", "2", "--steps", "2", "--rounds", "1"],
         "quality_mnist.py": ["--minutes", "0.02", "--n", "2", "--sample-steps", "2", "--limit", "300", "--data-root",
@@ -46,6 +52,8 @@ def test_benchmark_scripts_run(mnist_root, tmp_path):
     # guided: 2 evaluations a step; heun's 2 steps on cosine are Euler from sigma > 80, then Euler to 0
     assert "| ddim | 1 | 2 |" in out["quality_steps.py"] and "| ddim | 3 | 6 |" in out["quality_steps.py"]
     assert "| heun | 2 | 4 |" in out["quality_steps.py"] and (tmp_path / "curve.png").stat().st_size > 0
+    assert "| distilled | 2 | 2 |" in out["quality_steps.py"]  # a student: its own steps, one pass each
+    assert "ratio teacher / student" in out["distill_speed.py"]
     assert "ratio diffcli / diffusers" in out["train_throughput.py"] and "718,211" in out["train_throughput.py"]
     assert "ratio diffcli / diffusers" in out["sample_throughput.py"]
     assert "whole process: diffcli sample" in out["sample_throughput.py"]

@@ -48,6 +48,24 @@ def test_two_processes_equal_one_on_the_same_global_batches_and_resume_in_one(tm
     assert model_metadata(read_header(tmp_path / "two" / "model.safetensors"))["step"] == 9
 
 
+def test_a_distillation_over_two_processes_equals_one(tiny_run, tmp_path):
+    """Each rank follows its share of the teacher paths; DDP averages the student's gradients."""
+    from typer.testing import CliRunner
+
+    from diffcli.cli import app
+
+    args = ["distill", "--teacher", tiny_run / "model.safetensors", "--steps", "2", "--teacher-steps", "4",
+            "--batch-size", "8", "--max-steps", "3", "--device", "cpu"]
+    two = diffcli(*args, "--out", tmp_path / "two", nproc=2)
+    assert two.returncode == 0 and "rank 1 of 2" in two.stderr, two.stderr[-3000:]
+    one = CliRunner().invoke(app, [str(a) for a in args] + ["--out", str(tmp_path / "one")])
+    assert one.exit_code == 0, one.output
+    a, b = (load_file(str(tmp_path / name / "train_state.safetensors")) for name in ("two", "one"))
+    for name in a:
+        if name.startswith(("model.", "ema.")):
+            assert torch.allclose(a[name], b[name], atol=1e-5, rtol=0), f"{name} differs by {(a[name] - b[name]).abs().max():.2e}"
+
+
 def test_batch_that_does_not_divide_is_refused(tmp_path):
     r = diffcli("train", *ARGS[:-4], "--batch-size", "7", "--max-steps", "2", "--out", tmp_path / "run", nproc=2)
     assert r.returncode != 0

@@ -35,7 +35,7 @@ def declared_range(fn, name: str) -> tuple[Range | None, str | None]:
             return mark, None
         if isinstance(mark, Sets):
             section = {"DataConfig": "data", "TrainConfig": "train", "DiffusionConfig": "diffusion",
-                       "ModelConfig": "model"}.get(mark.cls.__name__)
+                       "ModelConfig": "model", "DistillConfig": "distill"}.get(mark.cls.__name__)
             return mark.range, f"{section}.{mark.name}" if section else None
     return None, None
 

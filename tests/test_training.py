@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from diffcli.config import preset_config
-from diffcli.training import batch_inputs, ema_decay_at, ema_update, lr_at
+from diffcli.fitting import ema_decay_at, ema_update, lr_at
+from diffcli.training import batch_inputs
 
 
 def test_timesteps_are_uniform_chi_square():

@@ -113,6 +113,7 @@ def load_model(path: str | Path, device="cpu"):
             or f"{len(bad_shape)} with the wrong shape (e.g. {bad_shape[0]})"
         raise UserError(f"'{path}' does not match its own config: {what} weights.")
     model.load_state_dict(tensors)
+    model.student = cfg.distill.student() if cfg.distill is not None else None
     # channels_last, as in training: oneDNN's convolutions run ~25% faster in it on the CPU
     # (benchmarks/sample_throughput.py), and CUDA's tensor cores want it.
     return model.to(device, memory_format=torch.channels_last).eval(), cfg, meta

@@ -8,7 +8,6 @@ accepts back, so a run can be repeated exactly.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import types
 import typing
@@ -18,6 +17,7 @@ from pathlib import Path
 from diffcli.checks import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, SHARE, Range, bounded, check_fields
 from diffcli.errors import UserError
 from diffcli.files import atomic_write_bytes
+from diffcli.spec import DEFAULT_GUIDANCE, Student
 
 
 @dataclass
@@ -93,14 +93,31 @@ class TrainConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Present only in a `diffcli distill` run: the student it makes (distill.py)."""
+    teacher: str = ""  # the teacher's model.safetensors, as an absolute path
+    teacher_sha256: str = ""  # its hash when the run began: a resume refuses a changed teacher
+    steps: int = bounded(4, AT_LEAST_ONE)  # the student's network evaluations per image
+    guidance: float | None = bounded(None, NON_NEGATIVE)  # the teacher's weight folded in; None: the sampling default
+    # DDIM steps of the teacher's guided path, spread evenly over the student's intervals:
+    # the student learns that path, so it is the ceiling of its quality (docs/distill.md).
+    teacher_steps: int = bounded(32, AT_LEAST_ONE)
+
+    def student(self) -> Student:
+        return Student(self.steps, DEFAULT_GUIDANCE if self.guidance is None else self.guidance)
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig | None = None  # None: a model trained on data, not distilled
 
 
-SECTIONS = {"model": ModelConfig, "diffusion": DiffusionConfig, "data": DataConfig, "train": TrainConfig}
+SECTIONS = {"model": ModelConfig, "diffusion": DiffusionConfig, "data": DataConfig, "train": TrainConfig,
+            "distill": DistillConfig}
 
 # Presets set the architecture and the optimiser settings that go with its size.
 PRESETS: dict[str, dict[str, dict]] = {
@@ -135,9 +152,9 @@ def _coerce(value, hint, where: str):
         if not isinstance(value, (list, tuple)):
             raise UserError(f"config key '{where}' must be a list, got {value!r}.")
         return tuple(_coerce(v, args[0], where) for v in value)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise UserError(f"config key '{where}' must be true or false, got {value!r}.")
+    if hint is bool or hint is str:
+        if not isinstance(value, hint):
+            raise UserError(f"config key '{where}' must be {'true or false' if hint is bool else 'a string'}, got {value!r}.")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -147,10 +164,6 @@ def _coerce(value, hint, where: str):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"config key '{where}' must be a number, got {value!r}.")
         return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise UserError(f"config key '{where}' must be a string, got {value!r}.")
-        return value
     raise TypeError(f"unsupported field type {hint} for {where}")
 
 
@@ -172,7 +185,10 @@ def apply_overrides(cfg: RunConfig, overrides: dict) -> RunConfig:
     for section, values in overrides.items():
         if section not in SECTIONS:
             raise UserError(f"unknown config section '{section}'; known: {', '.join(SECTIONS)}.")
-        _apply(getattr(cfg, section), values or {}, section)
+        if getattr(cfg, section) is None and values:  # an optional section (distill) appears when given
+            setattr(cfg, section, SECTIONS[section]())
+        if getattr(cfg, section) is not None:
+            _apply(getattr(cfg, section), values or {}, section)
     return cfg
 
 
@@ -218,7 +234,8 @@ def validate(cfg: RunConfig) -> None:
     from diffcli.schedules import SCHEDULES
 
     for section in SECTIONS:
-        check_fields(getattr(cfg, section), lambda key, s=section: f"{s}.{key}")
+        if getattr(cfg, section) is not None:
+            check_fields(getattr(cfg, section), lambda key, s=section: f"{s}.{key}")
     m, d, t = cfg.model, cfg.diffusion, cfg.train
     checks = [
         (len(m.channel_mult) >= 1 and all(c >= 1 for c in m.channel_mult), "model.channel_mult must be a non-empty list of positive integers"),
@@ -241,7 +258,8 @@ def to_dict(cfg) -> dict:
     def plain(v):
         return list(v) if isinstance(v, tuple) else v
 
-    return {name: {k: plain(v) for k, v in dataclasses.asdict(getattr(cfg, name)).items()} for name in SECTIONS}
+    return {name: {k: plain(v) for k, v in dataclasses.asdict(getattr(cfg, name)).items()} for name in SECTIONS
+            if getattr(cfg, name) is not None}
 
 
 def from_dict(values: dict) -> RunConfig:
@@ -279,21 +297,3 @@ def fit_to_data(cfg: RunConfig, channels: int, size: int, num_classes: int) -> N
         raise UserError(f"image size {size} is not divisible by {factor} (the U-Net's patch size times its downsampling); "
                         f"pass --image-size with a multiple of {factor}.")
     validate(cfg)
-
-
-STOP_KEYS = ("epochs", "max_steps", "minutes")
-RUN_ON_KEYS = ("device", "compile", "precision")
-
-
-def resumed(saved: RunConfig, values: dict) -> RunConfig:
-    """The config a resumed run continues with: its own recipe, where only where to stop
-    (a new limit replaces all the old ones) and where and how to run may change. The other
-    values given are still checked, so a bad one is refused rather than silently ignored."""
-    validate(apply_overrides(copy.deepcopy(saved), {s: {k: v for k, v in d.items() if v is not None} for s, d in values.items()}))
-    stop = {k: values["train"][k] for k in STOP_KEYS if values["train"].get(k) is not None}
-    if stop:
-        saved.train.epochs = saved.train.max_steps = saved.train.minutes = None
-    run_on = {k: values["train"][k] for k in RUN_ON_KEYS if values["train"].get(k) is not None}
-    apply_overrides(saved, {"train": {**stop, **run_on}})
-    validate(saved)
-    return saved

@@ -23,9 +23,10 @@ from diffcli.schedules import Schedule, q_sample
 from diffcli.spec import EDIT_GUIDANCE, SamplerSpec
 
 
-def for_edit(spec: SamplerSpec) -> SamplerSpec:
-    """`spec` with EDIT_GUIDANCE where it leaves the guidance to the default."""
-    return replace(spec, guidance=EDIT_GUIDANCE) if spec.guidance is None else spec
+def for_edit(spec: SamplerSpec, model) -> SamplerSpec:
+    """`spec` with EDIT_GUIDANCE where it leaves the guidance to the default (a distilled
+    student has its guidance built in, and keeps it)."""
+    return replace(spec, guidance=EDIT_GUIDANCE) if spec.guidance is None and model.student is None else spec
 
 
 def first_step(spec: SamplerSpec, schedule: Schedule, strength: float) -> int:
@@ -43,7 +44,7 @@ def img2img(model, schedule: Schedule, prediction: str, spec: SamplerSpec, *, im
     then sample it back under its label. Strength 0 returns the images; strength 1 starts
     from the noise alone and is `generate` with the same seeds and labels. Guidance
     defaults to EDIT_GUIDANCE."""
-    spec = for_edit(spec).resolve(schedule.T)
+    spec = for_edit(spec, model).resolve(schedule.T, model.student)
     plan, first = samplers.plan(spec, schedule), first_step(spec, schedule, strength)
     if first == len(plan):
         return images.clone()
@@ -65,7 +66,7 @@ def inpaint(model, schedule: Schedule, prediction: str, spec: SamplerSpec, *, im
             labels: list[int], seeds: list[int], jumps: int, batch_size: int = 64) -> torch.Tensor:
     """Redraw where `redraw` (N, 1, H, W) is True under each label, keeping the rest of
     each image exactly (RePaint, `image_samplers.repaint`, with `jumps` tries of every step)."""
-    spec = spec.resolve(schedule.T)
+    spec = spec.resolve(schedule.T, model.student)
     if spec.sampler not in ("ddim", "ddpm"):
         raise UserError("inpainting runs --sampler ddim or ddpm: dpm++ carries each step into the next, "
                         "and replacing the kept region between steps breaks that.")
@@ -88,7 +89,7 @@ def invert(model, schedule: Schedule, prediction: str, spec: SamplerSpec, *, ima
     2023, §3), then run DDIM back down under its label with the spec's guidance. With the
     same label and guidance 1 the image comes back, up to the ODE's discretisation.
     Guidance defaults to EDIT_GUIDANCE."""
-    spec = for_edit(spec).resolve(schedule.T)
+    spec = for_edit(spec, model).resolve(schedule.T, model.student)
     if spec.sampler != "ddim" or spec.eta != 0 or spec.spacing != "trailing":
         raise UserError("--invert runs DDIM with --eta 0 both ways: use --sampler ddim.")
     there = denoiser(model, schedule, prediction, 1.0)
@@ -118,8 +119,8 @@ def slerp(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
     return (wa * a64 + wb * b64).to(a.dtype)
 
 
-def _deterministic(spec: SamplerSpec, T: int) -> SamplerSpec:
-    spec = spec.resolve(T)
+def _deterministic(spec: SamplerSpec, model, T: int) -> SamplerSpec:
+    spec = spec.resolve(T, model.student)
     if spec.sampler == "ddpm" or spec.eta > 0:
         raise UserError("interpolation needs a deterministic sampler, so that nearby noise gives nearby images: "
                         "use --sampler ddim (with --eta 0) or dpm++.")
@@ -131,7 +132,7 @@ def between_seeds(model, schedule: Schedule, prediction: str, spec: SamplerSpec,
                   frames: int, batch_size: int = 64) -> torch.Tensor:
     """`frames` images under one label whose starting noise moves along the great circle
     from seed a's noise to seed b's; the first and last are `generate` for a and b."""
-    spec = _deterministic(spec, schedule.T)
+    spec = _deterministic(spec, model, schedule.T)
     cfg, device = model.cfg, next(model.parameters()).device
     shape = (1, cfg.in_channels, cfg.image_size, cfg.image_size)
     ends = [samplers.PerImageNoise([s], device)(torch.empty(shape, device=device)) for s in seeds]
@@ -151,7 +152,7 @@ def between_labels(model, schedule: Schedule, prediction: str, spec: SamplerSpec
     """`frames` images from one seed's noise whose condition moves from label a to label b
     by guidance toward the mixed condition (`mixed_guidance`); the end frames are `generate`
     for a and for b, the frames between share their starting noise."""
-    spec = _deterministic(spec, schedule.T)
+    spec = _deterministic(spec, model, schedule.T)
     cfg, device = model.cfg, next(model.parameters()).device
     alphas = _alphas(frames)[1:-1]
 

@@ -1,11 +1,13 @@
-"""Atomic file writes: a temporary file in the same folder, fsynced, then renamed over
-the target, so a crash leaves either the old file or the new one, never half of one.
+"""Atomic file writes (a temporary file in the same folder, fsynced, then renamed over
+the target, so a crash leaves either the old file or the new one, never half of one),
+and file hashes.
 
 A leaf module: it imports nothing of diffcli, so anything may use it without a cycle.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -40,3 +42,12 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def sha256(path: str | Path) -> str:
+    """The hex SHA-256 of a file, read in 1 MB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -54,7 +54,7 @@ def generate(model: torch.nn.Module, schedule: Schedule, prediction: str, spec: 
     `callback(first_image, step, t, x_t, x0_hat)` sees every step of every batch (of this
     rank's share, under torchrun: `world`).
     """
-    spec = spec.resolve(schedule.T)
+    spec = spec.resolve(schedule.T, model.student)
     cfg = model.cfg
     denoise = denoiser(model, schedule, prediction, spec.guidance)
 
@@ -75,8 +75,9 @@ def compiled_for_sampling(model: torch.nn.Module, schedule: Schedule, prediction
     from diffcli import compiling
 
     first = slice(0, min(batch_size, len(seeds)))
-    one_step = SamplerSpec("ddim", 1, spec.resolve(schedule.T).guidance)
-    check = lambda fast: generate(fast, schedule, prediction, one_step, labels=labels[first], seeds=seeds[first],  # noqa: E731
+    spec = spec.resolve(schedule.T, model.student)
+    short = spec if model.student else SamplerSpec("ddim", 1, spec.guidance)  # a student runs only its few steps
+    check = lambda fast: generate(fast, schedule, prediction, short, labels=labels[first], seeds=seeds[first],  # noqa: E731
                                   batch_size=batch_size)
     return compiling.compiled(model, check, report, next(model.parameters()).device)
 

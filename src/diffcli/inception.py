@@ -14,7 +14,6 @@ per dataset, split, image size and weights file, under ~/.cache/diffcli/fid-stat
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 
 from diffcli import metrics
 from diffcli.errors import UserError
+from diffcli.files import sha256
 
 WEIGHTS_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 CACHE_NAMES = ("weights-inception-2015-12-05-6726825d.pth", "pt_inception-2015-12-05-6726825d.pth")
@@ -79,15 +79,7 @@ def load_inception(weights: str | Path | None = None, device: torch.device | str
         raise UserError(f"'{path}' does not hold the FID Inception-v3 weights: {str(e).splitlines()[0]}") from None
     finally:
         fe.load_state_dict_from_url = original
-    return net.to(device), _file_hash(path)
-
-
-def _file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:12]
+    return net.to(device), sha256(path)[:12]
 
 
 @torch.no_grad()

@@ -11,12 +11,13 @@ and the summaries `diffcli inspect` prints of a run folder or a checkpoint file.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
 
 from diffcli import checkpoint
-from diffcli.config import RunConfig, from_dict
+from diffcli.config import RunConfig, apply_overrides, from_dict, validate
 from diffcli.errors import UserError
 from diffcli.files import atomic_write_bytes
 
@@ -51,6 +52,24 @@ def state_path(out: Path) -> Path:
 def run_config(out: Path) -> RunConfig:
     """The config a run was trained with, from its training state's header (no weights read)."""
     return from_dict(checkpoint.model_metadata(checkpoint.read_header(state_path(out)))["config"])
+
+
+STOP_KEYS = ("epochs", "max_steps", "minutes")
+RUN_ON_KEYS = ("device", "compile", "precision")
+
+
+def resumed(saved: RunConfig, values: dict) -> RunConfig:
+    """The config a resumed run continues with: its own recipe, where only where to stop
+    (a new limit replaces all the old ones) and where and how to run may change. The other
+    values given are still checked, so a bad one is refused rather than silently ignored."""
+    validate(apply_overrides(copy.deepcopy(saved), {s: {k: v for k, v in d.items() if v is not None} for s, d in values.items()}))
+    stop = {k: values["train"][k] for k in STOP_KEYS if values["train"].get(k) is not None}
+    if stop:
+        saved.train.epochs = saved.train.max_steps = saved.train.minutes = None
+    run_on = {k: values["train"][k] for k in RUN_ON_KEYS if values["train"].get(k) is not None}
+    apply_overrides(saved, {"train": {**stop, **run_on}})
+    validate(saved)
+    return saved
 
 
 def checkpoint_bytes(params: int) -> int:
@@ -147,9 +166,18 @@ def model_summary(header: dict, meta: dict, file_size: int) -> dict:
         "timesteps": d.get("timesteps"),
         "prediction": d.get("prediction"),
         "training_step": meta["step"],
-        "epochs": meta["epoch"],
+        **({} if cfg.get("distill") else {"epochs": meta["epoch"]}),  # a distillation sees no data
         "ema_decay": t.get("ema_decay"),
         "dataset": cfg.get("data", {}).get("name"),
+        **_distilled(cfg.get("distill")),
         "diffcli_version": meta["version"],
         "file_size": f"{file_size / 1e6:.1f} MB",
     }
+
+
+def _distilled(d: dict | None) -> dict:
+    """How a distilled student samples, and from what: nothing for a trained model."""
+    if not d:
+        return {}
+    return {"distilled": f"ddim, {d['steps']} steps, guidance {d['guidance']:g} built in (one pass a step)",
+            "teacher": d["teacher"], "teacher_sha256": d["teacher_sha256"], "teacher_steps": d["teacher_steps"]}

@@ -126,6 +126,15 @@ def ddim_step(schedule: Schedule, x: torch.Tensor, t: int, s: int, eps: torch.Te
     return out
 
 
+def ddim_x0_for(schedule: Schedule, x_t: torch.Tensor, x_s: torch.Tensor, t: int, s: int) -> torch.Tensor:
+    """The x̂0 that makes one deterministic `ddim_step` go from x_t to x_s: with α = sqrt(ᾱ),
+    σ = sqrt(1-ᾱ), x̃ = (x_s - (σ_s/σ_t) x_t) / (α_s - (σ_s/σ_t) α_t) (Salimans & Ho 2022, Alg. 2;
+    s = -1 gives x_s itself). The target of distillation (distill.py)."""
+    abar_t, abar_s = abar_at(schedule, t, x_t), abar_at(schedule, s, x_t)
+    ratio = ((1 - abar_s) / (1 - abar_t)).sqrt()
+    return (x_s - ratio * x_t) / (abar_s.sqrt() - ratio * abar_t.sqrt())
+
+
 def ddpm(denoise: Denoiser, schedule: Schedule, noise: torch.Tensor, labels: torch.Tensor, randn_like: RandnLike,
          variance: str = "beta_tilde", clip_x0: bool = True, callback: Callback = None, first: int = 0) -> torch.Tensor:
     """Ancestral sampling through all T steps (Ho et al. 2020, Alg. 2, with `ddpm_step`).

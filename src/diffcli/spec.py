@@ -47,6 +47,14 @@ JUMPS = 5
 
 
 @dataclass(frozen=True)
+class Student:
+    """What a distilled model (`diffcli distill`) was made for: DDIM on its `steps`
+    trailing timesteps, one conditional pass each, with the teacher's `guidance` built in."""
+    steps: int
+    guidance: float
+
+
+@dataclass(frozen=True)
 class SamplerSpec:
     sampler: str = "ddim"
     steps: int | None = bounded(None, AT_LEAST_ONE)  # None: DEFAULT_STEPS[sampler], or T for ddpm
@@ -68,9 +76,12 @@ class SamplerSpec:
             raise UserError("ddpm runs all T steps, so there is no spacing to choose; drop --spacing.")
         check_fields(self, lambda name: f"--{name}", skip=("steps",))  # steps: by `resolve`, which knows T
 
-    def resolve(self, T: int) -> SamplerSpec:
-        """This spec with every default filled in for a model of T diffusion steps, or a
-        UserError naming the option that cannot be served. Resolving twice changes nothing."""
+    def resolve(self, T: int, student: Student | None = None) -> SamplerSpec:
+        """This spec with every default filled in for a model of T diffusion steps (a
+        distilled `student`: the sampler it was made for), or a UserError naming the option
+        that cannot be served. Resolving twice changes nothing."""
+        if student is not None:
+            return self._for_student(T, student)
         if self.steps is not None and not 1 <= self.steps <= T:
             raise UserError(f"--steps must be between 1 and T={T}, got {self.steps}.")
         if self.sampler == "ddpm" and self.steps not in (None, T):
@@ -78,6 +89,19 @@ class SamplerSpec:
         steps = T if self.sampler == "ddpm" else (self.steps or DEFAULT_STEPS[self.sampler])
         guidance = DEFAULT_GUIDANCE if self.guidance is None else float(self.guidance)
         return dataclasses.replace(self, steps=steps, guidance=guidance)
+
+    def _for_student(self, T: int, student: Student) -> SamplerSpec:
+        made = f"this model was distilled for ddim with {student.steps} steps"
+        if self.sampler != "ddim":
+            raise UserError(f"{made}; --sampler {self.sampler} cannot run it (drop --sampler).")
+        if self.steps not in (None, student.steps):
+            raise UserError(f"{made}; its steps are not an approximation that more or fewer of them refine, "
+                            f"so --steps {self.steps} cannot serve it (drop --steps, or distil again with --steps {self.steps}).")
+        if self.guidance not in (None, 1.0):
+            raise UserError(f"{made} and the teacher's guidance {student.guidance:g} built in; drop --guidance.")
+        if self.eta > 0 or self.spacing != "trailing":
+            raise UserError(f"{made} on trailing timesteps without noise; drop --eta and --spacing.")
+        return dataclasses.replace(self, steps=student.steps, guidance=1.0)
 
     def describe(self) -> str:
         steps = "default steps" if self.steps is None else f"{self.steps} steps"

@@ -99,6 +99,7 @@ class UNet(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        self.student = None  # a spec.Student when distilled: how it must be sampled (checkpoint.load_model)
         levels = len(cfg.channel_mult)
         factor = cfg.patch_size * 2 ** (levels - 1)
         if cfg.image_size % factor:

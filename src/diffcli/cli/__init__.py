@@ -9,7 +9,7 @@ from __future__ import annotations
 import typer
 
 from diffcli import __version__
-from diffcli.cli import edit, evaluate, info, sample, train
+from diffcli.cli import distill, edit, evaluate, info, sample, train
 from diffcli.cli._common import console, user_command
 
 app = typer.Typer(
@@ -37,6 +37,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 COMMANDS = {  # name: function, in the order `diffcli --help` lists them
     "train": train.train,
+    "distill": distill.distill,
     "sample": sample.sample,
     "compare": sample.compare,
     "eval": evaluate.evaluate,

@@ -74,7 +74,7 @@ def edit(
     c, size = cfg.model.in_channels, cfg.model.image_size
     inputs = torch.stack([fit_image(read_image(p), c, size) for p in images])
     target = _one_label(label, class_names)
-    spec = (spec if mask is not None else E.for_edit(spec)).resolve(schedule.T)  # inpainting: sample's guidance
+    spec = (spec if mask is not None else E.for_edit(spec, model)).resolve(schedule.T, model.student)  # inpainting: sample's guidance
     per_image = inputs.repeat_interleave(n, dim=0)
     labels, seeds = [target] * len(per_image), list(range(seed, seed + len(per_image)))
     common = dict(images=per_image, labels=labels, batch_size=batch_size)
@@ -137,4 +137,4 @@ def interpolate(
         raise UserError("give one --label with two --seeds, or two labels (--label a,b) with one seed.")
     with writing(out):
         animation(images, out) if out.suffix.lower() == ".gif" else save(grid(images, frames), out)
-    console.print(f"wrote [cyan]{out}[/]: {frames} frames, {what}, {spec.resolve(schedule.T).describe()}", highlight=False)
+    console.print(f"wrote [cyan]{out}[/]: {frames} frames, {what}, {spec.resolve(schedule.T, model.student).describe()}", highlight=False)

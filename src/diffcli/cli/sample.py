@@ -59,7 +59,7 @@ def _sample(world, dev, ckpt, spec, label, n, seed, out, save_individual, batch_
         raise UserError("--trajectory is drawn by one process; run it without torchrun.")
     model, cfg, meta = load_model(ckpt, dev)
     schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
-    spec = spec.resolve(schedule.T)
+    spec = spec.resolve(schedule.T, model.student)
     labels = parse_labels(label, meta["class_names"])
     per_image = [lab for lab in labels for _ in range(n)]
     seeds = list(range(seed, seed + len(per_image)))
@@ -121,10 +121,10 @@ def compare(
     model, cfg, meta = load_model(ckpt, dev)
     T = cfg.diffusion.timesteps
     for k in step_list:
-        SamplerSpec(steps=k).resolve(T)  # every step count must fit this model, whichever rows use it
+        SamplerSpec(steps=k).resolve(T, model.student)  # every step count must fit this model, whichever rows use it
     columns = sorted(set(step_list) | ({T} if "ddpm" in names else set()))
     # A cell for each (row, column) the sampler can run: ddpm only in the T column.
-    cells = {(s, w, k): replace(specs[s, w], steps=k).resolve(T) for s, w in rows for k in columns
+    cells = {(s, w, k): replace(specs[s, w], steps=k).resolve(T, model.student) for s, w in rows for k in columns
              if (k == T if s == "ddpm" else k in step_list)}
     lab = parse_labels(label, meta["class_names"])[0]
     seeds = list(range(seed, seed + n))

@@ -14,6 +14,7 @@ from diffcli.cli._common import (DATA_ROOT_HELP, DEVICE_HELP, EXIT_INTERRUPTED, 
                                  progress, setup_logging)
 from diffcli.cli._ranks import processes
 from diffcli.config import DataConfig, DiffusionConfig, TrainConfig
+from diffcli.errors import UserError
 
 
 def _opt(kind, cls, name: str, help: str, *decls: str):
@@ -58,14 +59,17 @@ def train(
     setup_logging()
     from diffcli import config as C
     from diffcli.data import NAMED
-    from diffcli.runs import run_config
+    from diffcli.runs import resumed, run_config
 
     values = config_values(train, locals())
     if resume:
-        cfg = C.resumed(run_config(out), values)
+        cfg = resumed(run_config(out), values)
     else:
         cfg = C.build_config(preset, str(config) if config else None, values)
         C.absolute_data_paths(cfg, NAMED)
+    if cfg.distill is not None:
+        where = f"'{out}' holds" if resume else f"'{config}' describes"
+        raise UserError(f"{where} a distillation; run it with `diffcli distill` (--resume or --config).")
     _run(cfg, out, resume, overwrite)
 
 
@@ -115,7 +119,8 @@ class _Progress:
         if event == "start":
             ranks = f" over {info['world']} processes ({info['batch'] // info['world']} each)" if info["world"] > 1 else ""
             console.print(f"device: [bold]{describe(info['device'])}[/]; {info['params']:,} parameters; "
-                          f"global batch {info['batch']}{ranks}, {info['steps_per_epoch']} steps per epoch"
+                          f"global batch {info['batch']}{ranks}"
+                          + (f", {info['steps_per_epoch']} steps per epoch" if info["steps_per_epoch"] else "")
                           + (f"; budget {info['budget_s'] / 60:g} min" if info["budget_s"] else ""), highlight=False)
             self.by_time, self.t0 = not info["total_steps"], time.monotonic()
             total = info["budget_s"] if self.by_time else info["total_steps"]
@@ -135,6 +140,13 @@ class _Progress:
 def _train_with_progress(cfg, data, out, resume, world, device) -> None:
     from diffcli.training import train as train_loop
 
+    with_progress("train", lambda report, should_stop: train_loop(cfg, data, out, resume, report, should_stop=should_stop,
+                                                                  world=world, device=device))
+
+
+def with_progress(label: str, loop) -> None:
+    """Run `loop(report, should_stop)` (training or distillation) under a progress bar,
+    where the first Ctrl-C asks it to stop, save and sample, and the second quits at once."""
     stops = {"count": 0}
 
     def on_sigint(signum, frame):
@@ -145,12 +157,12 @@ def _train_with_progress(cfg, data, out, resume, world, device) -> None:
 
     old_handler = signal.signal(signal.SIGINT, on_sigint)
     try:
-        with progress("train") as bar:
-            result = train_loop(cfg, data, out, resume, _Progress(bar), should_stop=lambda: stops["count"] > 0,
-                                world=world, device=device)
+        with progress(label) as bar:
+            result = loop(_Progress(bar), lambda: stops["count"] > 0)
     finally:
         signal.signal(signal.SIGINT, old_handler)
-    console.print(f"[bold green]done[/]: {result.step} steps ({result.epoch:.2f} epochs), stopped by {result.stopped_by}.")
+    epochs = f" ({result.epoch:.2f} epochs)" if result.epoch else ""
+    console.print(f"[bold green]done[/]: {result.step} steps{epochs}, stopped by {result.stopped_by}.")
     console.print(f"model: [cyan]{result.model_path}[/]")
     if result.grid_path:
         console.print(f"samples: [cyan]{result.grid_path}[/]")

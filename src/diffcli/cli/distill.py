@@ -1,0 +1,89 @@
+"""`diffcli distill`: options, the student's config, one call to the distillation loop, progress."""
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from diffcli.cli._common import DEVICE_HELP, console
+from diffcli.cli._ranks import processes
+from diffcli.cli.train import _opt, config_values, with_progress
+from diffcli.config import DistillConfig, TrainConfig
+from diffcli.errors import UserError
+
+
+def distill(
+    teacher: Annotated[Optional[Path], typer.Option(help="The model.safetensors of a `diffcli train` run: the model to distil.")] = None,
+    steps: _opt(int, DistillConfig, "steps", f"Network evaluations per image the student is made for (default: {DistillConfig.steps}).") = None,
+    guidance: _opt(float, DistillConfig, "guidance", "The teacher's guidance weight the student learns to draw with in one pass (default: sampling's default).") = None,
+    teacher_steps: _opt(int, DistillConfig, "teacher_steps", f"DDIM steps of the teacher's path the student learns (default: {DistillConfig.teacher_steps}).") = None,
+    out: Annotated[Path, typer.Option(help="Run folder, as `diffcli train` writes it; model.safetensors is the student.")] = Path("runs/distilled"),
+    config: Annotated[Optional[Path], typer.Option(help="YAML config: a distillation's config.yaml (its train and distill sections); options given here override it.")] = None,
+    max_steps: _opt(int, TrainConfig, "max_steps", "Stop after this many optimizer steps (default: 1000 when --minutes is not set).") = None,
+    minutes: _opt(float, TrainConfig, "minutes", "Wall-clock budget: stop cleanly, save and sample when it is spent.") = None,
+    batch_size: _opt(int, TrainConfig, "batch_size", "Student images per step: batch / steps teacher paths (default: the teacher's batch).") = None,
+    lr: _opt(float, TrainConfig, "lr", "Peak learning rate of AdamW (default: 5e-4).") = None,
+    ema_decay: _opt(float, TrainConfig, "ema_decay", "EMA decay of the student's sampled weights (default: 0.995).") = None,
+    sample_every: _opt(int, TrainConfig, "sample_every", "Steps between checkpoints and sample grids (default: 250).") = None,
+    device: _opt(str, TrainConfig, "device", DEVICE_HELP) = None,
+    seed: _opt(int, TrainConfig, "seed", f"Seed of the teacher paths' noise and labels (default: {TrainConfig.seed}).") = None,
+    compile: _opt(bool, TrainConfig, "compile", "torch.compile the student (default: on for CUDA only).", "--compile/--no-compile") = None,
+    precision: _opt(str, TrainConfig, "precision", "auto (bf16 on CUDA, fp32 elsewhere), fp32, or bf16.") = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the distillation in --out from its last checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over in an --out folder that holds another run.")] = False,
+):
+    """Distil a trained model into a student that samples in a few steps, guidance built in."""
+    from diffcli.cli._common import setup_logging
+
+    setup_logging()
+    values = config_values(distill, locals())
+    from diffcli.config import RunConfig, apply_overrides, validate
+
+    given = {s: {k: v for k, v in d.items() if v is not None} for s, d in values.items()}
+    validate(apply_overrides(RunConfig(distill=DistillConfig()), given))  # a bad number: refused before any file is read
+    cfg = _resumed(out, values) if resume else _configured(teacher, config, values)
+    from diffcli.runs import prepare_out
+
+    with processes(cfg.train.device) as (world, dev):
+        if world.is_main:
+            prepare_out(out, resume, overwrite)
+        d = cfg.distill
+        console.print(f"teacher: [cyan]{d.teacher}[/]; student: ddim, {d.steps} steps, guidance {d.guidance:g} built in, "
+                      f"from the teacher's {d.teacher_steps}-step guided DDIM path", highlight=False)
+        from diffcli.distill import distill as distill_loop
+
+        with_progress("distill", lambda report, should_stop: distill_loop(cfg, out, resume, report, should_stop, world, dev))
+
+
+def _resumed(out: Path, values: dict):
+    from diffcli.runs import resumed, run_config
+
+    cfg = resumed(run_config(out), values)
+    if cfg.distill is None:
+        raise UserError(f"'{out}' holds a training run, not a distillation; continue it with `diffcli train --resume`.")
+    return cfg
+
+
+def _configured(teacher: Optional[Path], config: Optional[Path], values: dict):
+    """The teacher's network < distillation defaults < the --config file < options."""
+    from diffcli.config import load_yaml, to_dict, validate
+    from diffcli.distill import configure, teacher_config
+
+    file_values = load_yaml(config) if config else {}
+    if not isinstance(file_values, dict):
+        raise UserError(f"config file '{config}' must hold a mapping of sections.")
+    teacher = teacher or (file_values.get("distill") or {}).get("teacher")
+    if not teacher:
+        raise UserError("give the model to distil: --teacher runs/NAME/model.safetensors.")
+    theirs = to_dict(teacher_config(Path(teacher))[0])
+    for section in ("model", "diffusion"):
+        if file_values.get(section) not in (None, theirs[section]):
+            raise UserError(f"config section '{section}' of '{config}' differs from the teacher's: a student keeps its "
+                            f"teacher's network and schedule.")
+    def pick(section: str) -> dict:
+        return {**(file_values.get(section) or {}), **{k: v for k, v in values[section].items() if v is not None}}
+
+    cfg = configure(Path(teacher), {k: v for k, v in pick("distill").items() if k not in ("teacher", "teacher_sha256")},
+                    pick("train"))
+    validate(cfg)
+    return cfg
