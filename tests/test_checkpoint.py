@@ -66,6 +66,24 @@ def test_bad_files_are_refused(tmp_path, make, message):
         load_model(path)
 
 
+def test_a_header_length_that_starts_like_a_pickle_is_still_read(tmp_path):
+    """A safetensors file begins with its header's length: when the low byte of that is 0x80,
+    the first byte looks like a pickle's protocol marker. The header's '{' tells them apart."""
+    import struct
+
+    from safetensors.torch import save_file
+
+    from diffcli.checkpoint import read_header
+
+    path = tmp_path / "x.safetensors"
+    for pad in range(64):
+        save_file({"w": torch.zeros(2)}, str(path), metadata={"pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80 and struct.unpack("<Q", path.read_bytes()[:8])[0] % 256 == 0x80
+    assert read_header(path)["__metadata__"]["pad"]
+
+
 def test_truncated_file_is_refused(tmp_path):
     _, _, path = small_model(tmp_path)
     data = path.read_bytes()

@@ -38,7 +38,9 @@ def read_header(path: str | Path) -> dict:
     try:
         with open(path, "rb") as f:
             raw = f.read(9)
-            if raw[:2] == b"PK" or raw[:1] == b"\x80":  # zip (torch.save) or pickle protocol >= 2
+            # zip (torch.save) or pickle protocol >= 2; a safetensors header length may start with 0x80 too,
+            # but its ninth byte is the header's "{"
+            if raw[8:9] != b"{" and (raw[:2] == b"PK" or raw[:1] == b"\x80"):
                 raise UserError(f"'{path}' looks like a pickle/PyTorch file; diffcli loads only .safetensors and never unpickles files.")
             if len(raw) < 9 or raw[8:9] != b"{":
                 raise ValueError("it does not start with a safetensors header")

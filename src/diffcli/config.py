@@ -90,6 +90,8 @@ class TrainConfig:
     device: str = "auto"
     compile: bool | None = None  # torch.compile the U-Net; None: on for CUDA only (compiling.py)
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 elsewhere), "fp32" or "bf16" (devices.py)
+    log: str = "none"  # experiment trackers: none, tensorboard, wandb, or tensorboard,wandb (trackers.py)
+    wandb_project: str | None = None  # None: $WANDB_PROJECT, else W&B's own default
 
 
 @dataclass
@@ -156,14 +158,10 @@ def _coerce(value, hint, where: str):
         if not isinstance(value, hint):
             raise UserError(f"config key '{where}' must be {'true or false' if hint is bool else 'a string'}, got {value!r}.")
         return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise UserError(f"config key '{where}' must be an integer, got {value!r}.")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserError(f"config key '{where}' must be a number, got {value!r}.")
-        return float(value)
+    if hint in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float) if hint is float else int):
+            raise UserError(f"config key '{where}' must be {'a number' if hint is float else 'an integer'}, got {value!r}.")
+        return hint(value)
     raise TypeError(f"unsupported field type {hint} for {where}")
 
 
@@ -245,6 +243,7 @@ def validate(cfg: RunConfig) -> None:
         (t.lr_schedule in ("constant", "cosine"), "train.lr_schedule must be 'constant' or 'cosine'"),
         (t.on_nonfinite in ("stop", "rollback"), "train.on_nonfinite must be 'stop' or 'rollback'"),
         (t.precision in ("auto", "fp32", "bf16"), "train.precision must be auto, fp32 or bf16"),
+        (set(t.log.split(",")) <= {"none", "tensorboard", "wandb"}, "train.log must be none, tensorboard, wandb or tensorboard,wandb"),
         (t.grid_steps <= d.timesteps, "train.grid_steps must be between 1 and diffusion.timesteps"),
         (t.device in ("auto", "cpu", "cuda", "mps") or t.device.startswith("cuda:"), "train.device must be auto, cpu, cuda or mps"),
     ]

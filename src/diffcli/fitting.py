@@ -37,6 +37,7 @@ from diffcli.images import grid, save
 from diffcli.runs import METRICS_FILE, MODEL_FILE, check_free_space, truncate_metrics
 from diffcli.schedules import make_schedule
 from diffcli.spec import SamplerSpec
+from diffcli.trackers import tracking
 from diffcli.trainstate import NonFiniteGuard, TrainState
 
 LOG_EVERY = 50  # steps between metrics lines and non-finite checks (the only host syncs)
@@ -134,6 +135,14 @@ def fit(cfg: RunConfig, make_task: Callable[[torch.device, torch.memory_format],
     if world.is_main:
         check_free_space(out, params)
     model = _prepared(state.net, cfg, task, world, device, report)
+    with tracking(cfg, out, state.step, resume, world, report) as report:  # rank 0 logs to the trackers asked for
+        return _loop(cfg, task, state, model, limits, out, report, should_stop, world, device)
+
+
+def _loop(cfg: RunConfig, task: Task, state: TrainState, model, limits: Limits, out: Path, report, should_stop,
+          world: World, device: torch.device) -> TrainResult:
+    """Step until `limits` says stop; log, check and checkpoint between steps."""
+    tc = cfg.train
     guard = NonFiniteGuard(tc.on_nonfinite, device)
     limits.start_clock()
     meter = Meter(out, task, world, report, state.step, limits.started)
@@ -153,8 +162,9 @@ def fit(cfg: RunConfig, make_task: Callable[[torch.device, torch.memory_format],
         if state.step % LOG_EVERY == 0:
             meter.log(state.step)
         if state.step % tc.sample_every == 0 and world.is_main:
+            paused = time.monotonic()
             grid_path = _checkpoint(out, cfg, state, task, report)
-            meter.pause_ends()  # keep images/s about training, not sampling
+            meter.skip(time.monotonic() - paused)  # keep images/s about training, not sampling
 
     guard.check(state, out, report, world, final=True)
     meter.log(state.step)  # the tail since the last full interval, so short runs log too
@@ -237,8 +247,9 @@ class Meter:
         if self.loss_sum is not None:
             self.loss_sum.zero_()
 
-    def pause_ends(self) -> None:
-        self.last_t = time.monotonic()
+    def skip(self, seconds: float) -> None:
+        """Leave `seconds` (a checkpoint and its grid) out of the next line's images/s."""
+        self.last_t += seconds
 
     def add(self, loss: torch.Tensor, lr: float) -> None:
         self.loss_sum = loss.clone() if self.loss_sum is None else self.loss_sum.add_(loss)

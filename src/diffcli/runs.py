@@ -55,7 +55,7 @@ def run_config(out: Path) -> RunConfig:
 
 
 STOP_KEYS = ("epochs", "max_steps", "minutes")
-RUN_ON_KEYS = ("device", "compile", "precision")
+RUN_ON_KEYS = ("device", "compile", "precision", "log", "wandb_project")
 
 
 def resumed(saved: RunConfig, values: dict) -> RunConfig:

@@ -175,3 +175,5 @@ Eta = Annotated[float, typer.Option(help="DDIM noise: 0 deterministic, 1 DDPM-li
 Guidance = Annotated[Optional[float], typer.Option(help=f"Classifier-free guidance weight: 1 plain conditional, "
                                                         f"0 unconditional (default: {DEFAULT_GUIDANCE:g})."),
                      Sets(SamplerSpec, "guidance")]
+LOG_HELP = "Experiment trackers: none, tensorboard, wandb, or tensorboard,wandb (each an extra: pip install 'diffcli[tensorboard]')."
+WANDB_PROJECT_HELP = "The W&B project (default: $WANDB_PROJECT, else W&B's own)."

@@ -5,7 +5,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from diffcli.cli._common import DEVICE_HELP, console
+from diffcli.cli._common import DEVICE_HELP, LOG_HELP, WANDB_PROJECT_HELP, console
 from diffcli.cli._ranks import processes
 from diffcli.cli.train import _opt, config_values, with_progress
 from diffcli.config import DistillConfig, TrainConfig
@@ -29,6 +29,8 @@ def distill(
     seed: _opt(int, TrainConfig, "seed", f"Seed of the teacher paths' noise and labels (default: {TrainConfig.seed}).") = None,
     compile: _opt(bool, TrainConfig, "compile", "torch.compile the student (default: on for CUDA only).", "--compile/--no-compile") = None,
     precision: _opt(str, TrainConfig, "precision", "auto (bf16 on CUDA, fp32 elsewhere), fp32, or bf16.") = None,
+    log: _opt(str, TrainConfig, "log", LOG_HELP) = None,
+    wandb_project: _opt(str, TrainConfig, "wandb_project", WANDB_PROJECT_HELP) = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the distillation in --out from its last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over in an --out folder that holds another run.")] = False,
 ):
@@ -42,6 +44,9 @@ def distill(
     given = {s: {k: v for k, v in d.items() if v is not None} for s, d in values.items()}
     validate(apply_overrides(RunConfig(distill=DistillConfig()), given))  # a bad number: refused before any file is read
     cfg = _resumed(out, values) if resume else _configured(teacher, config, values)
+    from diffcli.trackers import check_installed, parse
+
+    check_installed(parse(cfg.train.log))
     from diffcli.runs import prepare_out
 
     with processes(cfg.train.device) as (world, dev):

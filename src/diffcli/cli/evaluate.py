@@ -11,7 +11,7 @@ from rich.table import Table
 
 from diffcli.checks import POSITIVE, Range
 from diffcli.cli._common import (AsJson, BatchSize, Ckpt, DataRoot, Device, Guidance, ImageSeed, Sampler, Spacing, Steps,
-                                 console, progress, safe_name, writing)
+                                 console, print_notice, progress, safe_name, writing)
 from diffcli.cli._ranks import processes, where
 from diffcli.errors import UserError
 from diffcli.spec import SamplerSpec
@@ -36,9 +36,14 @@ def evaluate(
     batch_size: BatchSize = 250,
     device: Device = "auto",
     as_json: AsJson = False,
+    log: Annotated[str, typer.Option(help="Also send the figures to the trackers of the run folder that holds --ckpt: tensorboard, wandb or both.")] = "none",
 ):
     """Measure a model's samples: class accuracy, classifier-FD, memorisation, and Inception FID."""
     from diffcli.evaluation import EvalOptions, run
+    from diffcli.trackers import check_installed, log_eval, parse
+
+    trackers = parse(log)
+    check_installed(trackers)  # before minutes of sampling
 
     opts = EvalOptions(ckpt, SamplerSpec(sampler, steps, guidance, spacing=spacing), n, seed, batch_size, classifier, fid, inception_weights,
                        memorisation, pairs, data, data_root, real_n)
@@ -47,6 +52,8 @@ def evaluate(
     if not world.is_main:
         return
     report["device"] = where(dev, world)
+    if trackers:
+        log_eval(trackers, ckpt, report, print_notice)
     if as_json:
         print(json.dumps(report, indent=2))
     else:

@@ -10,8 +10,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from diffcli.cli._common import (DATA_ROOT_HELP, DEVICE_HELP, EXIT_INTERRUPTED, Sets, console, err_console,
-                                 progress, setup_logging)
+from diffcli.cli._common import (DATA_ROOT_HELP, DEVICE_HELP, EXIT_INTERRUPTED, LOG_HELP, WANDB_PROJECT_HELP, Sets,
+                                 console, err_console, progress, setup_logging)
 from diffcli.cli._ranks import processes
 from diffcli.config import DataConfig, DiffusionConfig, TrainConfig
 from diffcli.errors import UserError
@@ -52,6 +52,8 @@ def train(
     seed: _opt(int, TrainConfig, "seed", f"Seed for initialisation, data order and noise (default: {TrainConfig.seed}).") = None,
     compile: _opt(bool, TrainConfig, "compile", "torch.compile the U-Net: faster steps after a minute or so of compiling (default: on for CUDA only).", "--compile/--no-compile") = None,
     precision: _opt(str, TrainConfig, "precision", "auto (bf16 on CUDA, fp32 elsewhere), fp32, or bf16 (also on the CPU: faster where it has AMX, slower where it does not).") = None,
+    log: _opt(str, TrainConfig, "log", LOG_HELP) = None,
+    wandb_project: _opt(str, TrainConfig, "wandb_project", WANDB_PROJECT_HELP) = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over in an --out folder that holds another run.")] = False,
 ):
@@ -70,6 +72,9 @@ def train(
     if cfg.distill is not None:
         where = f"'{out}' holds" if resume else f"'{config}' describes"
         raise UserError(f"{where} a distillation; run it with `diffcli distill` (--resume or --config).")
+    from diffcli.trackers import check_installed, parse
+
+    check_installed(parse(cfg.train.log))  # before any data is read
     _run(cfg, out, resume, overwrite)
 
 
