@@ -35,6 +35,11 @@ class ModelConfig:
     dropout: float = bounded(0.0, SHARE)
     patch_size: int = bounded(1, AT_LEAST_ONE)  # > 1: space-to-depth in, pixel shuffle out (see unet.py)
     scale_shift: bool = True  # AdaGN conditioning; False is DDPM's additive embedding
+    # Details of DDPM's published network, for models imported from diffusers (hub.py):
+    norm_eps: float = bounded(1e-5, POSITIVE)  # every GroupNorm's epsilon
+    downsample_padding: int = bounded(1, Range(0, 1))  # 0: pad right and bottom by one instead, as DDPM's TF code
+    flip_sin_to_cos: bool = True  # the time embedding as [cos, sin] (True) or [sin, cos]
+    freq_shift: int = bounded(0, Range(0, 1))  # its frequencies exp(-ln(1e4) i / (dim/2 - shift))
     # Filled in from the dataset when training starts.
     image_size: int = bounded(32, Range(4))
     in_channels: int = bounded(3, AT_LEAST_ONE)
@@ -95,15 +100,12 @@ class TrainConfig:
 
 
 @dataclass
-class DistillConfig:
-    """Present only in a `diffcli distill` run: the student it makes (distill.py)."""
+class DistillConfig:  # present only in a `diffcli distill` run: the student it makes (distill.py)
     teacher: str = ""  # the teacher's model.safetensors, as an absolute path
     teacher_sha256: str = ""  # its hash when the run began: a resume refuses a changed teacher
     steps: int = bounded(4, AT_LEAST_ONE)  # the student's network evaluations per image
     guidance: float | None = bounded(None, NON_NEGATIVE)  # the teacher's weight folded in; None: the sampling default
-    # DDIM steps of the teacher's guided path, spread evenly over the student's intervals:
-    # the student learns that path, so it is the ceiling of its quality (docs/distill.md).
-    teacher_steps: int = bounded(32, AT_LEAST_ONE)
+    teacher_steps: int = bounded(32, AT_LEAST_ONE)  # the teacher's DDIM path the student learns: its ceiling (docs/distill.md)
 
     def student(self) -> Student:
         return Student(self.steps, DEFAULT_GUIDANCE if self.guidance is None else self.guidance)

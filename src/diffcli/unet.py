@@ -18,11 +18,11 @@ from torch import nn
 from diffcli.config import ModelConfig
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
+def group_norm(channels: int, eps: float = 1e-5) -> nn.GroupNorm:
     # 32 groups as in DDPM once there are enough channels; narrow layers keep
     # at least 4 channels per group so the statistics stay meaningful.
     groups = math.gcd(channels, max(1, min(32, channels // 4)))
-    return nn.GroupNorm(groups, channels)
+    return nn.GroupNorm(groups, channels, eps=eps)
 
 
 def zero_init(module: nn.Module) -> nn.Module:
@@ -32,23 +32,27 @@ def zero_init(module: nn.Module) -> nn.Module:
     return module
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of integer timesteps (Vaswani et al. 2017, §3.5), shape (B, dim)."""
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, flip_sin_to_cos: bool = True,
+                       freq_shift: int = 0) -> torch.Tensor:
+    """Sinusoidal embedding of integer timesteps (Vaswani et al. 2017, §3.5), shape (B, dim):
+    [cos, sin] of t exp(-ln(max_period) i / (dim/2 - freq_shift)); DDPM's own network has
+    [sin, cos] and shift 1 (diffusers' `flip_sin_to_cos`, `freq_shift`)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - freq_shift))
     args = t.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    parts = [torch.cos(args), torch.sin(args)]
+    emb = torch.cat(parts if flip_sin_to_cos else parts[::-1], dim=-1)
     return F.pad(emb, (0, dim % 2))
 
 
 class ResBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, scale_shift: bool):
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, scale_shift: bool, eps: float = 1e-5):
         super().__init__()
         self.scale_shift = scale_shift
-        self.norm1 = group_norm(in_ch)
+        self.norm1 = group_norm(in_ch, eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb = nn.Linear(emb_dim, 2 * out_ch if scale_shift else out_ch)
-        self.norm2 = group_norm(out_ch)
+        self.norm2 = group_norm(out_ch, eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -71,10 +75,10 @@ class ResBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, channels: int, head_channels: int):
+    def __init__(self, channels: int, head_channels: int, eps: float = 1e-5):
         super().__init__()
         self.heads = max(1, channels // head_channels)
-        self.norm = group_norm(channels)
+        self.norm = group_norm(channels, eps)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = zero_init(nn.Conv2d(channels, channels, 1))
 
@@ -91,8 +95,8 @@ class Level(nn.Module):
 
     def __init__(self, in_chs: list[int], out_ch: int, emb_dim: int, cfg: ModelConfig, attn: bool):
         super().__init__()
-        self.blocks = nn.ModuleList(ResBlock(c, out_ch, emb_dim, cfg.dropout, cfg.scale_shift) for c in in_chs)
-        self.attns = nn.ModuleList(Attention(out_ch, cfg.head_channels) if attn else nn.Identity() for _ in in_chs)
+        self.blocks = nn.ModuleList(ResBlock(c, out_ch, emb_dim, cfg.dropout, cfg.scale_shift, cfg.norm_eps) for c in in_chs)
+        self.attns = nn.ModuleList(Attention(out_ch, cfg.head_channels, cfg.norm_eps) if attn else nn.Identity() for _ in in_chs)
 
 
 class UNet(nn.Module):
@@ -125,12 +129,12 @@ class UNet(nn.Module):
             cur = out
             skip_chs += [out] * cfg.num_res_blocks
             if i < levels - 1:
-                self.downsample.append(nn.Conv2d(cur, cur, 3, stride=2, padding=1))
+                self.downsample.append(nn.Conv2d(cur, cur, 3, stride=2, padding=cfg.downsample_padding))
                 skip_chs.append(cur)
 
-        self.mid1 = ResBlock(cur, cur, emb_dim, cfg.dropout, cfg.scale_shift)
-        self.mid_attn = Attention(cur, cfg.head_channels)
-        self.mid2 = ResBlock(cur, cur, emb_dim, cfg.dropout, cfg.scale_shift)
+        self.mid1 = ResBlock(cur, cur, emb_dim, cfg.dropout, cfg.scale_shift, cfg.norm_eps)
+        self.mid_attn = Attention(cur, cfg.head_channels, cfg.norm_eps)
+        self.mid2 = ResBlock(cur, cur, emb_dim, cfg.dropout, cfg.scale_shift, cfg.norm_eps)
 
         self.up = nn.ModuleList()
         self.upsample = nn.ModuleList()
@@ -143,11 +147,13 @@ class UNet(nn.Module):
             if i > 0:
                 self.upsample.append(nn.Conv2d(cur, cur, 3, padding=1))
 
-        self.norm_out = group_norm(cur)
+        self.norm_out = group_norm(cur, cfg.norm_eps)
         self.conv_out = zero_init(nn.Conv2d(cur, cfg.in_channels * self.patch**2, 3, padding=1))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        emb = self.time_mlp(timestep_embedding(t, self.cfg.base_channels)) + self.class_emb(y)
+        c = self.cfg
+        emb = self.time_mlp(timestep_embedding(t, c.base_channels, flip_sin_to_cos=c.flip_sin_to_cos, freq_shift=c.freq_shift))
+        emb = emb + self.class_emb(y)
         emb = F.silu(emb)  # every consumer applies Linear to SiLU(emb); do it once
         h = self.conv_in(F.pixel_unshuffle(x, self.patch) if self.patch > 1 else x)
         skips = [h]
@@ -156,7 +162,8 @@ class UNet(nn.Module):
                 h = attn(block(h, emb))
                 skips.append(h)
             if i < len(self.downsample):
-                h = self.downsample[i](h)
+                # padding 0 is DDPM's TF "same" for stride 2: one row and column of zeros, right and bottom
+                h = self.downsample[i](h if self.cfg.downsample_padding else F.pad(h, (0, 1, 0, 1)))
                 skips.append(h)
         h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
         for i, level in enumerate(self.up):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import typer
 
 from diffcli import __version__
-from diffcli.cli import distill, edit, evaluate, info, sample, train
+from diffcli.cli import distill, edit, evaluate, hub, info, sample, train
 from diffcli.cli._common import console, user_command
 
 app = typer.Typer(
@@ -43,6 +43,8 @@ COMMANDS = {  # name: function, in the order `diffcli --help` lists them
     "eval": evaluate.evaluate,
     "edit": edit.edit,
     "interpolate": edit.interpolate,
+    "export": hub.export,
+    "import": hub.import_,
     "noise-preview": info.noise_preview,
     "inspect": info.inspect,
 }

@@ -1,0 +1,115 @@
+"""diffusers pipeline folders on disk: `export` (`diffcli export --to diffusers`) writes one
+for a diffcli model, `import_pipeline` (`diffcli import`) reads one into a diffcli model
+file. What maps to what is `hub.py`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from diffcli.config import RunConfig
+from diffcli.errors import UserError
+from diffcli.hub import (DIFFUSERS_VERSION, PREDICTIONS, UNET_WEIGHTS, diffusion_config, from_diffusers, model_config,
+                         read_json, scheduler_config, to_diffusers, unet_config, write_json)
+
+
+# --- out ----------------------------------------------------------------------------
+
+def export(ckpt: Path, out: Path) -> dict:
+    """Write the diffusers pipeline folder `out` for the diffcli model `ckpt`; returns the UNet config."""
+    from diffcli.checkpoint import load_model, save_tensors
+
+    model, cfg, meta = load_model(ckpt)
+    if cfg.distill is not None:
+        raise UserError("a distilled student samples only with its own few steps, which no diffusers scheduler knows; "
+                        f"export its teacher ({cfg.distill.teacher}).")
+    unet = unet_config(model, cfg.model)
+    names, k = meta["class_names"], cfg.model.num_classes
+    (out / "unet").mkdir(parents=True, exist_ok=True)
+    (out / "scheduler").mkdir(exist_ok=True)
+    write_json(out / "unet" / "config.json", unet)
+    save_tensors(out / "unet" / UNET_WEIGHTS, to_diffusers(model.state_dict(), cfg.model), {"format": "pt"})
+    write_json(out / "scheduler" / "scheduler_config.json", scheduler_config(cfg))
+    write_json(out / "model_index.json", {"_class_name": "DDIMPipeline", "_diffusers_version": DIFFUSERS_VERSION,
+                                          "scheduler": ["diffusers", "DDIMScheduler"], "unet": ["diffusers", "UNet2DModel"]})
+    write_json(out / "class_names.json", {"class_names": names, "null_label": k if k else None})
+    (out / "README.md").write_text(model_card(cfg, names, ckpt))
+    return unet
+
+
+def model_card(cfg: RunConfig, names: list[str], ckpt: Path) -> str:
+    k = cfg.model.num_classes
+    labels = (f"Class labels 0..{k - 1} ({', '.join(names[:10])}{' ...' if k > 10 else ''}); label {k} is \"no label\", "
+              "for classifier-free guidance.") if k else "Unconditional: call the UNet without class labels."
+    guided = ("        both = unet(torch.cat([x, x]), t, class_labels=torch.cat([y, torch.full_like(y, %d)])).sample\n"
+              "        cond, uncond = both.chunk(2)\n        out = uncond + 2.0 * (cond - uncond)  # guidance 2, diffcli's default\n" % k
+              if k else "        out = unet(x, t).sample\n")
+    return f"""# {ckpt.parent.name or ckpt.stem}: a diffcli model in the diffusers format
+
+Trained with [diffcli](https://github.com/) on `{cfg.data.name}` ({cfg.model.image_size}x{cfg.model.image_size},
+{cfg.model.in_channels} channel(s)); {cfg.diffusion.schedule} schedule, T = {cfg.diffusion.timesteps},
+{PREDICTIONS[cfg.diffusion.prediction]} prediction. {labels}
+
+```python
+import torch
+from diffusers import DDIMScheduler, UNet2DModel
+
+unet = UNet2DModel.from_pretrained("THIS_FOLDER", subfolder="unet").eval()
+scheduler = DDIMScheduler.from_pretrained("THIS_FOLDER", subfolder="scheduler")
+scheduler.set_timesteps(50)
+x = torch.randn(8, {cfg.model.in_channels}, {cfg.model.image_size}, {cfg.model.image_size}, generator=torch.Generator().manual_seed(0))
+y = torch.arange(8) % {max(k, 1)}
+with torch.no_grad():
+    for t in scheduler.timesteps:
+{guided}        x = scheduler.step(out, t, x).prev_sample
+images = (x.clamp(-1, 1) + 1) / 2  # pixels in [0, 1]
+```
+{"" if k else "An unconditional model also runs in `DDIMPipeline.from_pretrained('THIS_FOLDER')`."}
+"""
+
+
+def unet_weights(folder: Path) -> dict:
+    """The UNet's tensors from `diffusion_pytorch_model.safetensors`, else from the `.bin` through
+    torch.load(weights_only=True), which refuses any pickled code."""
+    from safetensors.torch import load_file
+
+    if (folder / UNET_WEIGHTS).is_file():
+        return load_file(str(folder / UNET_WEIGHTS))
+    if (folder / "diffusion_pytorch_model.bin").is_file():
+        try:
+            return torch.load(folder / "diffusion_pytorch_model.bin", map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"'{folder / 'diffusion_pytorch_model.bin'}' holds more than weights, or is damaged "
+                            f"({type(e).__name__}); diffcli never runs pickled code.") from None
+    raise UserError(f"'{folder}' has no {UNET_WEIGHTS} (nor a .bin).")
+
+
+def import_pipeline(folder: Path, out: Path) -> RunConfig:
+    """Write diffcli's model file `out` for the diffusers pipeline folder `folder`."""
+    from diffcli.checkpoint import save_model
+    from diffcli.config import to_dict
+    from diffcli.unet import UNet
+
+    read_json(folder / "model_index.json")
+    unet, sched = read_json(folder / "unet" / "config.json"), read_json(folder / "scheduler" / "scheduler_config.json")
+    labels = read_json(folder / "class_names.json") if (folder / "class_names.json").is_file() else {}
+    if unet.get("num_class_embeds") and labels.get("null_label") != unet["num_class_embeds"] - 1:
+        raise UserError("this UNet2DModel has class labels but no \"no label\" class (diffcli's exports name it in "
+                        "class_names.json), so classifier-free guidance cannot run on it.")
+    cfg = RunConfig(diffusion=diffusion_config(sched))
+    cfg.model = model_config(unet, unet["num_class_embeds"] - 1 if unet.get("num_class_embeds") else 0)
+    cfg.data.name, cfg.train.preset = str(folder), "imported"
+    net = UNet(cfg.model)
+    groups = {mod.num_groups for mod in net.modules() if isinstance(mod, torch.nn.GroupNorm)}
+    if groups != {unet.get("norm_num_groups", 32)}:
+        raise UserError(f"diffcli picks GroupNorm groups by width ({', '.join(map(str, sorted(groups)))} here) and this "
+                        f"UNet2DModel has {unet.get('norm_num_groups', 32)} everywhere.")
+    ours = from_diffusers(unet_weights(folder / "unet"), cfg.model)
+    try:
+        net.load_state_dict(ours)
+    except RuntimeError as e:
+        raise UserError(f"the weights in '{folder / 'unet'}' do not fit their config.json: {str(e).splitlines()[0]}") from None
+    names = labels.get("class_names") or [str(i) for i in range(cfg.model.num_classes)]
+    save_model(out, net.state_dict(), to_dict(cfg), names, 0, 0.0)
+    return cfg

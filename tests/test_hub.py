@@ -1,0 +1,163 @@
+"""The diffusers format, out and in, checked against diffusers' own UNet2DModel (dev extra, no network)."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from diffcli import hub
+from diffcli.checkpoint import load_model, save_model
+from diffcli.cli import app
+from diffcli.config import preset_config, to_dict
+from diffcli.unet import UNet
+
+runner = CliRunner()
+DDPM_CIFAR10 = {  # google/ddpm-cifar10-32's published unet/config.json
+    "_class_name": "UNet2DModel", "_diffusers_version": "0.0.4", "act_fn": "silu", "attention_head_dim": None,
+    "block_out_channels": [128, 256, 256, 256], "center_input_sample": False,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"], "downsample_padding": 0,
+    "flip_sin_to_cos": False, "freq_shift": 1, "in_channels": 3, "layers_per_block": 2, "mid_block_scale_factor": 1,
+    "norm_eps": 1e-06, "norm_num_groups": 32, "out_channels": 3, "sample_size": 32, "time_embedding_type": "positional",
+    "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"]}
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def one_sentence_error(result, fragment):
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and "Traceback" not in text and fragment in text, (result.exit_code, result.output)
+
+
+def random_model(tmp_path, classes=10, scale_shift=None, shallow=False):
+    """A diffcli model file of the base preset (two levels of one block each where `shallow`,
+    for speed: still 32 groups throughout), random weights."""
+    cfg = preset_config("base")
+    cfg.model.num_classes, cfg.model.image_size, cfg.model.in_channels = classes, 16, 3
+    if scale_shift is not None:
+        cfg.model.scale_shift = scale_shift
+    if shallow:
+        cfg.model.channel_mult, cfg.model.num_res_blocks, cfg.model.attn_levels = (1, 2), 1, (1,)
+    torch.manual_seed(0)
+    net = UNet(cfg.model)
+    for p in net.parameters():  # zero-initialised branches would hide a mapping error there
+        torch.nn.init.normal_(p, std=0.05)
+    path = tmp_path / f"m{classes}{scale_shift}.safetensors"
+    save_model(path, net.state_dict(), to_dict(cfg), [f"c{i}" for i in range(classes)], 1, 0.0)
+    return path
+
+
+def inputs(classes, n=3, size=16):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 3, size, size, generator=g)
+    t = torch.randint(0, 1000, (n,), generator=g)
+    y = torch.randint(0, classes + 1, (n,), generator=g) if classes else torch.zeros(n, dtype=torch.long)
+    return x, t, y
+
+
+@pytest.mark.parametrize("classes,scale_shift,shallow", [(10, None, False), (0, None, True), (10, True, True)])  # base; unconditional; AdaGN
+def test_an_exported_model_gives_diffcli_s_output_in_diffusers(tmp_path, classes, scale_shift, shallow):
+    from diffusers import DDIMScheduler, UNet2DModel
+
+    ckpt = random_model(tmp_path, classes, scale_shift, shallow)
+    r = run("export", "--ckpt", ckpt, "--out", tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    theirs = UNet2DModel.from_pretrained(str(tmp_path / "out"), subfolder="unet").eval()
+    ours, cfg, _ = load_model(ckpt)
+    x, t, y = inputs(classes)
+    with torch.no_grad():
+        want = ours(x, t, y)
+        got = theirs(x, t, class_labels=y if classes else None).sample
+    assert (got - want).abs().max() < 1e-4, (got - want).abs().max()
+    sched = DDIMScheduler.from_pretrained(str(tmp_path / "out"), subfolder="scheduler")
+    from diffcli.schedules import make_schedule
+
+    assert torch.allclose(sched.alphas_cumprod.float(), make_schedule(cfg.diffusion.schedule, 1000).alphas_cumprod, atol=1e-6)
+    assert sched.config.prediction_type == "v_prediction" and sched.config.timestep_spacing == "trailing"
+    assert json.loads((tmp_path / "out" / "class_names.json").read_text())["null_label"] == (classes or None)
+    assert "UNet2DModel.from_pretrained" in (tmp_path / "out" / "README.md").read_text()
+    # and back: the folder imports into the same network
+    assert run("import", tmp_path / "out", "--out", tmp_path / "back.safetensors").exit_code == 0
+    back, back_cfg, back_meta = load_model(tmp_path / "back.safetensors")
+    with torch.no_grad():
+        assert (back(x, t, y) - want).abs().max() < 1e-5
+    assert back_meta["class_names"] == [f"c{i}" for i in range(classes)] and back_cfg.diffusion == cfg.diffusion
+
+
+def test_a_wrong_schedule_mapping_breaks_the_comparison(monkeypatch):
+    from diffusers import DDIMScheduler
+
+    from diffcli.schedules import make_schedule
+
+    monkeypatch.setitem(hub.BETA_SCHEDULES, "cosine", "linear")
+    sched = DDIMScheduler.from_config(hub.scheduler_config(preset_config("base")))
+    assert not torch.allclose(sched.alphas_cumprod.float(), make_schedule("cosine", 1000).alphas_cumprod, atol=1e-6)
+
+
+def test_the_published_ddpm_cifar10_layout_imports_and_gives_its_output(tmp_path):
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    theirs = UNet2DModel(**{k: v for k, v in DDPM_CIFAR10.items() if not k.startswith("_")}).eval()
+    for p in theirs.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    folder = tmp_path / "ddpm-cifar10-32"
+    theirs.save_pretrained(str(folder / "unet"))
+    DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True).save_pretrained(str(folder / "scheduler"))
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline", "scheduler": ["diffusers", "DDPMScheduler"],
+                                                         "unet": ["diffusers", "UNet2DModel"]}))
+    r = run("import", folder, "--out", tmp_path / "ddpm.safetensors")
+    assert r.exit_code == 0, r.output
+    ours, cfg, meta = load_model(tmp_path / "ddpm.safetensors")
+    assert cfg.model.num_classes == 0 and cfg.diffusion.prediction == "eps" and cfg.diffusion.schedule == "linear"
+    x, t, y = inputs(0, n=2, size=32)
+    with torch.no_grad():
+        assert (ours(x, t, y) - theirs(x, t).sample).abs().max() < 1e-4
+    from diffcli.schedules import make_schedule
+
+    sched = DDPMScheduler.from_pretrained(str(folder), subfolder="scheduler")
+    assert torch.allclose(sched.alphas_cumprod.float(), make_schedule("linear", 1000).alphas_cumprod, atol=1e-6)
+    r = run("sample", "--ckpt", tmp_path / "ddpm.safetensors", "--label", "all", "--n", "1", "--steps", "1",
+            "--out", tmp_path / "s.png", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+
+
+def test_a_wrong_weight_mapping_breaks_the_comparison(tmp_path, monkeypatch):
+    """The checks above can fail: the fused qkv convolution split in the wrong order (k and v swapped)."""
+    real = hub.to_diffusers
+
+    def swapped(ours, m):
+        theirs = real(ours, m)
+        for key in [k for k in theirs if ".to_k." in k]:
+            other = key.replace(".to_k.", ".to_v.")
+            theirs[key], theirs[other] = theirs[other], theirs[key]
+        return theirs
+
+    monkeypatch.setattr("diffcli.hub_files.to_diffusers", swapped)
+    from diffusers import UNet2DModel
+
+    ckpt = random_model(tmp_path, 10, None, shallow=True)
+    assert run("export", "--ckpt", ckpt, "--out", tmp_path / "out").exit_code == 0
+    theirs = UNet2DModel.from_pretrained(str(tmp_path / "out"), subfolder="unet").eval()
+    ours, _, _ = load_model(ckpt)
+    x, t, y = inputs(10)
+    with torch.no_grad():
+        assert (theirs(x, t, class_labels=y).sample - ours(x, t, y)).abs().max() > 1e-3
+
+
+def test_what_diffusers_or_diffcli_cannot_express_is_refused(tiny_run, tmp_path):
+    one_sentence_error(run("export", "--ckpt", tiny_run / "model.safetensors", "--out", tmp_path / "a"),
+                       "UNet2DModel has one GroupNorm group count for every layer")
+    folder = tmp_path / "fourier"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "scheduler").mkdir()
+    (folder / "model_index.json").write_text("{}")
+    (folder / "unet" / "config.json").write_text(json.dumps({**DDPM_CIFAR10, "time_embedding_type": "fourier"}))
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({"beta_schedule": "linear"}))
+    one_sentence_error(run("import", folder, "--out", tmp_path / "x.safetensors"), "its time_embedding_type is 'fourier'")
+    (folder / "unet" / "config.json").write_text(json.dumps(DDPM_CIFAR10))
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({"beta_schedule": "scaled_linear"}))
+    one_sentence_error(run("import", folder, "--out", tmp_path / "x.safetensors"), "this scheduler has 'scaled_linear'")
+    one_sentence_error(run("import", tmp_path / "nothing", "--out", tmp_path / "x.safetensors"), "is not a folder")
