@@ -31,10 +31,11 @@ def one_sentence_error(result, fragment):
     assert result.exit_code == 1 and "Traceback" not in text and fragment in text, (result.exit_code, result.output)
 
 
-def random_model(tmp_path, classes=10, scale_shift=None, shallow=False):
-    """A diffcli model file of the base preset (two levels of one block each where `shallow`,
-    for speed: still 32 groups throughout), random weights."""
-    cfg = preset_config("base")
+def random_model(tmp_path, classes=10, scale_shift=None, shallow=False, preset="base", norm_groups=None):
+    """A diffcli model file of `preset` (two levels of one block each where `shallow`, for
+    speed: still 32 groups throughout), random weights."""
+    cfg = preset_config(preset)
+    cfg.model.norm_groups = norm_groups
     cfg.model.num_classes, cfg.model.image_size, cfg.model.in_channels = classes, 16, 3
     if scale_shift is not None:
         cfg.model.scale_shift = scale_shift
@@ -57,11 +58,13 @@ def inputs(classes, n=3, size=16):
     return x, t, y
 
 
-@pytest.mark.parametrize("classes,scale_shift,shallow", [(10, None, False), (0, None, True), (10, True, True)])  # base; unconditional; AdaGN
-def test_an_exported_model_gives_diffcli_s_output_in_diffusers(tmp_path, classes, scale_shift, shallow):
+@pytest.mark.parametrize("classes,scale_shift,shallow,preset,groups", [
+    (10, None, False, "base", None), (0, None, True, "base", None), (10, True, True, "base", None),  # base; unconditional; AdaGN
+    (10, None, False, "small", 4)])  # small with one group count everywhere
+def test_an_exported_model_gives_diffcli_s_output_in_diffusers(tmp_path, classes, scale_shift, shallow, preset, groups):
     from diffusers import DDIMScheduler, UNet2DModel
 
-    ckpt = random_model(tmp_path, classes, scale_shift, shallow)
+    ckpt = random_model(tmp_path, classes, scale_shift, shallow, preset, groups)
     r = run("export", "--ckpt", ckpt, "--out", tmp_path / "out")
     assert r.exit_code == 0, r.output
     theirs = UNet2DModel.from_pretrained(str(tmp_path / "out"), subfolder="unet").eval()

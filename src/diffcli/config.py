@@ -35,6 +35,7 @@ class ModelConfig:
     dropout: float = bounded(0.0, SHARE)
     patch_size: int = bounded(1, AT_LEAST_ONE)  # > 1: space-to-depth in, pixel shuffle out (see unet.py)
     scale_shift: bool = True  # AdaGN conditioning; False is DDPM's additive embedding
+    norm_groups: int | None = bounded(None, AT_LEAST_ONE)  # None: by width (unet.group_norm); a count: that one everywhere
     # Details of DDPM's published network, for models imported from diffusers (hub.py):
     norm_eps: float = bounded(1e-5, POSITIVE)  # every GroupNorm's epsilon
     downsample_padding: int = bounded(1, Range(0, 1))  # 0: pad right and bottom by one instead, as DDPM's TF code
@@ -123,8 +124,7 @@ class RunConfig:
 SECTIONS = {"model": ModelConfig, "diffusion": DiffusionConfig, "data": DataConfig, "train": TrainConfig,
             "distill": DistillConfig}
 
-# Presets set the architecture and the optimiser settings that go with its size.
-PRESETS: dict[str, dict[str, dict]] = {
+PRESETS: dict[str, dict[str, dict]] = {  # the architecture, and the optimiser settings that go with its size
     # Seconds on a CPU: for tests and smoke runs, not for pictures.
     "tiny": {
         "model": dict(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_levels=(1,), head_channels=8),
@@ -240,6 +240,7 @@ def validate(cfg: RunConfig) -> None:
     checks = [
         (len(m.channel_mult) >= 1 and all(c >= 1 for c in m.channel_mult), "model.channel_mult must be a non-empty list of positive integers"),
         (all(0 <= lv < len(m.channel_mult) for lv in m.attn_levels), "model.attn_levels must be level indices below len(channel_mult)"),
+        (not m.norm_groups or m.base_channels % m.norm_groups == 0, "model.norm_groups must divide model.base_channels"),
         (d.schedule in SCHEDULES, f"diffusion.schedule must be one of {', '.join(SCHEDULES)}"),
         (d.prediction in ("eps", "v"), "diffusion.prediction must be 'eps' or 'v'"),
         (t.lr_schedule in ("constant", "cosine"), "train.lr_schedule must be 'constant' or 'cosine'"),
@@ -256,11 +257,8 @@ def validate(cfg: RunConfig) -> None:
 
 def to_dict(cfg) -> dict:
     """Plain nested dict (tuples as lists) for YAML and JSON."""
-    def plain(v):
-        return list(v) if isinstance(v, tuple) else v
-
-    return {name: {k: plain(v) for k, v in dataclasses.asdict(getattr(cfg, name)).items()} for name in SECTIONS
-            if getattr(cfg, name) is not None}
+    return {name: {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(getattr(cfg, name)).items()}
+            for name in SECTIONS if getattr(cfg, name) is not None}
 
 
 def from_dict(values: dict) -> RunConfig:

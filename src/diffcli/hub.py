@@ -112,7 +112,7 @@ def unet_config(net: torch.nn.Module, m: ModelConfig) -> dict:
     if len(groups) > 1:
         raise UserError(f"UNet2DModel has one GroupNorm group count for every layer, and this model's vary with their width "
                         f"({', '.join(map(str, groups))}: diffcli keeps 4 channels a group in narrow layers); the base "
-                        f"preset, 32 groups throughout, exports.")
+                        f"preset (32 throughout) exports, and so does a model trained with model.norm_groups set.")
     if any(w % m.head_channels for w in widths):
         raise UserError(f"UNet2DModel splits attention into heads of attention_head_dim channels, and this model's "
                         f"{m.head_channels} do not divide its attention widths ({', '.join(map(str, widths))}).")
@@ -196,7 +196,8 @@ def model_config(unet: dict, num_classes: int) -> ModelConfig:
                        attn_levels=attn, head_channels=heads, dropout=float(c["dropout"]),
                        scale_shift=c["resnet_time_scale_shift"] == "scale_shift", norm_eps=float(c["norm_eps"]),
                        downsample_padding=int(c["downsample_padding"]), flip_sin_to_cos=bool(c["flip_sin_to_cos"]),
-                       freq_shift=int(c["freq_shift"]), image_size=size, in_channels=c["in_channels"], num_classes=num_classes)
+                       freq_shift=int(c["freq_shift"]), norm_groups=int(c["norm_num_groups"]), image_size=size,
+                       in_channels=c["in_channels"], num_classes=num_classes)
 
 
 def diffusion_config(sched: dict):

@@ -88,7 +88,7 @@ def unet_weights(folder: Path) -> dict:
 def import_pipeline(folder: Path, out: Path) -> RunConfig:
     """Write diffcli's model file `out` for the diffusers pipeline folder `folder`."""
     from diffcli.checkpoint import save_model
-    from diffcli.config import to_dict
+    from diffcli.config import to_dict, validate
     from diffcli.unet import UNet
 
     read_json(folder / "model_index.json")
@@ -100,11 +100,8 @@ def import_pipeline(folder: Path, out: Path) -> RunConfig:
     cfg = RunConfig(diffusion=diffusion_config(sched))
     cfg.model = model_config(unet, unet["num_class_embeds"] - 1 if unet.get("num_class_embeds") else 0)
     cfg.data.name, cfg.train.preset = str(folder), "imported"
+    validate(cfg)
     net = UNet(cfg.model)
-    groups = {mod.num_groups for mod in net.modules() if isinstance(mod, torch.nn.GroupNorm)}
-    if groups != {unet.get("norm_num_groups", 32)}:
-        raise UserError(f"diffcli picks GroupNorm groups by width ({', '.join(map(str, sorted(groups)))} here) and this "
-                        f"UNet2DModel has {unet.get('norm_num_groups', 32)} everywhere.")
     ours = from_diffusers(unet_weights(folder / "unet"), cfg.model)
     try:
         net.load_state_dict(ours)

@@ -18,10 +18,11 @@ from torch import nn
 from diffcli.config import ModelConfig
 
 
-def group_norm(channels: int, eps: float = 1e-5) -> nn.GroupNorm:
+def group_norm(channels: int, eps: float = 1e-5, groups: int | None = None) -> nn.GroupNorm:
     # 32 groups as in DDPM once there are enough channels; narrow layers keep
-    # at least 4 channels per group so the statistics stay meaningful.
-    groups = math.gcd(channels, max(1, min(32, channels // 4)))
+    # at least 4 channels per group so the statistics stay meaningful. A fixed count
+    # (model.norm_groups) is what diffusers' UNet2DModel can express.
+    groups = groups or math.gcd(channels, max(1, min(32, channels // 4)))
     return nn.GroupNorm(groups, channels, eps=eps)
 
 
@@ -46,13 +47,14 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, f
 
 
 class ResBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, scale_shift: bool, eps: float = 1e-5):
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, scale_shift: bool, eps: float = 1e-5,
+                 groups: int | None = None):
         super().__init__()
         self.scale_shift = scale_shift
-        self.norm1 = group_norm(in_ch, eps)
+        self.norm1 = group_norm(in_ch, eps, groups)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb = nn.Linear(emb_dim, 2 * out_ch if scale_shift else out_ch)
-        self.norm2 = group_norm(out_ch, eps)
+        self.norm2 = group_norm(out_ch, eps, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -75,10 +77,10 @@ class ResBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, channels: int, head_channels: int, eps: float = 1e-5):
+    def __init__(self, channels: int, head_channels: int, eps: float = 1e-5, groups: int | None = None):
         super().__init__()
         self.heads = max(1, channels // head_channels)
-        self.norm = group_norm(channels, eps)
+        self.norm = group_norm(channels, eps, groups)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = zero_init(nn.Conv2d(channels, channels, 1))
 
@@ -95,8 +97,10 @@ class Level(nn.Module):
 
     def __init__(self, in_chs: list[int], out_ch: int, emb_dim: int, cfg: ModelConfig, attn: bool):
         super().__init__()
-        self.blocks = nn.ModuleList(ResBlock(c, out_ch, emb_dim, cfg.dropout, cfg.scale_shift, cfg.norm_eps) for c in in_chs)
-        self.attns = nn.ModuleList(Attention(out_ch, cfg.head_channels, cfg.norm_eps) if attn else nn.Identity() for _ in in_chs)
+        self.blocks = nn.ModuleList(ResBlock(c, out_ch, emb_dim, cfg.dropout, cfg.scale_shift, cfg.norm_eps, cfg.norm_groups)
+                                    for c in in_chs)
+        self.attns = nn.ModuleList(Attention(out_ch, cfg.head_channels, cfg.norm_eps, cfg.norm_groups) if attn else nn.Identity()
+                                   for _ in in_chs)
 
 
 class UNet(nn.Module):
@@ -132,9 +136,10 @@ class UNet(nn.Module):
                 self.downsample.append(nn.Conv2d(cur, cur, 3, stride=2, padding=cfg.downsample_padding))
                 skip_chs.append(cur)
 
-        self.mid1 = ResBlock(cur, cur, emb_dim, cfg.dropout, cfg.scale_shift, cfg.norm_eps)
-        self.mid_attn = Attention(cur, cfg.head_channels, cfg.norm_eps)
-        self.mid2 = ResBlock(cur, cur, emb_dim, cfg.dropout, cfg.scale_shift, cfg.norm_eps)
+        norm = (cfg.norm_eps, cfg.norm_groups)
+        self.mid1 = ResBlock(cur, cur, emb_dim, cfg.dropout, cfg.scale_shift, *norm)
+        self.mid_attn = Attention(cur, cfg.head_channels, *norm)
+        self.mid2 = ResBlock(cur, cur, emb_dim, cfg.dropout, cfg.scale_shift, *norm)
 
         self.up = nn.ModuleList()
         self.upsample = nn.ModuleList()
@@ -147,7 +152,7 @@ class UNet(nn.Module):
             if i > 0:
                 self.upsample.append(nn.Conv2d(cur, cur, 3, padding=1))
 
-        self.norm_out = group_norm(cur, cfg.norm_eps)
+        self.norm_out = group_norm(cur, *norm)
         self.conv_out = zero_init(nn.Conv2d(cur, cfg.in_channels * self.patch**2, 3, padding=1))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
