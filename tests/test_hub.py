@@ -127,6 +127,19 @@ def test_the_published_ddpm_cifar10_layout_imports_and_gives_its_output(tmp_path
     assert r.exit_code == 0, r.output
 
 
+def test_the_attention_names_of_early_diffusers_files_are_read_too():
+    """google/ddpm-* on the Hub predate to_q/to_k/to_v/to_out.0: query, key, value, proj_attn."""
+    from diffusers import UNet2DModel
+
+    cfg = hub.model_config(DDPM_CIFAR10, 0)
+    new = UNet2DModel(**{k: v for k, v in DDPM_CIFAR10.items() if not k.startswith("_")}).state_dict()
+    old = {k.replace(".to_q.", ".query.").replace(".to_k.", ".key.").replace(".to_v.", ".value.")
+           .replace(".to_out.0.", ".proj_attn."): v for k, v in new.items()}
+    assert old.keys() != new.keys()
+    a, b = hub.from_diffusers(new, cfg), hub.from_diffusers(old, cfg)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_wrong_weight_mapping_breaks_the_comparison(tmp_path, monkeypatch):
     """The checks above can fail: the fused qkv convolution split in the wrong order (k and v swapped)."""
     real = hub.to_diffusers

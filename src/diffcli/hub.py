@@ -78,8 +78,15 @@ def to_diffusers(ours: dict, m: ModelConfig) -> dict:
     return {k: v.contiguous() for k, v in theirs.items()}
 
 
+LEGACY_ATTENTION = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
+
+
 def from_diffusers(theirs: dict, m: ModelConfig) -> dict:
-    """`UNet2DModel`'s state dict as diffcli's (the inverse of `to_diffusers`)."""
+    """`UNet2DModel`'s state dict as diffcli's (the inverse of `to_diffusers`). The attention
+    names of early diffusers files (google/ddpm-*: query, key, value, proj_attn) are read
+    as the current ones, as diffusers itself renames them on loading."""
+    for old, new in LEGACY_ATTENTION.items():
+        theirs = {k.replace(old, new): v for k, v in theirs.items()}
     ours = {}
     for a, b, kind in modules(m):
         if kind == "res":

@@ -62,7 +62,7 @@ x = torch.randn(8, {cfg.model.in_channels}, {cfg.model.image_size}, {cfg.model.i
 y = torch.arange(8) % {max(k, 1)}
 with torch.no_grad():
     for t in scheduler.timesteps:
-{guided}        x = scheduler.step(out, t, x).prev_sample
+{guided}        x = scheduler.step(out, t, x, use_clipped_model_output=True).prev_sample  # as diffcli
 images = (x.clamp(-1, 1) + 1) / 2  # pixels in [0, 1]
 ```
 {"" if k else "An unconditional model also runs in `DDIMPipeline.from_pretrained('THIS_FOLDER')`."}
@@ -102,10 +102,9 @@ def import_pipeline(folder: Path, out: Path) -> RunConfig:
     cfg.data.name, cfg.train.preset = str(folder), "imported"
     validate(cfg)
     net = UNet(cfg.model)
-    ours = from_diffusers(unet_weights(folder / "unet"), cfg.model)
     try:
-        net.load_state_dict(ours)
-    except RuntimeError as e:
+        net.load_state_dict(from_diffusers(unet_weights(folder / "unet"), cfg.model))
+    except (RuntimeError, KeyError) as e:
         raise UserError(f"the weights in '{folder / 'unet'}' do not fit their config.json: {str(e).splitlines()[0]}") from None
     names = labels.get("class_names") or [str(i) for i in range(cfg.model.num_classes)]
     save_model(out, net.state_dict(), to_dict(cfg), names, 0, 0.0)

@@ -7,7 +7,7 @@ tracker that fails mid-run (a full disk, W&B unreachable) costs one notice and i
 dropped; the run goes on. Only rank 0 opens trackers.
 
 - TensorBoard writes into `RUN/tensorboard/`. A resumed run opens it with
-  `purge_step` at the checkpoint's step, so the steps logged after that checkpoint by
+  `purge_step` at the checkpoint's step + 1, so the steps logged after that checkpoint by
   the interrupted session are not shown twice.
 - W&B keeps its run id in `RUN/wandb_id`, so `--resume` continues the same W&B run; its
   files go where W&B's own settings put them (`WANDB_DIR`, `WANDB_MODE=offline`, ...),

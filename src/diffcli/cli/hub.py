@@ -17,7 +17,7 @@ def export(
     """Write a model as a diffusers pipeline folder (unet/, scheduler/, model_index.json, a model card)."""
     if to != "diffusers":
         raise UserError(f"--to takes diffusers, got '{to}'.")
-    if out.exists() and any(out.iterdir()):
+    if out.is_file() or (out.exists() and any(out.iterdir())):
         raise UserError(f"'{out}' is not empty; give a new folder for the export.")
     from diffcli.hub_files import export as write
 
