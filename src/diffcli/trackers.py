@@ -42,9 +42,8 @@ def check_installed(names: list[str]) -> None:
     """One sentence naming the extra of the first tracker that is not installed."""
     import importlib.util
 
-    module = {"tensorboard": "tensorboard", "wandb": "wandb"}
-    for name in names:
-        if importlib.util.find_spec(module[name]) is None:
+    for name in names:  # each tracker's module has its extra's name
+        if importlib.util.find_spec(EXTRA[name]) is None:
             raise UserError(f"--log {name} needs the '{EXTRA[name]}' extra: pip install 'diffcli[{EXTRA[name]}]'.")
 
 
