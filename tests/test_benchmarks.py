@@ -22,7 +22,12 @@ def test_benchmark_scripts_run(mnist_root, tmp_path):
     from diffcli.config import build_config, to_dict
     from diffcli.unet import UNet
 
-    cfg = build_config("tiny", None, {"data": {"name": "mnist", "root": str(mnist_root)}})  # untrained, 28x28 digits
+    import shutil
+
+    # quality_steps reads MNIST from its own copy: two processes extracting the same archive at
+    # once can see each other's half-written file (torchvision then tries to download)
+    steps_root = shutil.copytree(mnist_root, tmp_path / "steps-data")
+    cfg = build_config("tiny", None, {"data": {"name": "mnist", "root": str(steps_root)}})  # untrained, 28x28 digits
     cfg.model.image_size, cfg.model.in_channels, cfg.model.num_classes = 28, 1, 10
     model = tmp_path / "model.safetensors"
     save_model(model, UNet(cfg.model).state_dict(), to_dict(cfg), [str(i) for i in range(10)], 0, 0.0)
