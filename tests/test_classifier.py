@@ -10,6 +10,7 @@ from diffcli import data as D
 from diffcli.classifier import (
     Classifier,
     ClassifierConfig,
+    augment,
     held_out,
     load_classifier,
     per_class_accuracy,
@@ -49,7 +50,17 @@ def test_held_out_split_is_disjoint_and_deterministic():
     assert torch.equal(test.images, again.images)
 
 
-def test_classifier_learns_mnist_past_90_percent_in_a_quarter_epoch(mnist_root):
+def noisy(data, sigma, seed=1):
+    """`data` with Gaussian noise of σ (in 0..255 units) added, as a sampler's grain would."""
+    g = torch.Generator().manual_seed(seed)
+    images = (data.images.float() + sigma * torch.randn(data.images.shape, generator=g)).round().clamp(0, 255)
+    return D.ImageData(images.to(torch.uint8), data.labels, data.class_names, data.name)
+
+
+def test_classifier_learns_mnist_past_90_percent_in_a_quarter_epoch_and_augmentation_makes_it_robust(mnist_root):
+    """Augmented (the default), the classifier keeps its clean accuracy and holds it under
+    noise of σ = 25/255; trained on clean images only, the same noise costs it 20 points
+    (measured at a quarter epoch: clean 94.4% / 94.3%, noisy 93.6% / 72.4%)."""
     train = D.load("mnist", str(mnist_root))
     test = D.load("mnist", str(mnist_root), split="test", limit=2000)
     model, scores = train_classifier(train, test, epochs=0.25, width=16)
@@ -57,16 +68,31 @@ def test_classifier_learns_mnist_past_90_percent_in_a_quarter_epoch(mnist_root):
     assert scores["test_images"] == 2000
     predicted, feats = predict(model, test.images[:10])
     assert feats.shape == (10, model.feature_dim) and predicted.shape == (10,)
+    plain, plain_scores = train_classifier(train, test, epochs=0.25, width=16, augmented=False)
+    assert scores["test_accuracy"] >= plain_scores["test_accuracy"] - 0.01  # augmentation costs no clean accuracy
+    assert score(model, noisy(test, 25))["test_accuracy"] >= 0.90
+    assert score(plain, noisy(test, 25))["test_accuracy"] < 0.85  # the check above can fail
+
+
+def test_augment_keeps_the_range_leaves_some_images_clean_and_follows_its_generator():
+    x = torch.rand(256, 3, 8, 8) * 2 - 1
+    a = augment(x, torch.Generator().manual_seed(0))
+    assert torch.equal(a, augment(x, torch.Generator().manual_seed(0)))
+    assert a.min() >= -1 and a.max() <= 1 and a.shape == x.shape
+    clean = ((a - x).abs().flatten(1).amax(1) < 1e-6).float().mean().item()
+    assert 0.06 < clean < 0.2  # each of three changes on half the images: an eighth untouched
+    grey = augment(x[:, :1], torch.Generator().manual_seed(0))
+    assert grey.shape == (256, 1, 8, 8)
 
 
 def test_cli_trains_saves_and_reports_what_a_reload_measures(tmp_path):
     out = tmp_path / "not-yet" / "clf.safetensors"  # a folder that does not exist is made, not an error
     r = runner.invoke(app, ["classifier", "train", "--data", "shapes", "--limit", "2000", "--epochs", "5",
-                            "--width", "8", "--out", str(out), "--device", "cpu"])
+                            "--width", "8", "--no-augment", "--out", str(out), "--device", "cpu"])
     assert r.exit_code == 0, r.output
     assert "test accuracy" in r.output and out.exists()
     model, meta = load_classifier(out)
-    assert meta["class_names"] == list(D.SHAPES) and meta["dataset"] == "shapes"
+    assert meta["class_names"] == list(D.SHAPES) and meta["dataset"] == "shapes" and meta["augmented"] is False
     rescored = score(model, D.load("shapes", split="test"))
     assert rescored["test_accuracy"] == pytest.approx(meta["test_accuracy"], abs=1e-6)
     assert rescored["per_class_accuracy"] == pytest.approx(meta["per_class_accuracy"], abs=1e-6)

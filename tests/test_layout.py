@@ -88,6 +88,7 @@ def test_nothing_outside_the_cli_imports_it():
 
 @pytest.mark.parametrize("module,forbidden", [
     ("diffcli.samplers", NETWORKS),  # pure functions of a denoiser callable
+    ("diffcli.guidance", NETWORKS),
     ("diffcli.schedules", {m for m in modules() if m != "diffcli.schedules"}),  # knows no network, nor anything else
     ("diffcli.spec", NETWORKS | {"diffcli.samplers", "diffcli.schedules"}),  # torch-free: --help shows its defaults
     ("diffcli.config", NETWORKS | {"diffcli.checkpoint", "diffcli.data"}),

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from diffcli import image_samplers, samplers
+from diffcli import guidance, image_samplers, samplers
 from diffcli.schedules import make_schedule
 from diffcli.spec import SamplerSpec
 
@@ -141,10 +141,10 @@ def test_guidance_weight_one_is_the_conditional_model_and_others_follow_eq6():
         return x * 0 + y[:, None].float()  # "ε" = the label, so the mix is easy to check
 
     x, t, y = torch.zeros(3, 2), torch.zeros(3, dtype=torch.long), torch.tensor([0, 1, 1])
-    assert torch.equal(samplers.guided(model, 1.0, 5)(x, t, y), model(x, t, y))
-    assert torch.equal(samplers.guided(model, 0.0, 5)(x, t, y), torch.full((3, 2), 5.0))
+    assert torch.equal(guidance.guided(model, 1.0, 5)(x, t, y), model(x, t, y))
+    assert torch.equal(guidance.guided(model, 0.0, 5)(x, t, y), torch.full((3, 2), 5.0))
     calls.clear()
-    out = samplers.guided(model, 3.0, 5)(x, t, y)
+    out = guidance.guided(model, 3.0, 5)(x, t, y)
     assert calls == [6], "guidance should be one batched forward pass of 2B"
     assert torch.allclose(out, 5 + 3 * (y[:, None].float() - 5))
 
@@ -158,7 +158,7 @@ def test_guiding_the_v_output_equals_guiding_eps():
     abar = schedule.alphas_cumprod[t].reshape(-1, 1)
     eps_of = lambda v: (1 - abar).sqrt() * x + abar.sqrt() * v
     w, null = 2.5, 1
-    eps_guided, _ = samplers.predictions(samplers.guided(v_net, w, null), schedule, "v")(x, t, y)
+    eps_guided, _ = samplers.predictions(guidance.guided(v_net, w, null), schedule, "v")(x, t, y)
     cond, uncond = eps_of(v_net(x, t, y)), eps_of(v_net(x, t, torch.full_like(y, null)))
     assert torch.allclose(eps_guided, uncond + w * (cond - uncond), atol=1e-5)
 

@@ -11,6 +11,7 @@ import torch
 from diffcli import samplers
 from diffcli.data import from_model_range
 from diffcli.devices import autocast, timed
+from diffcli.guidance import guided
 from diffcli.distributed import World, gather_shares, share
 from diffcli.schedules import Schedule
 from diffcli.spec import SamplerSpec
@@ -26,7 +27,7 @@ def denoiser(model: torch.nn.Module, schedule: Schedule, prediction: str, guidan
             return model(x, t, y)
 
     if model.cfg.num_classes > 0:
-        network = samplers.guided(network, guidance, model.cfg.num_classes)
+        network = guided(network, guidance, model.cfg.num_classes)
     return samplers.predictions(network, schedule, prediction)
 
 

@@ -3,7 +3,8 @@
 Each takes a denoiser `denoise(x_t, t, y) -> (ε̂, x̂0)` (t a (B,) long tensor of
 0-indexed timesteps), a `Schedule`, the starting noise x_T, labels y, and — where noise
 is drawn on the way — a `randn_like(x)` source. No model classes are imported here:
-`predictions` and `guided` build the denoiser from any network-like callable.
+`predictions` builds the denoiser from any network-like callable (`guidance.guided`
+mixes networks first).
 
 One update of each sampler is its own function (`ddpm_step`, `ddim_step`), the
 stateless counterpart of diffusers' `scheduler.step(model_output, t, x)`; the loops
@@ -42,27 +43,6 @@ class PerImageNoise:
             raise ValueError(f"batch of {like.shape[0]} but {len(self.generators)} per-image generators")
         draws = [torch.randn(like.shape[1:], generator=g, device=self.device) for g in self.generators]
         return torch.stack(draws).to(device=like.device, dtype=like.dtype)
-
-
-def guided(network: Network, scale: float, null_label: int) -> Network:
-    """Classifier-free guidance (Ho & Salimans 2022, eq. 6): out = out(x, ∅) + w (out(x, y) - out(x, ∅)).
-
-    Applied to the raw network output: ε, v and x̂0 are all affine in it for a fixed x_t,
-    so guiding the output is the same as guiding ε. w = 1 is the plain conditional model
-    and w = 0 the unconditional one, each one forward pass; any other w is one pass of 2B.
-    """
-    if scale == 1.0:
-        return network
-
-    def guided_network(x, t, y):
-        null = torch.full_like(y, null_label)
-        if scale == 0.0:
-            return network(x, t, null)
-        out = network(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
-        cond, uncond = out.chunk(2)
-        return uncond + scale * (cond - uncond)
-
-    return guided_network
 
 
 def predictions(network: Network, schedule: Schedule, prediction: str) -> Denoiser:

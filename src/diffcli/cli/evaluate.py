@@ -100,6 +100,8 @@ def classifier_train(
     lr: Annotated[float, typer.Option(help="Peak learning rate (one-cycle: warm-up, then cosine to zero)."), POSITIVE] = 3e-3,
     width: Annotated[Optional[int], typer.Option(help="Channels at full resolution (default: 16)."), Range(1)] = None,
     seed: Annotated[int, typer.Option(help="Seed for initialisation, data order and augmentation."), Range(0)] = 0,
+    augment: Annotated[bool, typer.Option(help="Train on noisy, blurred and recoloured copies too, so that grain in "
+                                               "generated images does not fool it (classifier.augment).")] = True,
     device: Device = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file.")] = False,
 ):
@@ -124,9 +126,9 @@ def classifier_train(
                 bar.update(task, total=total, completed=step, info=f"loss {loss:.3f}")
 
         model, scores = train_classifier(train_data, test_data, epochs, batch_size, lr, width or ClassifierConfig.width,
-                                         seed, dev, report)
+                                         seed, dev, report, augment)
     with writing(out):
-        save_classifier(out, model, train_data.class_names, data, scores)
+        save_classifier(out, model, train_data.class_names, data, scores, augment)
     console.print(f"test accuracy [bold]{scores['test_accuracy']:.2%}[/] on {scores['test_images']:,} images", highlight=False)
     table = Table(show_header=False)
     for name, acc in zip(train_data.class_names, scores["per_class_accuracy"]):

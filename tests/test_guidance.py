@@ -1,0 +1,113 @@
+"""Guidance rules checked on the analytic Gaussian oracle of test_samplers.py.
+
+Three classes x0 ~ N(μ_k, s² I), equally likely: the conditional ε is exact, and so is
+the unconditional one, the posterior-weighted mean of the per-class ε's. So classifier-free
+guidance, its limited interval and autoguidance run here on the true model.
+"""
+
+import torch
+
+from diffcli import guidance, samplers
+from diffcli.schedules import make_schedule
+
+from test_samplers import MU3, batch_randn, class_accuracy, eps_oracle
+
+S = 0.5
+NULL = 3  # the "no label" index after the three classes
+
+
+def mixture_oracle(schedule, mu=MU3, s=S):
+    """ε for labels 0..2 and, for NULL, the exact ε of the equal-weight mixture."""
+    per_class = eps_oracle(schedule, mu, s)
+
+    def network(x, t, y):
+        abar = schedule.alphas_cumprod[t].reshape(-1, 1)
+        eps = torch.stack([per_class(x, t, torch.full_like(y, k)) for k in range(len(mu))], 1)  # (B, K, D)
+        var = abar * s**2 + 1 - abar  # of x_t given the class
+        logp = -((x[:, None] - abar.sqrt()[:, None] * mu[None]) ** 2).sum(-1) / (2 * var)  # (B, K)
+        uncond = (logp.softmax(1)[..., None] * eps).sum(1)
+        cond = eps[torch.arange(len(y)), y.clamp(max=len(mu) - 1)]
+        return torch.where((y == NULL)[:, None], uncond, cond)
+
+    return network
+
+
+def draw(schedule, network, label, n=2000, steps=50, seed=3):
+    noise = batch_randn(seed)(torch.empty(n, 2))
+    y = torch.full((n,), label)
+    return samplers.ddim(samplers.predictions(network, schedule, "eps"), schedule, noise, y, steps, clip_x0=False)
+
+
+def sigmas(schedule):
+    abar = schedule.alphas_cumprod.double()
+    return ((1 - abar) / abar).sqrt()
+
+
+def test_guidance_off_everywhere_is_the_conditional_model():
+    schedule = make_schedule("cosine", 1000)
+    net = mixture_oracle(schedule)
+    never = guidance.interval(schedule, 0.0, 0.0)
+    off = draw(schedule, guidance.guided(net, 3.0, NULL, never), 1)
+    assert torch.equal(off, draw(schedule, net, 1))
+    everywhere = guidance.interval(schedule, 0.0, float("inf"))
+    assert torch.equal(draw(schedule, guidance.guided(net, 3.0, NULL, everywhere), 1), draw(schedule, guidance.guided(net, 3.0, NULL), 1))
+    assert not torch.equal(off, draw(schedule, guidance.guided(net, 3.0, NULL), 1))
+
+
+def test_interval_endpoints_are_honoured():
+    """low < σ_t <= high: the timestep whose σ is `low` is not guided, the one at `high` is;
+    a guided step is one pass of 2B, an unguided one a pass of B."""
+    schedule = make_schedule("cosine", 1000)
+    sigma = sigmas(schedule)
+    calls = []
+    net = lambda x, t, y: calls.append((int(t[0]), len(y))) or x * 0  # noqa: E731
+    guided = guidance.guided(net, 2.0, NULL, guidance.interval(schedule, sigma[300].item(), sigma[700].item()))
+    ts = [999, 701, 700, 699, 301, 300, 299, 0]
+    for t in ts:
+        guided(torch.zeros(4, 2), torch.full((4,), t), torch.zeros(4, dtype=torch.long))
+    assert calls == [(999, 4), (701, 4), (700, 8), (699, 8), (301, 8), (300, 4), (299, 4), (0, 4)]
+
+
+def test_rows_at_different_timesteps_are_guided_each_by_its_own():
+    schedule = make_schedule("cosine", 1000)
+    net = mixture_oracle(schedule)
+    sigma = sigmas(schedule)
+    active = guidance.interval(schedule, sigma[300].item(), sigma[700].item())
+    x, t, y = torch.randn(4, 2), torch.tensor([999, 500, 100, 600]), torch.tensor([0, 1, 2, 1])
+    out = guidance.guided(net, 3.0, NULL, active)(x, t, y)
+    full = guidance.guided(net, 3.0, NULL)(x, t, y)
+    assert torch.allclose(out[[1, 3]], full[[1, 3]]) and torch.allclose(out[[0, 2]], net(x, t, y)[[0, 2]])
+
+
+def test_limited_interval_keeps_the_class_where_full_guidance_pushes_it_away():
+    """On the oracle the conditional model is exact, so any guidance is a bias: at w = 3 over
+    every noise level the samples' mean is pushed past μ_k, away from the other classes (the
+    mode-seeking of guidance at high noise). Limited to the paper's σ ∈ (0.28, 5.42] the bias
+    is measured at 0.39 against 0.69, and every sample still lands on its class."""
+    schedule = make_schedule("cosine", 1000)
+    net = mixture_oracle(schedule)
+    label = 1
+    off = lambda x: (x.mean(0) - MU3[label]).norm().item()  # noqa: E731
+    plain = draw(schedule, net, label)
+    full = draw(schedule, guidance.guided(net, 3.0, NULL), label)
+    limited = draw(schedule, guidance.guided(net, 3.0, NULL, guidance.interval(schedule, 0.28, 5.42)), label)
+    assert off(plain) < 0.05
+    assert off(full) > 0.3
+    assert off(plain) < off(limited) < 0.7 * off(full)
+    assert class_accuracy(limited, label) >= 0.99
+
+
+def test_autoguidance_with_the_model_itself_changes_nothing_and_pushes_away_from_a_worse_model():
+    """Autoguidance (Karras et al. 2024) is out = weak + w (out - weak): guided by itself the
+    model is unchanged, and against a weak model whose means sit off by δ the samples move
+    the other way, by about (w - 1) δ at the data end."""
+    schedule = make_schedule("cosine", 1000)
+    net = eps_oracle(schedule, MU3)
+    same = draw(schedule, guidance.guided(net, 2.5, NULL, weak=net), 1)
+    assert torch.allclose(same, draw(schedule, net, 1), atol=1e-6)
+    delta = torch.tensor([0.2, 0.0])
+    weak = eps_oracle(schedule, MU3 + delta)
+    auto = draw(schedule, guidance.guided(net, 2.0, NULL, weak=weak), 1)
+    shift = auto.mean(0) - MU3[1]
+    assert shift[0] < -0.1 and abs(shift[1]) < 0.05
+    assert class_accuracy(auto, 1) >= 0.99
