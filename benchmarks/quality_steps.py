@@ -83,7 +83,7 @@ def main() -> None:
     model, cfg, meta = load_model(args.ckpt, device)
     clf, clf_meta = load_classifier(args.classifier, device)
     real = real_images(cfg.data.name, args.data_root or cfg.data.root, cfg.model.image_size)
-    base = SamplerSpec(guidance=args.guidance).resolve(cfg.diffusion.timesteps)
+    base = SamplerSpec(guidance=args.guidance).resolve(cfg.diffusion.timesteps, model.student, model.trained)
     guided = base.guidance != 1.0 and cfg.model.num_classes > 0
     abar_top = float(make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps).alphas_cumprod[-1])
     top_sigma = ((1 - abar_top) / abar_top) ** 0.5  # above HEUN_SIGMA_MAX heun's first step is Euler

@@ -1,6 +1,6 @@
 """The benchmark scripts still run (tiny settings; the numbers are not checked here).
 
-The five run side by side, one thread each, so together they take about as long as the
+The six run side by side, one thread each, so together they take about as long as the
 slowest one alone.
 """
 
@@ -36,7 +36,11 @@ def test_benchmark_scripts_run(mnist_root, tmp_path):
     cfg.distill = DistillConfig(teacher=str(model), steps=2, guidance=2.0)  # an untrained "student" of it
     student = tmp_path / "student.safetensors"
     save_model(student, UNet(cfg.model).state_dict(), to_dict(cfg), [str(i) for i in range(10)], 0, 0.0)
+    rules_root = shutil.copytree(mnist_root, tmp_path / "rules-data")
     scripts = {
+        "guidance_rules.py": ["--ckpt", str(model), "--classifier", str(clf), "--weak", str(model), "--n", "2", "--steps", "2",
+                              "--rules", "auto;1.5@0.28,5.42;auto 2", "--data-root", str(rules_root),
+                              "--pictures", str(tmp_path / "rules")],
         "quality_steps.py": ["--ckpt", str(model), "--classifier", str(clf), "--samplers", "ddim,heun", "--budgets", "2,6",
                              "--n", "2", "--out", str(tmp_path / "curve.png"), "--students", str(student)],
         "distill_speed.py": ["--teacher", str(model), "--student", str(student), "--n", "1", "--rounds", "1"],
@@ -59,6 +63,9 @@ def test_benchmark_scripts_run(mnist_root, tmp_path):
     assert "| heun | 2 | 4 |" in out["quality_steps.py"] and (tmp_path / "curve.png").stat().st_size > 0
     assert "| distilled | 2 | 2 |" in out["quality_steps.py"]  # a student: its own steps, one pass each
     assert "ratio teacher / student" in out["distill_speed.py"]
+    rules = out["guidance_rules.py"]  # an untrained model: step 0, training unknown, so the default weight 2
+    assert "| cfg | 2 |" in rules and "| cfg for σ in (0.28, 5.42] | 1.5 |" in rules and "| autoguidance against" in rules
+    assert len(list((tmp_path / "rules").glob("*.png"))) == 3
     assert "ratio diffcli / diffusers" in out["train_throughput.py"] and "718,211" in out["train_throughput.py"]
     assert "ratio diffcli / diffusers" in out["sample_throughput.py"]
     assert "whole process: diffcli sample" in out["sample_throughput.py"]

@@ -205,6 +205,7 @@ def test_resume_survives_a_metrics_line_cut_short_by_a_kill(tmp_path):
 @pytest.mark.parametrize("sampler_args,spec_args", [
     (["--sampler", "dpm++", "--steps", "4", "--guidance", "1.5"], ("dpm++", 4, 1.5)),
     (["--sampler", "ddim", "--steps", "3", "--eta", "1", "--no-clip"], ("ddim", 3, None, 1.0, "beta_tilde", False)),
+    (["--steps", "3", "--guidance", "2", "--guidance-interval", "0.5,inf"], ("ddim", 3, 2.0, 0.0, "beta_tilde", True, "trailing", (0.5, float("inf")))),
 ])
 def test_cli_sample_makes_the_pixels_of_the_core_call(tiny_run, tmp_path, sampler_args, spec_args):
     """The command layer adds nothing to the pictures: the same seeds, labels and settings
@@ -228,3 +229,25 @@ def test_cli_sample_makes_the_pixels_of_the_core_call(tiny_run, tmp_path, sample
     assert [f.name.split("_seed")[1] for f in files] == [f"{s}.png" for s in range(5, 11)]
     got = torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("RGB"))).permute(2, 0, 1) for f in files])
     assert torch.equal(got, expected)
+
+
+def test_sample_guides_by_the_models_training_unless_told(tiny_run, tmp_path):
+    """No --guidance: the weight spec.default_guidance gives for the images the model has
+    seen (the tiny run's 12 steps of 16: the ceiling), the same bytes as asking for it; a
+    --guidance-interval that holds no step is the plain conditional model."""
+    from diffcli.spec import GUIDANCE_CEILING
+
+    def draw(name, *args):
+        r = run("sample", "--ckpt", tiny_run / "model.safetensors", "--label", "all", "--n", "2", "--steps", "3", *args,
+                "--out", tmp_path / name, "--device", "cpu")
+        assert r.exit_code == 0, r.output
+        return (tmp_path / name).read_bytes(), r.output
+
+    auto, said = draw("auto.png")
+    assert f"guidance {GUIDANCE_CEILING:g}" in said
+    assert auto == draw("ceiling.png", "--guidance", f"{GUIDANCE_CEILING:g}")[0]
+    assert auto != draw("two.png", "--guidance", "2")[0]
+    assert draw("never.png", "--guidance", "3", "--guidance-interval", "1e30,inf")[0] == draw("plain.png", "--guidance", "1")[0]
+    for bad in ("1,2,3", "3,1"):
+        r = run("sample", "--ckpt", tiny_run / "model.safetensors", "--guidance-interval", bad, "--out", tmp_path / "x.png")
+        assert r.exit_code == 1 and "--guidance-interval" in r.output and "Traceback" not in r.output

@@ -5,6 +5,7 @@ the unconditional one, the posterior-weighted mean of the per-class ε's. So cla
 guidance, its limited interval and autoguidance run here on the true model.
 """
 
+import pytest
 import torch
 
 from diffcli import guidance, samplers
@@ -111,3 +112,35 @@ def test_autoguidance_with_the_model_itself_changes_nothing_and_pushes_away_from
     shift = auto.mean(0) - MU3[1]
     assert shift[0] < -0.1 and abs(shift[1]) < 0.05
     assert class_accuracy(auto, 1) >= 0.99
+
+
+def test_the_default_weight_falls_with_the_images_a_model_has_seen():
+    from diffcli.spec import (DEFAULT_GUIDANCE, GUIDANCE_AT, GUIDANCE_CEILING, GUIDANCE_FLOOR, SamplerSpec,
+                              default_guidance)
+
+    weights = [default_guidance(n) for n in (1, 10_000, 32_000, 77_000, 163_000, 10**6, 10**9)]
+    assert weights == sorted(weights, reverse=True)
+    assert weights[0] == GUIDANCE_CEILING and weights[-1] == GUIDANCE_FLOOR
+    assert default_guidance(GUIDANCE_AT[0]) == GUIDANCE_AT[1]
+    assert all(f"{w:g}" == f"{w:.2f}".rstrip("0").rstrip(".") for w in weights)  # printed as used
+    assert default_guidance(None) == DEFAULT_GUIDANCE  # an import: training unknown
+    assert SamplerSpec().resolve(1000, None, GUIDANCE_AT[0]).guidance == GUIDANCE_AT[1]
+    assert SamplerSpec(guidance=1.5).resolve(1000, None, 10**9).guidance == 1.5  # an explicit weight wins
+
+
+@pytest.mark.parametrize("interval", [(2.0, 1.0), (-1.0, 2.0), (float("nan"), 1.0), (0.0, float("nan")), (1.0, 1.0)])
+def test_a_bad_interval_is_refused_when_the_spec_is_built(interval):
+    from diffcli.errors import UserError
+    from diffcli.spec import SamplerSpec
+
+    with pytest.raises(UserError, match="--guidance-interval"):
+        SamplerSpec(interval=interval)
+
+
+def test_a_student_refuses_an_interval():
+    from diffcli.errors import UserError
+    from diffcli.spec import SamplerSpec, Student
+
+    assert SamplerSpec(interval=(0.0, float("inf"))).interval == (0.0, float("inf"))
+    with pytest.raises(UserError, match="drop --guidance-interval"):
+        SamplerSpec(interval=(0.5, 5.0)).resolve(1000, Student(4, 2.0))

@@ -116,6 +116,7 @@ def load_model(path: str | Path, device="cpu"):
         raise UserError(f"'{path}' does not match its own config: {what} weights.")
     model.load_state_dict(tensors)
     model.student = cfg.distill.student() if cfg.distill is not None else None
+    model.trained = cfg.images_seen(meta["step"])
     # channels_last, as in training: oneDNN's convolutions run ~25% faster in it on the CPU
     # (benchmarks/sample_throughput.py), and CUDA's tensor cores want it.
     return model.to(device, memory_format=torch.channels_last).eval(), cfg, meta

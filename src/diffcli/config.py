@@ -22,9 +22,8 @@ from diffcli.spec import DEFAULT_GUIDANCE, Student
 
 @dataclass
 class ModelConfig:
-    # The defaults are the `small` preset: a narrow full-resolution level and attention
-    # only at the lowest resolution, so a 32x32 training image costs 0.58 GFLOP and a
-    # 2-core CPU trains ~200 images/s (docs/results.md).
+    # The defaults are the `small` preset: a narrow full-resolution level and attention only at
+    # the lowest resolution, so a 32x32 image costs 0.58 GFLOP and a 2-core CPU trains ~200/s.
     base_channels: int = bounded(16, Range(4))
     channel_mult: tuple[int, ...] = (1, 2, 4)
     num_res_blocks: int = bounded(1, AT_LEAST_ONE)
@@ -119,6 +118,9 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distill: DistillConfig | None = None  # None: a model trained on data, not distilled
+
+    def images_seen(self, step: int) -> int | None:  # None: no steps recorded (an import); spec.default_guidance
+        return step * self.train.batch_size or None
 
 
 SECTIONS = {"model": ModelConfig, "diffusion": DiffusionConfig, "data": DataConfig, "train": TrainConfig,

@@ -32,6 +32,7 @@ from diffcli.files import sha256
 from diffcli.fitting import TrainResult, fit
 from diffcli.generate import denoiser
 from diffcli.schedules import Schedule, eps_from_x0, make_schedule
+from diffcli.spec import default_guidance
 
 # The optimiser settings of a distillation run (its `train` section), where they differ
 # from training's: the student starts from a trained model, so a learning rate 4x lower
@@ -125,9 +126,9 @@ class Pairs:
 
 # --- the run ------------------------------------------------------------------------
 
-def teacher_config(path: Path) -> tuple[RunConfig, list[str]]:
-    """The config and class names of the model at `path`, refused in one sentence when it
-    is not a diffcli model or is itself distilled."""
+def teacher_config(path: Path) -> tuple[RunConfig, list[str], int | None]:
+    """The config, class names and training images seen of the model at `path`, refused in
+    one sentence when it is not a diffcli model or is itself distilled."""
     try:
         meta = model_metadata(read_header(path))
     except UserError as e:
@@ -136,14 +137,14 @@ def teacher_config(path: Path) -> tuple[RunConfig, list[str]]:
     if cfg.distill is not None:
         raise UserError(f"--teacher '{path}' is itself a distilled student; distil from the model `diffcli train` made "
                         f"({cfg.distill.teacher}).")
-    return cfg, meta["class_names"]
+    return cfg, meta["class_names"], cfg.images_seen(meta["step"])
 
 
 def configure(teacher: Path, d: dict, train: dict) -> RunConfig:
     """The run's config: the teacher's network and schedule, training settings for
     distillation (TRAIN_DEFAULTS < `train`), and the `distill` section from `d`; each
     value type-checked as a config file's would be."""
-    cfg, _ = teacher_config(teacher)
+    cfg, _, trained = teacher_config(teacher)
     if cfg.model.num_classes == 0 and d.get("guidance") not in (None, 1.0):
         raise UserError("the teacher was trained without classes, so it has no guidance to distil; drop --guidance.")
     keep = {k: getattr(cfg.train, k) for k in ("preset", "grad_clip", "batch_size")}  # the teacher's, for its size
@@ -156,7 +157,7 @@ def configure(teacher: Path, d: dict, train: dict) -> RunConfig:
         cfg.train.max_steps = DEFAULT_MAX_STEPS
     cfg.train.epochs = None  # no data, no epochs
     if cfg.distill.guidance is None:
-        cfg.distill.guidance = cfg.distill.student().guidance if cfg.model.num_classes else 1.0
+        cfg.distill.guidance = default_guidance(trained) if cfg.model.num_classes else 1.0  # as `sample` would guide it
     return cfg
 
 

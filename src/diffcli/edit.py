@@ -44,11 +44,11 @@ def img2img(model, schedule: Schedule, prediction: str, spec: SamplerSpec, *, im
     then sample it back under its label. Strength 0 returns the images; strength 1 starts
     from the noise alone and is `generate` with the same seeds and labels. Guidance
     defaults to EDIT_GUIDANCE."""
-    spec = for_edit(spec, model).resolve(schedule.T, model.student)
+    spec = for_edit(spec, model).resolve(schedule.T, model.student, model.trained)
     plan, first = samplers.plan(spec, schedule), first_step(spec, schedule, strength)
     if first == len(plan):
         return images.clone()
-    denoise = denoiser(model, schedule, prediction, spec.guidance)
+    denoise = denoiser(model, schedule, prediction, spec.guidance, spec.interval)
 
     def run(chunk: slice, randn_like) -> torch.Tensor:
         x0 = to_model_range(images[chunk].to(randn_like.device))
@@ -66,11 +66,11 @@ def inpaint(model, schedule: Schedule, prediction: str, spec: SamplerSpec, *, im
             labels: list[int], seeds: list[int], jumps: int, batch_size: int = 64) -> torch.Tensor:
     """Redraw where `redraw` (N, 1, H, W) is True under each label, keeping the rest of
     each image exactly (RePaint, `image_samplers.repaint`, with `jumps` tries of every step)."""
-    spec = spec.resolve(schedule.T, model.student)
+    spec = spec.resolve(schedule.T, model.student, model.trained)
     if spec.sampler not in ("ddim", "ddpm"):
         raise UserError("inpainting runs --sampler ddim or ddpm: dpm++ carries each step into the next, "
                         "and replacing the kept region between steps breaks that.")
-    denoise = denoiser(model, schedule, prediction, spec.guidance)
+    denoise = denoiser(model, schedule, prediction, spec.guidance, spec.interval)
 
     def run(chunk: slice, randn_like) -> torch.Tensor:
         known = to_model_range(images[chunk].to(randn_like.device))
@@ -89,11 +89,11 @@ def invert(model, schedule: Schedule, prediction: str, spec: SamplerSpec, *, ima
     2023, §3), then run DDIM back down under its label with the spec's guidance. With the
     same label and guidance 1 the image comes back, up to the ODE's discretisation.
     Guidance defaults to EDIT_GUIDANCE."""
-    spec = for_edit(spec, model).resolve(schedule.T, model.student)
+    spec = for_edit(spec, model).resolve(schedule.T, model.student, model.trained)
     if spec.sampler != "ddim" or spec.eta != 0 or spec.spacing != "trailing":
         raise UserError("--invert runs DDIM with --eta 0 both ways: use --sampler ddim.")
     there = denoiser(model, schedule, prediction, 1.0)
-    back = denoiser(model, schedule, prediction, spec.guidance)
+    back = denoiser(model, schedule, prediction, spec.guidance, spec.interval)
 
     def run(chunk: slice, randn_like) -> torch.Tensor:
         x0 = to_model_range(images[chunk].to(randn_like.device))
@@ -120,7 +120,7 @@ def slerp(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 def _deterministic(spec: SamplerSpec, model, T: int) -> SamplerSpec:
-    spec = spec.resolve(T, model.student)
+    spec = spec.resolve(T, model.student, model.trained)
     if spec.sampler == "ddpm" or spec.eta > 0:
         raise UserError("interpolation needs a deterministic sampler, so that nearby noise gives nearby images: "
                         "use --sampler ddim (with --eta 0) or dpm++.")
@@ -137,7 +137,7 @@ def between_seeds(model, schedule: Schedule, prediction: str, spec: SamplerSpec,
     shape = (1, cfg.in_channels, cfg.image_size, cfg.image_size)
     ends = [samplers.PerImageNoise([s], device)(torch.empty(shape, device=device)) for s in seeds]
     noise = torch.cat([slerp(*ends, alpha) for alpha in _alphas(frames)])
-    denoise = denoiser(model, schedule, prediction, spec.guidance)
+    denoise = denoiser(model, schedule, prediction, spec.guidance, spec.interval)
 
     def run(chunk: slice, randn_like) -> torch.Tensor:
         y = torch.full((len(noise[chunk]),), label, device=device)

@@ -58,7 +58,7 @@ def run(opts: EvalOptions, device, status=lambda text: contextlib.nullcontext(),
     if not (opts.classifier or opts.fid or opts.memorisation):
         raise UserError("nothing to measure: give --classifier, --fid, or leave --memorisation on.")
     model, cfg, meta = load_model(opts.ckpt, device)
-    opts.spec.resolve(cfg.diffusion.timesteps, model.student)  # a bad --steps should fail before the data loads
+    opts.spec.resolve(cfg.diffusion.timesteps, model.student, model.trained)  # a bad --steps should fail before the data loads
     data_name, data_root = opts.data or cfg.data.name, opts.data_root or cfg.data.root
     if not world.is_main:  # the other ranks only draw their share of the images
         evaluate(model, cfg, meta["class_names"], opts, None, world=world)
@@ -142,7 +142,7 @@ def evaluate(model, cfg, class_names: list[str], opts: EvalOptions, real: RealIm
     from diffcli.generate import generate
     from diffcli.schedules import make_schedule
 
-    spec = opts.spec.resolve(cfg.diffusion.timesteps, model.student)
+    spec = opts.spec.resolve(cfg.diffusion.timesteps, model.student, model.trained)
     labels = torch.tensor([k for k in (range(len(class_names)) or [0]) for _ in range(opts.n_per_class)])
     schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
     device = next(model.parameters()).device
@@ -153,8 +153,8 @@ def evaluate(model, cfg, class_names: list[str], opts: EvalOptions, real: RealIm
                                 device)
     if not world.is_main:  # rank 0 measures
         return {}, images, None
-    report = {"images": len(labels), "sampler": spec.sampler, "steps": spec.steps, "guidance": spec.guidance, "seed": opts.seed,
-              "sampling_s": round(seconds, 2)}
+    report = {"images": len(labels), "sampler": spec.sampler, "steps": spec.steps, "guidance": spec.guidance,
+              "guidance_interval": spec.interval, "seed": opts.seed, "sampling_s": round(seconds, 2)}
     if clf is not None:
         # The floor: real images the reference does not hold, as many as generated.
         source = real.pool if real.pool is not None else real.train

@@ -94,8 +94,10 @@ def grid_spec(cfg: RunConfig) -> SamplerSpec:
     return SamplerSpec("ddim", cfg.train.grid_steps)
 
 
-def sample_grid(ema, cfg: RunConfig, class_names: list[str], path: Path, seed: int) -> Path:
-    """One row per class (up to GRID_MAX_ROWS), same seeds in every row."""
+def sample_grid(ema, cfg: RunConfig, class_names: list[str], path: Path, seed: int, step: int) -> Path:
+    """One row per class (up to GRID_MAX_ROWS), same seeds in every row, guided as `sample`
+    would guide the model saved at `step`."""
+    ema.trained = cfg.images_seen(step)
     rows = list(range(min(len(class_names), GRID_MAX_ROWS))) or [cfg.model.num_classes]  # unconditional: null
     labels = [r for r in rows for _ in range(GRID_COLUMNS)]
     seeds = [seed + i for _ in rows for i in range(GRID_COLUMNS)]
@@ -309,7 +311,8 @@ def _checkpoint(out: Path, cfg: RunConfig, state: TrainState, task: Task, report
         raise UserError(f"could not write the checkpoint for step {state.step} to '{out}' ({e.strerror or e}); "
                         f"the previous checkpoint there is intact.") from None
     report("checkpoint", step=state.step, path=out / MODEL_FILE)
-    path = sample_grid(state.ema, cfg, task.class_names, out / "samples" / f"step_{state.step:07d}.png", cfg.train.seed)
+    path = sample_grid(state.ema, cfg, task.class_names, out / "samples" / f"step_{state.step:07d}.png", cfg.train.seed,
+                       state.step)
     shutil.copyfile(path, out / "samples" / "latest.png")
     report("grid", step=state.step, path=path)
     _plot_loss(out, report)

@@ -12,14 +12,16 @@ from diffcli import samplers
 from diffcli.data import from_model_range
 from diffcli.devices import autocast, timed
 from diffcli.guidance import guided
+from diffcli.guidance import interval as guidance_interval
 from diffcli.distributed import World, gather_shares, share
 from diffcli.schedules import Schedule
 from diffcli.spec import SamplerSpec
 
 
-def denoiser(model: torch.nn.Module, schedule: Schedule, prediction: str, guidance: float) -> samplers.Denoiser:
+def denoiser(model: torch.nn.Module, schedule: Schedule, prediction: str, guidance: float,
+             interval: tuple[float, float] | None = None) -> samplers.Denoiser:
     """The model as the samplers see it: under autocast, guided at weight `guidance` when
-    it has classes, returning (ε̂, x̂0)."""
+    it has classes (only for noise levels in `interval`, if given), returning (ε̂, x̂0)."""
     device = next(model.parameters()).device
 
     def network(x, t, y):
@@ -27,7 +29,8 @@ def denoiser(model: torch.nn.Module, schedule: Schedule, prediction: str, guidan
             return model(x, t, y)
 
     if model.cfg.num_classes > 0:
-        network = guided(network, guidance, model.cfg.num_classes)
+        active = None if interval is None else guidance_interval(schedule, *interval)
+        network = guided(network, guidance, model.cfg.num_classes, active)
     return samplers.predictions(network, schedule, prediction)
 
 
@@ -55,9 +58,9 @@ def generate(model: torch.nn.Module, schedule: Schedule, prediction: str, spec: 
     `callback(first_image, step, t, x_t, x0_hat)` sees every step of every batch (of this
     rank's share, under torchrun: `world`).
     """
-    spec = spec.resolve(schedule.T, model.student)
+    spec = spec.resolve(schedule.T, model.student, model.trained)
     cfg = model.cfg
-    denoise = denoiser(model, schedule, prediction, spec.guidance)
+    denoise = denoiser(model, schedule, prediction, spec.guidance, spec.interval)
 
     def run(chunk: slice, randn_like) -> torch.Tensor:
         device = randn_like.device
@@ -76,7 +79,7 @@ def compiled_for_sampling(model: torch.nn.Module, schedule: Schedule, prediction
     from diffcli import compiling
 
     first = slice(0, min(batch_size, len(seeds)))
-    spec = spec.resolve(schedule.T, model.student)
+    spec = spec.resolve(schedule.T, model.student, model.trained)
     short = spec if model.student else SamplerSpec("ddim", 1, spec.guidance)  # a student runs only its few steps
     check = lambda fast: generate(fast, schedule, prediction, short, labels=labels[first], seeds=seeds[first],  # noqa: E731
                                   batch_size=batch_size)

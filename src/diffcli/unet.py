@@ -108,6 +108,7 @@ class UNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.student = None  # a spec.Student when distilled: how it must be sampled (checkpoint.load_model)
+        self.trained = None  # training images seen, when known: the default guidance follows it (spec.default_guidance)
         levels = len(cfg.channel_mult)
         factor = cfg.patch_size * 2 ** (levels - 1)
         if cfg.image_size % factor:

@@ -20,7 +20,7 @@ from rich.markup import escape
 
 from diffcli.checks import AT_LEAST_ONE, NON_NEGATIVE, Range, check, field_range
 from diffcli.errors import UserError, writing  # noqa: F401  (writing: for the commands)
-from diffcli.spec import DEFAULT_GUIDANCE, DEFAULT_STEPS, SamplerSpec
+from diffcli.spec import DEFAULT_STEPS, GUIDANCE_CEILING, GUIDANCE_FLOOR, SamplerSpec
 
 console = Console()
 err_console = Console(stderr=True)
@@ -172,8 +172,22 @@ Spacing = Annotated[str, typer.Option(help="How the steps spread over the timest
 Steps = Annotated[Optional[int], typer.Option(help="Sampling steps (default: " + ", ".join(
     f"{name} {k}" for name, k in DEFAULT_STEPS.items()) + ", ddpm T)."), Sets(SamplerSpec, "steps")]
 Eta = Annotated[float, typer.Option(help="DDIM noise: 0 deterministic, 1 DDPM-like."), Sets(SamplerSpec, "eta")]
-Guidance = Annotated[Optional[float], typer.Option(help=f"Classifier-free guidance weight: 1 plain conditional, "
-                                                        f"0 unconditional (default: {DEFAULT_GUIDANCE:g})."),
-                     Sets(SamplerSpec, "guidance")]
+GUIDANCE_HELP = ("Classifier-free guidance weight: 1 plain conditional, 0 unconditional (default: from how many "
+                 f"images the model was trained on, {GUIDANCE_CEILING:g} for a short run down to {GUIDANCE_FLOOR:g}; docs/usage.md).")
+Guidance = Annotated[Optional[float], typer.Option(help=GUIDANCE_HELP), Sets(SamplerSpec, "guidance")]
+GuidanceInterval = Annotated[Optional[str], typer.Option(
+    help="Guide only at noise levels LOW < sigma <= HIGH, as 'LOW,HIGH' (HIGH may be inf; "
+         "Kynkäänniemi et al. 2024); elsewhere the plain conditional model (default: every step).")]
+
+
+def parse_interval(text: str | None) -> tuple[float, float] | None:
+    """'0.3,5' -> (0.3, 5.0), 'inf' allowed as HIGH; SamplerSpec checks the values."""
+    if text is None:
+        return None
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:  # not two parts, or not numbers
+        raise UserError(f"--guidance-interval takes two noise levels, LOW,HIGH; got '{text}'.") from None
+    return low, high
 LOG_HELP = "Experiment trackers: none, tensorboard, wandb, or tensorboard,wandb (each an extra: pip install 'diffcli[tensorboard]')."
 WANDB_PROJECT_HELP = "The W&B project (default: $WANDB_PROJECT, else W&B's own)."

@@ -15,7 +15,7 @@ from diffcli.errors import UserError
 def distill(
     teacher: Annotated[Optional[Path], typer.Option(help="The model.safetensors of a `diffcli train` run: the model to distil.")] = None,
     steps: _opt(int, DistillConfig, "steps", f"Network evaluations per image the student is made for (default: {DistillConfig.steps}).") = None,
-    guidance: _opt(float, DistillConfig, "guidance", "The teacher's guidance weight the student learns to draw with in one pass (default: sampling's default).") = None,
+    guidance: _opt(float, DistillConfig, "guidance", "The teacher's guidance weight the student learns to draw with in one pass (default: the weight `sample` uses for the teacher).") = None,
     teacher_steps: _opt(int, DistillConfig, "teacher_steps", f"DDIM steps of the teacher's path the student learns (default: {DistillConfig.teacher_steps}).") = None,
     out: Annotated[Path, typer.Option(help="Run folder, as `diffcli train` writes it; model.safetensors is the student.")] = Path("runs/distilled"),
     config: Annotated[Optional[Path], typer.Option(help="YAML config: a distillation's config.yaml (its train and distill sections); options given here override it.")] = None,

@@ -11,7 +11,7 @@ from diffcli.checks import NON_NEGATIVE, Range
 from diffcli.cli._common import (BatchSize, Ckpt, Device, Eta, Guidance, ImageSeed, Sampler, Sets, Steps, console,
                                  parse_labels, parse_list, safe_name, writing)
 from diffcli.errors import UserError
-from diffcli.spec import DEFAULT_GUIDANCE, EDIT_GUIDANCE, EDIT_STRENGTH, JUMPS, SamplerSpec
+from diffcli.spec import EDIT_GUIDANCE, EDIT_STRENGTH, JUMPS, SamplerSpec
 
 
 def _load(ckpt: Path, device: str):
@@ -42,7 +42,7 @@ def edit(
     sampler: Sampler = "ddim",
     steps: Steps = None,
     guidance: Annotated[Optional[float], typer.Option(help=f"Classifier-free guidance weight (default: {EDIT_GUIDANCE:g}, "
-                                                           f"enough to change the class; {DEFAULT_GUIDANCE:g} with --mask)."),
+                                                           f"enough to change the class; with --mask, sample's)."),
                         Sets(SamplerSpec, "guidance")] = None,
     eta: Eta = 0.0,
     n: Annotated[Optional[int], typer.Option(help="Variations per image, each from its own seed (default: 4; 1 with --invert)."), Range(1, 64)] = None,
@@ -74,7 +74,7 @@ def edit(
     c, size = cfg.model.in_channels, cfg.model.image_size
     inputs = torch.stack([fit_image(read_image(p), c, size) for p in images])
     target = _one_label(label, class_names)
-    spec = (spec if mask is not None else E.for_edit(spec, model)).resolve(schedule.T, model.student)  # inpainting: sample's guidance
+    spec = (spec if mask is not None else E.for_edit(spec, model)).resolve(schedule.T, model.student, model.trained)  # inpainting: sample's guidance
     per_image = inputs.repeat_interleave(n, dim=0)
     labels, seeds = [target] * len(per_image), list(range(seed, seed + len(per_image)))
     common = dict(images=per_image, labels=labels, batch_size=batch_size)
@@ -137,4 +137,4 @@ def interpolate(
         raise UserError("give one --label with two --seeds, or two labels (--label a,b) with one seed.")
     with writing(out):
         animation(images, out) if out.suffix.lower() == ".gif" else save(grid(images, frames), out)
-    console.print(f"wrote [cyan]{out}[/]: {frames} frames, {what}, {spec.resolve(schedule.T, model.student).describe()}", highlight=False)
+    console.print(f"wrote [cyan]{out}[/]: {frames} frames, {what}, {spec.resolve(schedule.T, model.student, model.trained).describe()}", highlight=False)

@@ -10,8 +10,8 @@ import typer
 from rich.table import Table
 
 from diffcli.checks import POSITIVE, Range
-from diffcli.cli._common import (AsJson, BatchSize, Ckpt, DataRoot, Device, Guidance, ImageSeed, Sampler, Spacing, Steps,
-                                 console, print_notice, progress, safe_name, writing)
+from diffcli.cli._common import (AsJson, BatchSize, Ckpt, DataRoot, Device, Guidance, GuidanceInterval, ImageSeed, Sampler,
+                                 Spacing, Steps, console, parse_interval, print_notice, progress, safe_name, writing)
 from diffcli.cli._ranks import processes, where
 from diffcli.errors import UserError
 from diffcli.spec import SamplerSpec
@@ -29,6 +29,7 @@ def evaluate(
     steps: Steps = None,
     spacing: Spacing = "trailing",
     guidance: Guidance = None,
+    guidance_interval: GuidanceInterval = None,
     seed: ImageSeed = 0,
     data: Annotated[Optional[str], typer.Option(help="The real images to compare with (default: the model's training data).")] = None,
     data_root: Annotated[Optional[str], typer.Option(help="Where that dataset lives (default: as when the model was trained).")] = None,
@@ -45,7 +46,7 @@ def evaluate(
     trackers = parse(log)
     check_installed(trackers)  # before minutes of sampling
 
-    opts = EvalOptions(ckpt, SamplerSpec(sampler, steps, guidance, spacing=spacing), n, seed, batch_size, classifier, fid, inception_weights,
+    opts = EvalOptions(ckpt, SamplerSpec(sampler, steps, guidance, spacing=spacing, interval=parse_interval(guidance_interval)), n, seed, batch_size, classifier, fid, inception_weights,
                        memorisation, pairs, data, data_root, real_n)
     with processes(device) as (world, dev):  # under torchrun: the images drawn by every rank, measured by rank 0
         report = run(opts, dev, console.status, world)
@@ -61,8 +62,10 @@ def evaluate(
 
 
 def _print_report(report: dict) -> None:
+    low_high = report["guidance_interval"]
+    where = "" if low_high is None else f" for σ in ({low_high[0]:g}, {low_high[1]:g}]"
     console.print(f"{report['images']:,} images from {report['model']}: {report['sampler']} {report['steps']} steps, "
-                  f"guidance {report['guidance']:g}, seeds {report['seed']}.., {report['sampling_s']:.1f} s on {report['device']}",
+                  f"guidance {report['guidance']:g}{where}, seeds {report['seed']}.., {report['sampling_s']:.1f} s on {report['device']}",
                   highlight=False)
     table = Table(show_header=True, title_justify="left")
     table.add_column("metric")

@@ -10,11 +10,11 @@ from typing import Annotated, Optional
 import typer
 
 from diffcli.checks import AT_LEAST_ONE, NON_NEGATIVE, Range
-from diffcli.cli._common import (BatchSize, Ckpt, Device, Eta, Guidance, ImageSeed, Sampler, Spacing, Steps, console,
-                                 parse_labels, parse_list, print_notice, safe_name, writing)
+from diffcli.cli._common import (BatchSize, Ckpt, Device, Eta, Guidance, GuidanceInterval, ImageSeed, Sampler, Spacing, Steps,
+                                 console, parse_interval, parse_labels, parse_list, print_notice, safe_name, writing)
 from diffcli.cli._ranks import processes, where
 from diffcli.errors import UserError
-from diffcli.spec import DEFAULT_GUIDANCE, SamplerSpec
+from diffcli.spec import SamplerSpec
 
 
 def sample(
@@ -25,6 +25,7 @@ def sample(
     steps: Steps = None,
     eta: Eta = 0.0,
     guidance: Guidance = None,
+    guidance_interval: GuidanceInterval = None,
     variance: Annotated[str, typer.Option(help="DDPM step variance: beta_tilde (posterior) or beta.")] = "beta_tilde",
     spacing: Spacing = "trailing",
     clip: Annotated[bool, typer.Option("--clip/--no-clip", help="Clip the predicted x0 to the data range at every step.")] = True,
@@ -40,7 +41,7 @@ def sample(
     """Generate images from a trained model."""
     if trajectory is not None and trajectory.suffix.lower() not in (".png", ".gif"):
         raise UserError(f"--trajectory must end in .png or .gif, got '{trajectory.name}'.")
-    spec = SamplerSpec(sampler, steps, guidance, eta, variance, clip, spacing)
+    spec = SamplerSpec(sampler, steps, guidance, eta, variance, clip, spacing, parse_interval(guidance_interval))
     with processes(device) as (world, dev):
         _sample(world, dev, ckpt, spec, label, n, seed, out, save_individual, batch_size, trajectory, frames, compile)
 
@@ -59,7 +60,7 @@ def _sample(world, dev, ckpt, spec, label, n, seed, out, save_individual, batch_
         raise UserError("--trajectory is drawn by one process; run it without torchrun.")
     model, cfg, meta = load_model(ckpt, dev)
     schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
-    spec = spec.resolve(schedule.T, model.student)
+    spec = spec.resolve(schedule.T, model.student, model.trained)
     labels = parse_labels(label, meta["class_names"])
     per_image = [lab for lab in labels for _ in range(n)]
     seeds = list(range(seed, seed + len(per_image)))
@@ -96,7 +97,7 @@ def compare(
     ckpt: Ckpt,
     samplers: Annotated[str, typer.Option(help="Comma-separated samplers, one row each.")] = "ddpm,ddim,dpm++",
     steps: Annotated[str, typer.Option(help="Comma-separated step counts, one column each (ddpm always runs all T).")] = "10,20,50",
-    guidance: Annotated[Optional[str], typer.Option(help=f"Comma-separated guidance weights, a row each per sampler (default: {DEFAULT_GUIDANCE:g}).")] = None,
+    guidance: Annotated[Optional[str], typer.Option(help="Comma-separated guidance weights, a row each per sampler (default: the model's own, as sample).")] = None,
     label: Annotated[str, typer.Option(help="The class to draw (index or name).")] = "0",
     n: Annotated[int, typer.Option(help="Images per cell."), Range(1, 64)] = 4,
     seed: Annotated[int, typer.Option(help="Seeds SEED..SEED+n-1: the same starting noise in every cell."), NON_NEGATIVE] = 0,
@@ -106,7 +107,7 @@ def compare(
     """Contact sheet of samplers x steps (x guidance) from the same starting noise, each cell timed."""
     names = parse_list(samplers, str, "--samplers")
     step_list = parse_list(steps, int, "--steps", AT_LEAST_ONE)
-    weights = parse_list(guidance, float, "--guidance") if guidance else [DEFAULT_GUIDANCE]
+    weights = parse_list(guidance, float, "--guidance") if guidance else [None]
     rows = [(s, w) for s in names for w in weights]
     specs = {(s, w): SamplerSpec(s, guidance=w) for s, w in rows}  # refuses a bad sampler or weight now
 
@@ -121,10 +122,11 @@ def compare(
     model, cfg, meta = load_model(ckpt, dev)
     T = cfg.diffusion.timesteps
     for k in step_list:
-        SamplerSpec(steps=k).resolve(T, model.student)  # every step count must fit this model, whichever rows use it
+        SamplerSpec(steps=k).resolve(T, model.student, model.trained)  # every step count must fit this model, whichever rows use it
+    auto = SamplerSpec().resolve(T, model.student, model.trained).guidance  # the weight `sample` would use
     columns = sorted(set(step_list) | ({T} if "ddpm" in names else set()))
     # A cell for each (row, column) the sampler can run: ddpm only in the T column.
-    cells = {(s, w, k): replace(specs[s, w], steps=k).resolve(T, model.student) for s, w in rows for k in columns
+    cells = {(s, w, k): replace(specs[s, w], steps=k).resolve(T, model.student, model.trained) for s, w in rows for k in columns
              if (k == T if s == "ddpm" else k in step_list)}
     lab = parse_labels(label, meta["class_names"])[0]
     seeds = list(range(seed, seed + n))
@@ -132,7 +134,7 @@ def compare(
         results = dict(zip(cells, sweep(model, make_schedule(cfg.diffusion.schedule, T), cfg.diffusion.prediction,
                                         list(cells.values()), label=lab, seeds=seeds)))
     sheet = sweep_sheet([[results.get((s, w, k)) for k in columns] for s, w in rows],
-                        [[f"{s} {k} steps w={w:g}" for k in columns] for s, w in rows],
+                        [[f"{s} {k} steps w={auto if w is None else w:g}" for k in columns] for s, w in rows],
                         ["ddpm runs all T steps" if s == "ddpm" else "" for s, _ in rows])
     with writing(out):
         save(sheet, out)
