@@ -144,3 +144,34 @@ def test_a_student_refuses_an_interval():
     assert SamplerSpec(interval=(0.0, float("inf"))).interval == (0.0, float("inf"))
     with pytest.raises(UserError, match="drop --guidance-interval"):
         SamplerSpec(interval=(0.5, 5.0)).resolve(1000, Student(4, 2.0))
+
+
+def test_a_training_grid_is_guided_as_sample_would_guide_the_model_saved_at_that_step(tmp_path):
+    """The grid at step s shows what `diffcli sample` draws from the checkpoint of step s:
+    at the default weight for s x batch images, which falls as training goes on."""
+    from PIL import Image
+
+    from diffcli.config import build_config
+    from diffcli.fitting import GRID_COLUMNS, sample_grid
+    from diffcli.generate import generate
+    from diffcli.images import grid
+    from diffcli.schedules import make_schedule
+    from diffcli.spec import SamplerSpec, default_guidance
+    from diffcli.unet import UNet
+
+    cfg = build_config("tiny", None, {})
+    cfg.model.image_size, cfg.model.in_channels, cfg.model.num_classes = 8, 1, 2
+    torch.manual_seed(0)
+    model = UNet(cfg.model).eval()
+    with torch.no_grad():  # an untrained U-Net's zero output layer ignores the label; these weights do not
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
+    early, late = 10, 10**6  # steps: the ceiling, then the floor
+    assert default_guidance(cfg.images_seen(early)) != default_guidance(cfg.images_seen(late))
+    for step in (early, late):
+        path = sample_grid(model, cfg, ["a", "b"], tmp_path / f"{step}.png", seed=3, step=step)
+        w = default_guidance(cfg.images_seen(step))
+        images = generate(model, schedule, cfg.diffusion.prediction, SamplerSpec("ddim", cfg.train.grid_steps, w),
+                          labels=[r for r in (0, 1) for _ in range(GRID_COLUMNS)], seeds=[3 + i for _ in (0, 1) for i in range(GRID_COLUMNS)])
+        assert Image.open(path).tobytes() == grid(images, GRID_COLUMNS).tobytes()
