@@ -62,6 +62,7 @@ def test_train_sample_inspect_end_to_end_in_process(tmp_path):
     assert r.exit_code == 0, r.output
     info = json.loads(r.output)
     assert info["training_step"] == 6 and info["timesteps"] == 1000 and info["classes"][5] == "star"
+    assert info["default_guidance"].startswith("3 (for ")  # few images seen: the ceiling (spec.default_guidance)
     assert info["image_size"] == 32 and info["channels"] == 3 and info["parameters"] > 1000
 
     # The run folder refuses a second run unless asked.

@@ -20,6 +20,7 @@ from diffcli import checkpoint
 from diffcli.config import RunConfig, apply_overrides, from_dict, validate
 from diffcli.errors import UserError
 from diffcli.files import atomic_write_bytes
+from diffcli.spec import default_guidance
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.safetensors"
@@ -169,10 +170,18 @@ def model_summary(header: dict, meta: dict, file_size: int) -> dict:
         **({} if cfg.get("distill") else {"epochs": meta["epoch"]}),  # a distillation sees no data
         "ema_decay": t.get("ema_decay"),
         "dataset": cfg.get("data", {}).get("name"),
-        **_distilled(cfg.get("distill")),
+        **(_distilled(cfg.get("distill")) or _guidance(cfg, meta)),
         "diffcli_version": meta["version"],
         "file_size": f"{file_size / 1e6:.1f} MB",
     }
+
+
+def _guidance(cfg: dict, meta: dict) -> dict:
+    """The weight `sample` uses by default for this model, and why (spec.default_guidance)."""
+    if not meta["class_names"]:
+        return {}
+    seen = from_dict(cfg).images_seen(meta["step"])
+    return {"default_guidance": f"{default_guidance(seen):g} " + (f"(for {seen:,} training images)" if seen else "(training unknown)")}
 
 
 def _distilled(d: dict | None) -> dict:
