@@ -27,7 +27,7 @@ from diffcli.generate import generate
 from diffcli.guidance import guided
 from diffcli.images import grid, save
 from diffcli.schedules import make_schedule
-from diffcli.spec import SamplerSpec
+from diffcli.spec import SamplerSpec, interval_text
 
 GRID_SEEDS = 8  # pictures: one row per class, these many seeds
 
@@ -91,8 +91,7 @@ def main() -> None:
         report, _, _ = evaluate(net, cfg, meta["class_names"], EvalOptions(args.ckpt, spec, args.n, args.seed, memorisation=False),
                                 real, clf)
         shown = weight if kind == "autoguidance" else resolved.guidance
-        where = "" if interval is None else f" for σ in ({interval[0]:g}, {interval[1]:g}]"
-        name = f"{kind}{where}" + (f" against {args.weak.parent.name}" if kind == "autoguidance" else "")
+        name = f"{kind}{interval_text(interval)}" + (f" against {args.weak.parent.name}" if kind == "autoguidance" else "")
         picture = ""
         if args.pictures:
             slug = text.replace(" ", "_").replace("@", "_at_").replace(",", "-")

@@ -115,13 +115,17 @@ def test_autoguidance_with_the_model_itself_changes_nothing_and_pushes_away_from
 
 
 def test_the_default_weight_falls_with_the_images_a_model_has_seen():
-    from diffcli.spec import (DEFAULT_GUIDANCE, GUIDANCE_AT, GUIDANCE_CEILING, GUIDANCE_FLOOR, SamplerSpec,
-                              default_guidance)
+    from diffcli.spec import (DEFAULT_GUIDANCE, GUIDANCE_AT, GUIDANCE_CEILING, GUIDANCE_FLOOR, GUIDANCE_PER_DOUBLING,
+                              SamplerSpec, default_guidance)
 
     weights = [default_guidance(n) for n in (1, 10_000, 32_000, 77_000, 163_000, 10**6, 10**9)]
     assert weights == sorted(weights, reverse=True)
     assert weights[0] == GUIDANCE_CEILING and weights[-1] == GUIDANCE_FLOOR
     assert default_guidance(GUIDANCE_AT[0]) == GUIDANCE_AT[1]
+    images, w = GUIDANCE_AT  # the closed form: w - 0.6 log2(seen / images), in steps of 0.05
+    assert default_guidance(2 * images) == pytest.approx(w - GUIDANCE_PER_DOUBLING)
+    assert default_guidance(images // 2) == pytest.approx(w + GUIDANCE_PER_DOUBLING)
+    assert default_guidance(170_208) == pytest.approx(1.3)  # the 10-minute MNIST run of docs/results.md
     assert all(f"{w:g}" == f"{w:.2f}".rstrip("0").rstrip(".") for w in weights)  # printed as used
     assert default_guidance(None) == DEFAULT_GUIDANCE  # an import: training unknown
     assert SamplerSpec().resolve(1000, None, GUIDANCE_AT[0]).guidance == GUIDANCE_AT[1]

@@ -36,7 +36,7 @@ from diffcli.generate import generate
 from diffcli.images import grid, save
 from diffcli.runs import METRICS_FILE, MODEL_FILE, check_free_space, truncate_metrics
 from diffcli.schedules import make_schedule
-from diffcli.spec import SamplerSpec
+from diffcli.spec import SamplerSpec, default_guidance
 from diffcli.trackers import tracking
 from diffcli.trainstate import NonFiniteGuard, TrainState
 
@@ -86,23 +86,22 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
     torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1 - decay)
 
 
-def grid_spec(cfg: RunConfig) -> SamplerSpec:
+def grid_spec(cfg: RunConfig, step: int) -> SamplerSpec:
     """How the grids are drawn: a distilled student as it was made to be sampled; a
-    trained model with cheap DDIM (`train.grid_steps`), good enough to judge progress."""
+    trained model with cheap DDIM (`train.grid_steps`), good enough to judge progress, at
+    the guidance `sample` would use for the model saved at `step`."""
     if cfg.distill is not None:
         return SamplerSpec().resolve(cfg.diffusion.timesteps, cfg.distill.student())
-    return SamplerSpec("ddim", cfg.train.grid_steps)
+    return SamplerSpec("ddim", cfg.train.grid_steps, default_guidance(cfg.images_seen(step)))
 
 
 def sample_grid(ema, cfg: RunConfig, class_names: list[str], path: Path, seed: int, step: int) -> Path:
-    """One row per class (up to GRID_MAX_ROWS), same seeds in every row, guided as `sample`
-    would guide the model saved at `step`."""
-    ema.trained = cfg.images_seen(step)
+    """One row per class (up to GRID_MAX_ROWS), same seeds in every row (`grid_spec`)."""
     rows = list(range(min(len(class_names), GRID_MAX_ROWS))) or [cfg.model.num_classes]  # unconditional: null
     labels = [r for r in rows for _ in range(GRID_COLUMNS)]
     seeds = [seed + i for _ in rows for i in range(GRID_COLUMNS)]
     schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
-    images = generate(ema, schedule, cfg.diffusion.prediction, grid_spec(cfg), labels=labels, seeds=seeds)
+    images = generate(ema, schedule, cfg.diffusion.prediction, grid_spec(cfg, step), labels=labels, seeds=seeds)
     return save(grid(images, GRID_COLUMNS), path)
 
 

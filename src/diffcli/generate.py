@@ -11,9 +11,8 @@ import torch
 from diffcli import samplers
 from diffcli.data import from_model_range
 from diffcli.devices import autocast, timed
-from diffcli.guidance import guided
-from diffcli.guidance import interval as guidance_interval
 from diffcli.distributed import World, gather_shares, share
+from diffcli.guidance import guided, interval as guidance_interval
 from diffcli.schedules import Schedule
 from diffcli.spec import SamplerSpec
 

@@ -48,9 +48,10 @@ def guided(network: Network, scale: float, null_label: int, active: Optional[Act
 
     def limited(x, t, y):
         on = active(t)
-        if not bool(on.any()):  # one host sync a step: the samplers give every row the same t
+        guided_rows = int(on.sum())  # one host sync a step: the samplers give every row the same t
+        if guided_rows == 0:
             return network(x, t, y)
-        if bool(on.all()):
+        if guided_rows == len(on):
             return mix(x, t, y)
         return torch.where(on.reshape(-1, *([1] * (x.ndim - 1))), mix(x, t, y), network(x, t, y).float())
 

@@ -24,15 +24,15 @@ VARIANCES = ("beta_tilde", "beta")  # DDPM's step variance: the posterior's β̃
 # Classifier-free guidance weight of `diffcli sample`, `diffcli eval` and the training
 # grids when --guidance is not given: it follows how far the model is trained, because a
 # model that has seen few images needs guidance to draw its classes at all, and a better
-# one pays for the same guidance in diversity only (docs/results.md, issue 18). Measured
-# with DDIM 50 and the reference classifiers (class accuracy / classifier-FD):
-#   shapes, 1,000 steps of 32 (32k images): w 2 62.6% / 5.42, 2.5 69.8% / 4.83, 3 74.0% / 4.97;
-#   MNIST, 2,400 steps (77k): 1.5 97.6% / 0.40, 2 99.8% / 0.76, 2.5 / 1.21;
-#   MNIST, 5,085 steps (163k): 1.25 98.1% / 0.20, 1.5 99.3% / 0.33, 2 99.7% / 0.80.
+# one pays for the same guidance in diversity only (docs/results.md, "Right and varied").
+# Measured with DDIM 50 and the augmented reference classifiers (accuracy / classifier-FD):
+#   shapes, 1,000 steps of 32 (32k images): w 2 60.2% / 5.30, 2.5 66.6% / 4.69, 3 71.6% / 4.49;
+#   MNIST, 2,400 steps (77k; the plain classifier): 1.5 97.6% / 0.40, 2 99.8% / 0.76, 2.5 / 1.21;
+#   MNIST, 5,319 steps (170k): 1 95.3% / 0.32, 1.3 98.1% / 0.19, 1.5 99.2% / 0.30, 2 99.8% / 0.80.
 # So w falls by GUIDANCE_PER_DOUBLING for each doubling of the images seen past
 # GUIDANCE_AT images, within [GUIDANCE_FLOOR, GUIDANCE_CEILING]: the floor because even
 # long-trained models score best with some guidance (EDM2's best FID is at w 1.2-1.4), the
-# ceiling because past 3 shapes' accuracy rises slowly while its FD turns.
+# ceiling because beyond 3 shapes' FD turns (eps at 1,000 steps: 4.48 at w 3, 7.00 at 5).
 GUIDANCE_AT = (77_000, 2.0)  # (images seen, w)
 GUIDANCE_PER_DOUBLING = 0.6
 GUIDANCE_FLOOR, GUIDANCE_CEILING = 1.25, 3.0
@@ -135,6 +135,10 @@ class SamplerSpec:
     def describe(self) -> str:
         steps = "default steps" if self.steps is None else f"{self.steps} steps"
         guidance = "auto" if self.guidance is None else f"{self.guidance:g}"
-        where = "" if self.interval is None else f" for σ in ({self.interval[0]:g}, {self.interval[1]:g}]"
-        return f"{self.sampler} {steps}, guidance {guidance}{where}"
+        return f"{self.sampler} {steps}, guidance {guidance}{interval_text(self.interval)}"
+
+
+def interval_text(interval: tuple[float, float] | None) -> str:
+    """' for σ in (0.28, 5.42]' after a guidance weight, or '' when it guides every step."""
+    return "" if interval is None else f" for σ in ({interval[0]:g}, {interval[1]:g}]"
 

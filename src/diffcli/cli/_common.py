@@ -189,5 +189,7 @@ def parse_interval(text: str | None) -> tuple[float, float] | None:
     except ValueError:  # not two parts, or not numbers
         raise UserError(f"--guidance-interval takes two noise levels, LOW,HIGH; got '{text}'.") from None
     return low, high
+
+
 LOG_HELP = "Experiment trackers: none, tensorboard, wandb, or tensorboard,wandb (each an extra: pip install 'diffcli[tensorboard]')."
 WANDB_PROJECT_HELP = "The W&B project (default: $WANDB_PROJECT, else W&B's own)."

@@ -14,7 +14,7 @@ from diffcli.cli._common import (AsJson, BatchSize, Ckpt, DataRoot, Device, Guid
                                  Spacing, Steps, console, parse_interval, print_notice, progress, safe_name, writing)
 from diffcli.cli._ranks import processes, where
 from diffcli.errors import UserError
-from diffcli.spec import SamplerSpec
+from diffcli.spec import SamplerSpec, interval_text
 
 
 def evaluate(
@@ -62,10 +62,8 @@ def evaluate(
 
 
 def _print_report(report: dict) -> None:
-    low_high = report["guidance_interval"]
-    where = "" if low_high is None else f" for σ in ({low_high[0]:g}, {low_high[1]:g}]"
     console.print(f"{report['images']:,} images from {report['model']}: {report['sampler']} {report['steps']} steps, "
-                  f"guidance {report['guidance']:g}{where}, seeds {report['seed']}.., {report['sampling_s']:.1f} s on {report['device']}",
+                  f"guidance {report['guidance']:g}{interval_text(report['guidance_interval'])}, seeds {report['seed']}.., {report['sampling_s']:.1f} s on {report['device']}",
                   highlight=False)
     table = Table(show_header=True, title_justify="left")
     table.add_column("metric")
