@@ -22,14 +22,11 @@ import torch
 from diffcli.checkpoint import load_model
 from diffcli.classifier import load_classifier
 from diffcli.devices import describe, pick_device
-from diffcli.evaluation import EvalOptions, evaluate, real_images
-from diffcli.generate import generate
+from diffcli.evaluation import real_images
 from diffcli.guidance import guided
-from diffcli.images import grid, save
-from diffcli.schedules import make_schedule
 from diffcli.spec import SamplerSpec, interval_text
 
-GRID_SEEDS = 8  # pictures: one row per class, these many seeds
+from _scored import HEADER, scored_row
 
 
 class Autoguided(torch.nn.Module):
@@ -77,8 +74,7 @@ def main() -> None:
     weak = load_model(args.weak, device)[0] if args.weak else None
     clf, _ = load_classifier(args.classifier, device)
     real = real_images(cfg.data.name, args.data_root or cfg.data.root, cfg.model.image_size)
-    schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
-    rows = ["| rule | guidance | class accuracy | classifier-FD | × floor | picture |", "|---|---|---|---|---|---|"]
+    rows = ["| rule | guidance " + HEADER, "|---|---|---|---|---|---|"]
     for text in args.rules.split(";"):
         kind, weight, interval = parse_rule(text)
         if kind == "autoguidance":
@@ -88,25 +84,16 @@ def main() -> None:
         else:
             net, spec = model, SamplerSpec(steps=args.steps, guidance=weight, interval=interval)
         resolved = spec.resolve(cfg.diffusion.timesteps, model.student, model.trained)
-        report, _, _ = evaluate(net, cfg, meta["class_names"], EvalOptions(args.ckpt, spec, args.n, args.seed, memorisation=False),
-                                real, clf)
         shown = weight if kind == "autoguidance" else resolved.guidance
         name = f"{kind}{interval_text(interval)}" + (f" against {args.weak.parent.name}" if kind == "autoguidance" else "")
-        picture = ""
-        if args.pictures:
-            slug = text.replace(" ", "_").replace("@", "_at_").replace(",", "-")
-            labels = [c for c in range(cfg.model.num_classes) for _ in range(GRID_SEEDS)]
-            images = generate(net, schedule, cfg.diffusion.prediction, spec, labels=labels,
-                              seeds=list(range(GRID_SEEDS)) * cfg.model.num_classes)
-            args.pictures.mkdir(parents=True, exist_ok=True)
-            picture = f"![{text}]({save(grid(images, GRID_SEEDS), args.pictures / f'{slug}.png')})"
-        floor = report["classifier_fd_real_floor"]
-        rows.append(f"| {name} | {shown:g} | {report['class_accuracy']:.1%} | {report['classifier_fd']:.3f} | "
-                    f"{report['classifier_fd'] / floor:.2f} | {picture} |")
+        slug = text.replace(" ", "_").replace("@", "_at_").replace(",", "-")
+        row, report = scored_row(f"{name} | {shown:g}", net, cfg, meta["class_names"], args.ckpt, spec, args.n, args.seed,
+                                 real, clf, args.pictures / f"{slug}.png" if args.pictures else None)
+        rows.append(row)
         print(rows[-1], flush=True)
     print("\n".join(rows))
-    print(f"real-image floor {floor:.3f}; {args.n} images per class, seeds {args.seed}..; DDIM {resolved.steps}; "
-          f"{describe(device)}; torch {torch.__version__}")
+    print(f"real-image floor {report['classifier_fd_real_floor']:.3f}; {args.n} images per class, seeds {args.seed}..; "
+          f"DDIM {resolved.steps}; {describe(device)}; torch {torch.__version__}")
 
 
 if __name__ == "__main__":

@@ -37,10 +37,20 @@ def test_benchmark_scripts_run(mnist_root, tmp_path):
     student = tmp_path / "student.safetensors"
     save_model(student, UNet(cfg.model).state_dict(), to_dict(cfg), [str(i) for i in range(10)], 0, 0.0)
     rules_root = shutil.copytree(mnist_root, tmp_path / "rules-data")
+    from diffcli import posthoc
+
+    run = tmp_path / "run"  # a run folder with two EMA snapshots of the untrained network
+    run.mkdir()
+    shutil.copy(model, run / "model.safetensors")
+    for step in (1, 2):
+        posthoc.save_snapshot(run, step, [UNet(cfg.model), UNet(cfg.model)])
+    ema_root = shutil.copytree(mnist_root, tmp_path / "ema-data")
     scripts = {
         "guidance_rules.py": ["--ckpt", str(model), "--classifier", str(clf), "--weak", str(model), "--n", "2", "--steps", "2",
                               "--rules", "auto;1.5@0.28,5.42;auto 2", "--data-root", str(rules_root),
                               "--pictures", str(tmp_path / "rules")],
+        "ema_lengths.py": ["--run", str(run), "--classifier", str(clf), "--lengths", "0.05,0.2", "--n", "2", "--steps", "2",
+                           "--data-root", str(ema_root), "--pictures", str(tmp_path / "ema")],
         "quality_steps.py": ["--ckpt", str(model), "--classifier", str(clf), "--samplers", "ddim,heun", "--budgets", "2,6",
                              "--n", "2", "--out", str(tmp_path / "curve.png"), "--students", str(student)],
         "distill_speed.py": ["--teacher", str(model), "--student", str(student), "--n", "1", "--rounds", "1"],
@@ -66,6 +76,9 @@ def test_benchmark_scripts_run(mnist_root, tmp_path):
     rules = out["guidance_rules.py"]  # an untrained model: step 0, training unknown, so the default weight 2
     assert "| cfg | 2 |" in rules and "| cfg for σ in (0.28, 5.42] | 1.5 |" in rules and "| autoguidance against" in rules
     assert len(list((tmp_path / "rules").glob("*.png"))) == 3
+    lengths = out["ema_lengths.py"]
+    assert "| the run's own (" in lengths and "| post-hoc 0.050 (fit error" in lengths and "| post-hoc 0.200" in lengths
+    assert len(list((tmp_path / "ema").glob("*.png"))) == 3
     assert "ratio diffcli / diffusers" in out["train_throughput.py"] and "718,211" in out["train_throughput.py"]
     assert "ratio diffcli / diffusers" in out["sample_throughput.py"]
     assert "whole process: diffcli sample" in out["sample_throughput.py"]

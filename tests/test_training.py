@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
+from diffcli import ema
 from diffcli.config import preset_config
-from diffcli.fitting import ema_decay_at, ema_update, lr_at
+from diffcli.fitting import lr_at
 from diffcli.training import batch_inputs
 
 
@@ -57,10 +58,10 @@ def test_lr_warmup_then_cosine():
 def test_ema_follows_the_weights_by_its_decay():
     a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     before = a.weight.detach().clone()
-    ema_update(a, b, 0.9)
+    ema.update(a, b, 0.9)
     assert torch.allclose(a.weight, 0.9 * before + 0.1 * b.weight)
-    assert ema_decay_at(0, 0.999) == pytest.approx(0.1)
-    assert ema_decay_at(10**6, 0.999) == 0.999
+    assert ema.classic_decay(1, 0.999) == pytest.approx(0.1)  # the first update: (1 + 0) / (10 + 0)
+    assert ema.classic_decay(10**6, 0.999) == 0.999
 
 
 def test_tiny_run_writes_everything(tiny_run):

@@ -40,8 +40,7 @@ class ModelConfig:
     downsample_padding: int = bounded(1, Range(0, 1))  # 0: pad right and bottom by one instead, as DDPM's TF code
     flip_sin_to_cos: bool = True  # the time embedding as [cos, sin] (True) or [sin, cos]
     freq_shift: int = bounded(0, Range(0, 1))  # its frequencies exp(-ln(1e4) i / (dim/2 - shift))
-    # Filled in from the dataset when training starts.
-    image_size: int = bounded(32, Range(4))
+    image_size: int = bounded(32, Range(4))  # this and the next two: filled in from the dataset
     in_channels: int = bounded(3, AT_LEAST_ONE)
     num_classes: int = bounded(10, NON_NEGATIVE)
 
@@ -52,10 +51,9 @@ class DiffusionConfig:
     # (Nichol & Dhariwal 2021, §3.2).
     schedule: str = "cosine"
     timesteps: int = bounded(1000, Range(2))
-    # "v" (Salimans & Ho 2022) or "eps". v won the step-matched MNIST sweep outright: classifier-FD
-    # 0.40 vs 2.36 at each one's best guidance (2,400 steps). On shapes, scored by a classifier
-    # that grain does not fool, eps is 7 points more accurate at an equal best FD (4.48 vs 4.49):
-    # v loses less where it loses, so it stays (docs/results.md, benchmarks/tune_mnist.py).
+    # "v" (Salimans & Ho 2022) or "eps". v won the step-matched MNIST sweep outright: classifier-FD 0.40
+    # vs 2.36 at each one's best guidance (2,400 steps). On shapes, scored by a classifier grain does not
+    # fool, eps is 7 points more accurate at an equal best FD (4.48 vs 4.49): v loses less, so it stays (results.md).
     prediction: str = "v"
 
 
@@ -80,6 +78,9 @@ class TrainConfig:
     weight_decay: float = bounded(0.0, NON_NEGATIVE)
     grad_clip: float = bounded(1.0, NON_NEGATIVE)  # 0: off
     ema_decay: float = bounded(0.999, SHARE)
+    # Post-hoc EMA (EDM2): save the two power-function EMAs every N steps, so that `diffcli ema`
+    # can make the model for any EMA length afterwards (posthoc.py); 0: no snapshots.
+    ema_snapshot_every: int = bounded(0, NON_NEGATIVE)
     label_dropout: float = bounded(0.1, SHARE)  # share of labels replaced by "no label" (for guidance)
     # Min-SNR-γ loss weighting (Hang et al. 2023) with their γ = 5: on shapes it turned 3-minute
     # CPU runs from colour blobs into single objects; 0 gives the plain MSE of DDPM.
@@ -175,8 +176,7 @@ def _apply(obj, values: dict, section: str):
     hints = typing.get_type_hints(type(obj))
     for key, value in values.items():
         if key not in hints:
-            known = ", ".join(hints)
-            raise UserError(f"unknown config key '{section}.{key}'; known keys in '{section}': {known}.")
+            raise UserError(f"unknown config key '{section}.{key}'; known keys in '{section}': {', '.join(hints)}.")
         setattr(obj, key, _coerce(value, hints[key], f"{section}.{key}"))
 
 

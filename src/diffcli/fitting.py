@@ -27,7 +27,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from diffcli import compiling
+from diffcli import compiling, posthoc
 from diffcli.config import RunConfig, TrainConfig, save_yaml
 from diffcli.devices import autocast, memory_format, pick_device
 from diffcli.distributed import World, any_rank, barrier, mean_over_ranks
@@ -74,18 +74,6 @@ def lr_at(step: int, cfg, progress: float) -> float:
     return cfg.lr * warm * decay
 
 
-def ema_decay_at(step: int, decay: float) -> float:
-    """EMA warm-up (1 + n) / (10 + n), capped at `decay`: early on the average follows the
-    weights closely, so short runs are not sampled from an average of random inits."""
-    return min(decay, (1 + step) / (10 + step))
-
-
-@torch.no_grad()
-def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    ema_params = list(ema.parameters())
-    torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1 - decay)
-
-
 def grid_spec(cfg: RunConfig, step: int) -> SamplerSpec:
     """How the grids are drawn: a distilled student as it was made to be sampled; a
     trained model with cheap DDIM (`train.grid_steps`), good enough to judge progress, at
@@ -125,8 +113,9 @@ def fit(cfg: RunConfig, make_task: Callable[[torch.device, torch.memory_format],
         state.load(out)
     else:
         start(state)
-    if world.is_main:  # the metrics after the checkpoint resumed from; all of them when starting over
+    if world.is_main:  # the metrics and snapshots after the checkpoint resumed from; all of them when starting over
         truncate_metrics(out, state.step)
+        posthoc.truncate(out, state.step)
         save_yaml(cfg, out / "config.yaml")
     task = make_task(device, layout)
     limits = Limits(tc, task.per_epoch)
@@ -134,7 +123,7 @@ def fit(cfg: RunConfig, make_task: Callable[[torch.device, torch.memory_format],
     report("start", device=device, steps_per_epoch=task.per_epoch, total_steps=limits.total_steps, batch=task.size,
            budget_s=limits.budget_s, step=state.step, params=params, world=world.size)
     if world.is_main:
-        check_free_space(out, params)
+        check_free_space(out, params, len(state.profiles))
     model = _prepared(state.net, cfg, task, world, device, report)
     with tracking(cfg, out, state.step, resume, world, report) as report:  # rank 0 logs to the trackers asked for
         return _loop(cfg, task, state, model, limits, out, report, should_stop, world, device)
@@ -155,13 +144,16 @@ def _loop(cfg: RunConfig, task: Task, state: TrainState, model, limits: Limits, 
         meter.add(loss, lr)
         guard.watch(loss, state.step)
         report("step", step=state.step)
-        if state.step % LOG_EVERY and state.step % tc.sample_every:
-            continue  # bookkeeping (the only host syncs) every LOG_EVERY and sample_every steps
+        snapshot = bool(state.profiles) and state.step % tc.ema_snapshot_every == 0
+        if state.step % LOG_EVERY and state.step % tc.sample_every and not snapshot:
+            continue  # bookkeeping (the only host syncs) every LOG_EVERY, sample_every and ema_snapshot_every steps
         if guard.check(state, out, report, world):  # rolled back to the last good state
             meter.restart(state.step)
             continue
         if state.step % LOG_EVERY == 0:
             meter.log(state.step)
+        if snapshot and world.is_main and state.step % tc.sample_every:  # a checkpoint saves one anyway
+            _snapshot(out, state)
         if state.step % tc.sample_every == 0 and world.is_main:
             paused = time.monotonic()
             grid_path = _checkpoint(out, cfg, state, task, report)
@@ -192,7 +184,7 @@ def _optimizer_step(model, state: TrainState, tc: TrainConfig, task: Task, lr: f
     if tc.grad_clip:
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
     state.opt.step()
-    ema_update(state.ema, state.net, ema_decay_at(state.step, tc.ema_decay))
+    state.average(tc.ema_decay)
     return loss.detach()
 
 
@@ -309,6 +301,8 @@ def _checkpoint(out: Path, cfg: RunConfig, state: TrainState, task: Task, report
     except OSError as e:  # disk full, folder removed, permissions changed mid-run
         raise UserError(f"could not write the checkpoint for step {state.step} to '{out}' ({e.strerror or e}); "
                         f"the previous checkpoint there is intact.") from None
+    if state.profiles:  # so the last snapshot is the model's step, which `diffcli ema` reconstructs at
+        _snapshot(out, state)
     report("checkpoint", step=state.step, path=out / MODEL_FILE)
     path = sample_grid(state.ema, cfg, task.class_names, out / "samples" / f"step_{state.step:07d}.png", cfg.train.seed,
                        state.step)
@@ -316,6 +310,14 @@ def _checkpoint(out: Path, cfg: RunConfig, state: TrainState, task: Task, report
     report("grid", step=state.step, path=path)
     _plot_loss(out, report)
     return path
+
+
+def _snapshot(out: Path, state: TrainState) -> None:
+    try:
+        posthoc.save_snapshot(out, state.step, state.profiles)
+    except OSError as e:
+        raise UserError(f"could not write the EMA snapshot for step {state.step} to '{out}' ({e.strerror or e}); "
+                        f"the checkpoint there is intact.") from None
 
 
 def _plot_loss(out: Path, report) -> None:

@@ -6,6 +6,7 @@ and the summaries `diffcli inspect` prints of a run folder or a checkpoint file.
               config.yaml              the resolved config, accepted back by --config
               metrics.jsonl            one line per LOG_EVERY steps
               samples/step_*.png       one grid per checkpoint; samples/latest.png
+              ema_snapshots/step_*     post-hoc EMA profiles, with --ema-snapshot-every (posthoc.py)
               loss.png                 the loss curve (with the plots extra)
 """
 
@@ -25,6 +26,7 @@ from diffcli.spec import default_guidance
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.safetensors"
 METRICS_FILE = "metrics.jsonl"
+SNAPSHOT_DIR = "ema_snapshots"
 
 
 def prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
@@ -73,14 +75,15 @@ def resumed(saved: RunConfig, values: dict) -> RunConfig:
     return saved
 
 
-def checkpoint_bytes(params: int) -> int:
-    """Disk a run needs at most: train_state (weights, EMA, two Adam moments) + the model
-    file, each written beside its predecessor before the rename, plus room for grids."""
-    return 2 * (4 + 1) * 4 * params + 50_000_000
+def checkpoint_bytes(params: int, profiles: int = 0) -> int:
+    """Disk a run needs at least: train_state (weights, EMA, two Adam moments, the post-hoc
+    EMA profiles) + the model file, each written beside its predecessor before the rename,
+    plus room for grids (EMA snapshots come on top: 4 bytes per parameter and profile each)."""
+    return 2 * (4 + profiles + 1) * 4 * params + 50_000_000
 
 
-def check_free_space(out: Path, params: int) -> None:
-    need, free = checkpoint_bytes(params), shutil.disk_usage(out).free
+def check_free_space(out: Path, params: int, profiles: int = 0) -> None:
+    need, free = checkpoint_bytes(params, profiles), shutil.disk_usage(out).free
     if free < need:
         raise UserError(f"only {free / 1e6:.0f} MB free in '{out}', and this run's checkpoints need about "
                         f"{need / 1e6:.0f} MB; free some space or choose another --out.")
@@ -124,6 +127,10 @@ def run_summary(run_dir: Path) -> dict:
         last = records[-1]
         info.update({"last_step": last["step"], "last_loss": round(last["loss"], 5),
                      "images_per_s": round(last["images_per_s"], 1), "minutes_this_session": round(last["elapsed_s"] / 60, 1)})
+    snapshots = sorted((run_dir / SNAPSHOT_DIR).glob("step_*.safetensors"))
+    if snapshots:
+        size = sum(p.stat().st_size for p in snapshots)
+        info["ema_snapshots"] = f"{len(snapshots)}, {size / 1e6:.0f} MB (diffcli ema --run {run_dir} --length L)"
     for key, name in (("latest_grid", "samples/latest.png"), ("loss_curve", "loss.png")):
         if (run_dir / name).exists():
             info[key] = str(run_dir / name)

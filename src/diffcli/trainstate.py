@@ -1,8 +1,8 @@
 """`TrainState`: everything a training run carries from step to step, in one object that
 saves, loads, snapshots and restores itself.
 
-Saved without pickle as `train_state.safetensors` (raw and EMA weights, optimizer
-moments, the batch generator's and torch's RNG states; the optimizer's hyper-parameters
+Saved without pickle as `train_state.safetensors` (raw and EMA weights, the post-hoc
+EMA profiles when the run keeps them, optimizer moments, the batch generator's and torch's RNG states; the optimizer's hyper-parameters
 as JSON metadata) beside `model.safetensors` (the EMA weights, enough to sample). So a
 resumed run continues the same random sequence, bit for bit.
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from diffcli import checkpoint
+from diffcli import checkpoint, ema
 from diffcli.config import RunConfig, to_dict
 from diffcli.devices import fused_adamw
 from diffcli.distributed import World, max_over_ranks
@@ -36,6 +36,7 @@ class TrainState:
     ema: torch.nn.Module  # their exponential moving average: what is sampled
     opt: torch.optim.Optimizer
     batch_gen: torch.Generator  # timesteps, noise, label dropout and flips (CPU)
+    profiles: list[torch.nn.Module]  # power-function EMAs for post-hoc EMA (ema.PROFILES), or none
     step: int = 0
 
     @classmethod
@@ -43,9 +44,18 @@ class TrainState:
         """A fresh state: weights from torch's global generator (seed it first), as usual."""
         tc = cfg.train
         net = UNet(cfg.model).to(device, memory_format=layout)
-        ema = copy.deepcopy(net).eval().requires_grad_(False)
+        averaged = copy.deepcopy(net).eval().requires_grad_(False)
         opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=fused_adamw(device))
-        return cls(net, ema, opt, torch.Generator().manual_seed(tc.seed))
+        profiles = [copy.deepcopy(averaged) for _ in ema.PROFILES] if tc.ema_snapshot_every else []
+        return cls(net, averaged, opt, torch.Generator().manual_seed(tc.seed), profiles)
+
+    @torch.no_grad()
+    def average(self, decay: float) -> None:
+        """Fold the weights after step `self.step + 1` into the EMA and the profiles."""
+        t = self.step + 1
+        ema.update(self.ema, self.net, ema.classic_decay(t, decay))
+        for sigma_rel, profile in zip(ema.PROFILES, self.profiles):
+            ema.update(profile, self.net, ema.power_decay(t, sigma_rel))
 
     # --- files -----------------------------------------------------------------------
 
@@ -54,6 +64,7 @@ class TrainState:
         opt_sd = self.opt.state_dict()
         tensors = {f"model.{k}": v for k, v in self.net.state_dict().items()}
         tensors.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
+        tensors.update({f"profile{i}.{k}": v for i, p in enumerate(self.profiles) for k, v in p.state_dict().items()})
         for pid, st in opt_sd["state"].items():
             for k, v in st.items():
                 tensors[f"opt.{pid}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
@@ -77,6 +88,10 @@ class TrainState:
             raise UserError(f"cannot resume: '{path}' is damaged ({e}).") from None
         self.net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         self.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        if not any(k.startswith("profile") for k in tensors):
+            self.profiles = []  # a run from before post-hoc EMA: it goes on without snapshots
+        for i, profile in enumerate(self.profiles):
+            profile.load_state_dict({k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"profile{i}.")})
         state: dict[int, dict] = {}
         for k, v in tensors.items():
             if k.startswith("opt."):
@@ -97,12 +112,15 @@ class TrainState:
     # --- in memory (the rollback after a non-finite loss) -------------------------------
 
     def snapshot(self) -> tuple:
-        return (self.step, *(copy.deepcopy(m.state_dict()) for m in (self.net, self.ema, self.opt)), self.batch_gen.get_state())
+        return (self.step, *(copy.deepcopy(m.state_dict()) for m in (self.net, self.ema, self.opt, *self.profiles)),
+                self.batch_gen.get_state())
 
     def restore(self, snap: tuple) -> None:
-        self.step, net_sd, ema_sd, opt_sd, gen_state = snap
+        self.step, net_sd, ema_sd, opt_sd, *profile_sds, gen_state = snap
         self.net.load_state_dict(net_sd)
         self.ema.load_state_dict(ema_sd)
+        for profile, sd in zip(self.profiles, profile_sds):
+            profile.load_state_dict(sd)
         self.opt.load_state_dict(copy.deepcopy(opt_sd))
         self.batch_gen.set_state(gen_state)
 

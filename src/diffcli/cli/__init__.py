@@ -9,7 +9,7 @@ from __future__ import annotations
 import typer
 
 from diffcli import __version__
-from diffcli.cli import distill, edit, evaluate, hub, info, sample, train
+from diffcli.cli import distill, edit, ema, evaluate, hub, info, sample, train
 from diffcli.cli._common import console, user_command
 
 app = typer.Typer(
@@ -41,6 +41,7 @@ COMMANDS = {  # name: function, in the order `diffcli --help` lists them
     "sample": sample.sample,
     "compare": sample.compare,
     "eval": evaluate.evaluate,
+    "ema": ema.ema,
     "edit": edit.edit,
     "interpolate": edit.interpolate,
     "export": hub.export,

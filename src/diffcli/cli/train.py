@@ -39,6 +39,7 @@ def train(
     lr_schedule: _opt(str, TrainConfig, "lr_schedule", "constant or cosine (after warm-up).") = None,
     warmup_steps: _opt(int, TrainConfig, "warmup_steps", "Linear learning-rate warm-up steps (default: preset).") = None,
     ema_decay: _opt(float, TrainConfig, "ema_decay", "EMA decay of the weights used for sampling (default: preset).") = None,
+    ema_snapshot_every: _opt(int, TrainConfig, "ema_snapshot_every", "Save the post-hoc EMA profiles every N steps, for `diffcli ema` (0: off; default: preset).") = None,
     label_dropout: _opt(float, TrainConfig, "label_dropout", f"Share of labels dropped, for classifier-free guidance (default: {TrainConfig.label_dropout:g}).") = None,
     min_snr_gamma: _opt(float, TrainConfig, "min_snr_gamma", f"Min-SNR-γ loss weighting; 0 = plain MSE (default: {TrainConfig.min_snr_gamma:g}).") = None,
     grad_clip: _opt(float, TrainConfig, "grad_clip", f"Clip the gradient norm at this value; 0 turns clipping off (default: {TrainConfig.grad_clip:g}).") = None,

@@ -1,0 +1,121 @@
+"""Post-hoc EMA (ema.py, posthoc.py, `diffcli ema`): the coefficient maths against the
+recurrence it stands for, and reconstructions against EMAs tracked during a real run."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from diffcli import ema, posthoc
+from diffcli.cli import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def recurrence(betas: torch.Tensor) -> torch.Tensor:
+    """By brute force: how much of θ_0..θ_T the average holds after each step, [T + 1, T]."""
+    w = torch.zeros(len(betas) + 1, dtype=torch.float64)
+    w[0] = 1.0
+    out = []
+    for t, beta in enumerate(betas.tolist(), start=1):
+        w = beta * w
+        w[t] += 1 - beta
+        out.append(w.clone())
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("betas", [ema.classic_betas(60, 0.9), ema.power_betas(60, 0.1)], ids=["classic", "power"])
+def test_coefficients_match_the_recurrence_per_step_and_per_bin(betas):
+    exact = recurrence(betas)
+    at = torch.tensor([7, 30, 60])
+    per_step = ema.coefficients(betas, at, torch.arange(-1, 61))
+    assert torch.allclose(per_step, exact[:, at - 1], rtol=1e-10, atol=1e-13)
+    edges = torch.tensor([-1, 0, 7, 19, 30, 45, 60])
+    binned = ema.coefficients(betas, at, edges)
+    expected = torch.stack([exact[a + 1:b + 1, at - 1].sum(0) for a, b in zip(edges[:-1], edges[1:])])
+    assert torch.allclose(binned, expected, rtol=1e-10, atol=1e-13)
+
+
+def test_power_profile_lengths_match_edm2():
+    for sigma_rel, gamma in ((0.05, 16.97), (0.10, 6.94)):  # EDM2's two profiles (its Table/phema.py)
+        assert ema.sigma_rel_to_gamma(sigma_rel) == pytest.approx(gamma, abs=0.01)
+        assert ema.gamma_to_sigma_rel(ema.sigma_rel_to_gamma(sigma_rel)) == pytest.approx(sigma_rel, rel=1e-12)
+    # The relative standard deviation of the ages, measured on the steps, is the closed form's.
+    steps = 4000
+    w = ema.coefficients(ema.power_betas(steps, 0.1), torch.tensor([steps]), torch.arange(-1, steps + 1))[:, 0]
+    age = torch.arange(steps, -1, -1, dtype=torch.float64) / steps
+    mean = (w * age).sum()
+    assert math.sqrt((w * (age - mean) ** 2).sum()) == pytest.approx(0.1, rel=0.01)
+
+
+def test_classic_ema_length_is_its_window_once_warm():
+    # An exponential window of decay d has ages of standard deviation sqrt(d) / (1 - d) steps.
+    assert ema.classic_sigma_rel(5000, 0.99) == pytest.approx(math.sqrt(0.99) / 0.01 / 5000, rel=1e-3)
+
+
+def test_solve_is_exact_with_a_snapshot_every_step_and_improves_with_more():
+    steps = 200
+    profiles = [ema.power_betas(steps, s) for s in ema.PROFILES]
+    every = [(k, b) for k in range(1, steps + 1) for b in profiles]
+    x, error = ema.solve(every, ema.classic_betas(steps, 0.97))
+    assert error < 1e-8 and x.sum() == pytest.approx(1.0)
+    errors = [ema.solve([(k, b) for k in range(gap, steps + 1, gap) for b in profiles], ema.power_betas(steps, 0.08))[1]
+              for gap in (50, 10, 2)]
+    assert errors[0] > errors[1] > errors[2] and errors[1] < 0.05, errors
+
+
+def test_reconstructions_match_the_emas_a_resumed_run_tracked(tmp_path):
+    """12 steps, a resume to 24, a snapshot after every step: the run's own EMA, rebuilt
+    from the snapshots, equals the model it saved, and `diffcli ema` at a profile's length
+    gives that profile as the run tracked it (in train_state), within float tolerance."""
+    out = tmp_path / "run"
+    common = ["--data", "shapes", "--limit", "48", "--image-size", "16", "--preset", "tiny", "--sample-every", "12",
+              "--ema-snapshot-every", "1", "--ema-decay", "0.95"]
+    assert run("train", *common, "--max-steps", "12", "--out", out).exit_code == 0
+    stray = out / posthoc.SNAPSHOT_DIR / "step_0000099.safetensors"  # as a crashed later session would leave
+    stray.write_bytes((out / posthoc.SNAPSHOT_DIR / "step_0000012.safetensors").read_bytes())
+    r = run("train", "--out", out, "--resume", "--max-steps", "24")
+    assert r.exit_code == 0, r.output
+    assert sorted(posthoc.snapshots(out)) == list(range(1, 25)), "the stray snapshot past the checkpoint must go"
+    assert json.loads(run("inspect", out, "--json").output)["ema_snapshots"].startswith("24, ")
+
+    model = load_file(str(out / "model.safetensors"))
+    rebuilt, meta, error = posthoc.reconstruct(out, lambda steps: ema.classic_betas(steps, 0.95))
+    assert meta["step"] == 24 and error < 1e-6
+    scale = max(v.abs().max().item() for v in model.values())
+    assert max((rebuilt[k] - model[k]).abs().max().item() for k in model) < 1e-5 * scale
+
+    state = load_file(str(out / "train_state.safetensors"))
+    r = run("ema", "--run", out, "--length", f"{ema.PROFILES[1]}")
+    assert r.exit_code == 0, r.output
+    made = load_file(str(out / f"ema-{ema.PROFILES[1]:.3f}.safetensors"))
+    tracked = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("profile1.")}
+    assert made.keys() == model.keys()
+    assert max((made[k] - tracked[k]).abs().max().item() for k in tracked) < 1e-5 * scale
+    assert run("sample", "--ckpt", out / f"ema-{ema.PROFILES[1]:.3f}.safetensors", "--n", "1", "--steps", "2",
+               "--out", tmp_path / "s.png").exit_code == 0
+
+
+def test_ema_refuses_what_it_cannot_do(tmp_path):
+    out = tmp_path / "plain"
+    assert run("train", "--data", "shapes", "--limit", "48", "--image-size", "16", "--preset", "tiny", "--max-steps", "2",
+               "--out", out).exit_code == 0
+    for args, fragment in ((["--length", "0.1"], "has no EMA snapshots"),
+                           (["--length", "0.05,0.1", "--out", tmp_path / "one.safetensors"], "--out names one file"),
+                           (["--length", "0.3"], "at most 0.289")):
+        r = run("ema", "--run", out, *args)
+        assert r.exit_code == 1 and "Traceback" not in r.output and fragment in " ".join(r.output.split()), r.output
+    # A new run in the folder leaves none of the old run's snapshots behind.
+    assert run("train", "--data", "shapes", "--limit", "48", "--image-size", "16", "--preset", "tiny", "--max-steps", "2",
+               "--ema-snapshot-every", "1", "--out", out, "--overwrite").exit_code == 0
+    assert sorted(posthoc.snapshots(out)) == [1, 2]
+    assert run("train", "--data", "shapes", "--limit", "48", "--image-size", "16", "--preset", "tiny", "--max-steps", "1",
+               "--out", out, "--overwrite").exit_code == 0
+    assert posthoc.snapshots(out) == {}
