@@ -19,6 +19,7 @@ from diffcli.checkpoint import load_model
 from diffcli.classifier import load_classifier
 from diffcli.devices import describe, pick_device
 from diffcli.evaluation import real_images
+from diffcli.runs import snapshots
 from diffcli.spec import SamplerSpec
 
 from _scored import HEADER, scored_row
@@ -38,14 +39,12 @@ def main() -> None:
     args = p.parse_args()
 
     device = pick_device(args.device)
-    _, cfg, _ = load_model(args.run / "model.safetensors")
-    steps = max(posthoc.snapshots(args.run))
-    own = ema.classic_sigma_rel(steps, cfg.train.ema_decay)
+    _, cfg, meta = load_model(args.run / "model.safetensors")
+    own = ema.classic_sigma_rel(meta["step"], cfg.train.ema_decay)
     models = [(f"the run's own ({own:.3f})", args.run / "model.safetensors")]
-    for text in args.lengths.split(","):
-        path = args.run / f"ema-{float(text):.3f}.safetensors"
-        error = posthoc.write_model(args.run, float(text), path)
-        models.append((f"post-hoc {float(text):.3f} (fit error {error:.1%})", path))
+    lengths = [float(text) for text in args.lengths.split(",")]
+    for sigma_rel, (path, error) in zip(lengths, posthoc.write_models(args.run, lengths)):
+        models.append((f"post-hoc {sigma_rel:g} (fit error {error:.1%})", path))
     clf, _ = load_classifier(args.classifier, device)
     real = real_images(cfg.data.name, args.data_root or cfg.data.root, cfg.model.image_size)
     rows = ["| EMA (length) " + HEADER, "|---|---|---|---|---|"]
@@ -56,7 +55,7 @@ def main() -> None:
         rows.append(row)
         print(row, flush=True)
     print("\n".join(rows))
-    print(f"step {steps}, {len(posthoc.snapshots(args.run))} snapshots; real-image floor "
+    print(f"step {meta['step']}, {len(snapshots(args.run))} snapshots; real-image floor "
           f"{report['classifier_fd_real_floor']:.3f}; {args.n} images per class, seeds {args.seed}..; "
           f"guidance {report['guidance']:g}; {describe(device)}; torch {torch.__version__}")
 

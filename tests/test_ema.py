@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from diffcli import ema, posthoc
 from diffcli.cli import app
+from diffcli.runs import snapshots
 
 runner = CliRunner()
 
@@ -63,11 +64,11 @@ def test_classic_ema_length_is_its_window_once_warm():
 def test_solve_is_exact_with_a_snapshot_every_step_and_improves_with_more():
     steps = 200
     profiles = [ema.power_betas(steps, s) for s in ema.PROFILES]
-    every = [(k, b) for k in range(1, steps + 1) for b in profiles]
-    x, error = ema.solve(every, ema.classic_betas(steps, 0.97))
-    assert error < 1e-8 and x.sum() == pytest.approx(1.0)
-    errors = [ema.solve([(k, b) for k in range(gap, steps + 1, gap) for b in profiles], ema.power_betas(steps, 0.08))[1]
-              for gap in (50, 10, 2)]
+    x, error = ema.solve(list(range(1, steps + 1)), profiles, ema.classic_betas(steps, 0.97))
+    assert error < 1e-8 and x.shape == (steps, 2) and x.sum() == pytest.approx(1.0)
+    x, error = ema.solve([100, 200], profiles, ema.power_betas(steps, ema.PROFILES[1]))
+    assert error < 1e-9 and torch.allclose(x, torch.tensor([[0, 0], [0, 1.0]], dtype=torch.float64), atol=1e-6)
+    errors = [ema.solve(list(range(gap, steps + 1, gap)), profiles, ema.power_betas(steps, 0.08))[1] for gap in (50, 10, 2)]
     assert errors[0] > errors[1] > errors[2] and errors[1] < 0.05, errors
 
 
@@ -83,11 +84,11 @@ def test_reconstructions_match_the_emas_a_resumed_run_tracked(tmp_path):
     stray.write_bytes((out / posthoc.SNAPSHOT_DIR / "step_0000012.safetensors").read_bytes())
     r = run("train", "--out", out, "--resume", "--max-steps", "24")
     assert r.exit_code == 0, r.output
-    assert sorted(posthoc.snapshots(out)) == list(range(1, 25)), "the stray snapshot past the checkpoint must go"
+    assert sorted(snapshots(out)) == list(range(1, 25)), "the stray snapshot past the checkpoint must go"
     assert json.loads(run("inspect", out, "--json").output)["ema_snapshots"].startswith("24, ")
 
     model = load_file(str(out / "model.safetensors"))
-    rebuilt, meta, error = posthoc.reconstruct(out, lambda steps: ema.classic_betas(steps, 0.95))
+    [(rebuilt, error)], meta = posthoc.reconstruct(out, [lambda steps: ema.classic_betas(steps, 0.95)])
     assert meta["step"] == 24 and error < 1e-6
     scale = max(v.abs().max().item() for v in model.values())
     assert max((rebuilt[k] - model[k]).abs().max().item() for k in model) < 1e-5 * scale
@@ -95,27 +96,49 @@ def test_reconstructions_match_the_emas_a_resumed_run_tracked(tmp_path):
     state = load_file(str(out / "train_state.safetensors"))
     r = run("ema", "--run", out, "--length", f"{ema.PROFILES[1]}")
     assert r.exit_code == 0, r.output
-    made = load_file(str(out / f"ema-{ema.PROFILES[1]:.3f}.safetensors"))
+    made = load_file(str(out / f"ema-{ema.PROFILES[1]:g}.safetensors"))
     tracked = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("profile1.")}
     assert made.keys() == model.keys()
     assert max((made[k] - tracked[k]).abs().max().item() for k in tracked) < 1e-5 * scale
-    assert run("sample", "--ckpt", out / f"ema-{ema.PROFILES[1]:.3f}.safetensors", "--n", "1", "--steps", "2",
+    assert run("sample", "--ckpt", out / f"ema-{ema.PROFILES[1]:g}.safetensors", "--n", "1", "--steps", "2",
                "--out", tmp_path / "s.png").exit_code == 0
 
 
 def test_ema_refuses_what_it_cannot_do(tmp_path):
-    out = tmp_path / "plain"
-    assert run("train", "--data", "shapes", "--limit", "48", "--image-size", "16", "--preset", "tiny", "--max-steps", "2",
-               "--out", out).exit_code == 0
-    for args, fragment in ((["--length", "0.1"], "has no EMA snapshots"),
-                           (["--length", "0.05,0.1", "--out", tmp_path / "one.safetensors"], "--out names one file"),
-                           (["--length", "0.3"], "at most 0.289")):
-        r = run("ema", "--run", out, *args)
+    tiny = ["--data", "shapes", "--limit", "48", "--image-size", "16", "--preset", "tiny"]
+    out, other = tmp_path / "plain", tmp_path / "other"
+    assert run("train", *tiny, "--max-steps", "2", "--out", out).exit_code == 0
+    assert run("train", *tiny, "--max-steps", "2", "--ema-snapshot-every", "1", "--out", other,
+               "--config", _wider(tmp_path)).exit_code == 0
+
+    def refused(fragment, *args):
+        r = run("ema", *args)
         assert r.exit_code == 1 and "Traceback" not in r.output and fragment in " ".join(r.output.split()), r.output
-    # A new run in the folder leaves none of the old run's snapshots behind.
-    assert run("train", "--data", "shapes", "--limit", "48", "--image-size", "16", "--preset", "tiny", "--max-steps", "2",
-               "--ema-snapshot-every", "1", "--out", out, "--overwrite").exit_code == 0
-    assert sorted(posthoc.snapshots(out)) == [1, 2]
-    assert run("train", "--data", "shapes", "--limit", "48", "--image-size", "16", "--preset", "tiny", "--max-steps", "1",
-               "--out", out, "--overwrite").exit_code == 0
-    assert posthoc.snapshots(out) == {}
+
+    refused("holds no EMA snapshots", "--run", out, "--length", "0.1")
+    refused("is not a run folder", "--run", out / "model.safetensors", "--length", "0.1")
+    refused("--out names one file", "--run", out, "--length", "0.05,0.1", "--out", tmp_path / "one.safetensors")
+    refused("must be in (0, 0.28]", "--run", out, "--length", "0.3")
+    # A snapshot of another network, a damaged one, and the run's own model as --out.
+    (out / "ema_snapshots").mkdir()
+    (out / "ema_snapshots" / "step_0000001.safetensors").write_bytes((other / "ema_snapshots" / "step_0000001.safetensors").read_bytes())
+    refused("does not match the model file", "--run", out, "--length", "0.1")
+    (out / "ema_snapshots" / "step_0000001.safetensors").write_bytes(b"\x02" + b"\0" * 7 + b"{}")
+    refused("is not a diffcli EMA snapshot", "--run", out, "--length", "0.1")
+    cut = (other / "ema_snapshots" / "step_0000002.safetensors").read_bytes()
+    (other / "ema_snapshots" / "step_0000002.safetensors").write_bytes(cut[:-100])
+    refused("could not be read: it looks damaged", "--run", other, "--length", "0.1")
+    (other / "ema_snapshots" / "step_0000002.safetensors").write_bytes(cut)
+    refused("is the run's own model", "--run", other, "--length", "0.1", "--out", other / "model.safetensors")
+
+    # A new run in the folder leaves none of the old run's snapshots, or models made from them, behind.
+    assert run("ema", "--run", other, "--length", "0.1").exit_code == 0 and (other / "ema-0.1.safetensors").exists()
+    assert run("train", *tiny, "--max-steps", "1", "--out", other, "--overwrite").exit_code == 0
+    assert snapshots(other) == {} and not (other / "ema-0.1.safetensors").exists()
+
+
+def _wider(tmp_path):
+    """A config whose network differs from the tiny preset's (another run's snapshots)."""
+    path = tmp_path / "wider.yaml"
+    path.write_text("model:\n  base_channels: 16\n")
+    return path

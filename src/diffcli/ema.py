@@ -14,9 +14,10 @@ Post-hoc EMA: every average is a linear combination of θ_0..θ_T, with coeffici
 follow from its β sequence alone (`coefficients`). So an EMA that was never tracked is
 approximated by the combination of saved snapshots whose coefficients come closest to
 its own, in least squares (`solve`). EDM2 (Algorithm 3) solves this in continuous time;
-here it is solved over the actual steps, so with a snapshot every step the reconstruction
-is exact, and otherwise it is exact in every way except where the snapshots cannot tell
-steps apart.
+here it is solved over the actual steps, grouped into at most about MAX_BINS bins
+between the snapshot steps (every step is its own bin in runs up to that length). With
+a snapshot every step the reconstruction is exact; otherwise the fit error `solve`
+reports says how far the best combination is from the target, measured per step.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import math
 import torch
 
 PROFILES = (0.05, 0.10)  # σ_rel of the two tracked power-function EMAs: EDM2's choice
-MAX_BINS = 4096  # steps are grouped into at most about this many bins between snapshots (memory)
+MAX_BINS = 4096  # a longer run's steps are grouped into about this many bins (memory and time)
 
 
 @torch.no_grad()
@@ -48,7 +49,7 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     root of γ³ + 7γ² + (16 - σ⁻²)γ + (12 - σ⁻²) (EDM2 eq. 126, Algorithm 2)."""
     t = sigma_rel ** -2
     roots = torch.linalg.eigvals(torch.tensor([[-7.0, t - 16, t - 12], [1, 0, 0], [0, 1, 0]], dtype=torch.float64))
-    return max(r.real.item() for r in roots if abs(r.imag.item()) < 1e-9)
+    return roots.real.max().item()  # as EDM2's std_to_exp
 
 
 def gamma_to_sigma_rel(gamma: float) -> float:
@@ -63,13 +64,12 @@ def power_decay(step: int, sigma_rel: float) -> float:
 
 def power_betas(steps: int, sigma_rel: float) -> torch.Tensor:
     """β_1..β_steps of a power-function EMA, in float64."""
-    t = torch.arange(1, steps + 1, dtype=torch.float64)
-    return (1 - 1 / t) ** (sigma_rel_to_gamma(sigma_rel) + 1)
+    return torch.tensor([power_decay(t, sigma_rel) for t in range(1, steps + 1)], dtype=torch.float64)
 
 
 def classic_betas(steps: int, decay: float) -> torch.Tensor:
-    t = torch.arange(1, steps + 1, dtype=torch.float64)
-    return torch.minimum(torch.full_like(t, decay), t / (t + 9))
+    """β_1..β_steps of the run's own EMA, in float64."""
+    return torch.tensor([classic_decay(t, decay) for t in range(1, steps + 1)], dtype=torch.float64)
 
 
 def classic_sigma_rel(steps: int, decay: float) -> float:
@@ -91,9 +91,10 @@ def coefficients(betas: torch.Tensor, at: torch.Tensor, edges: torch.Tensor) -> 
     and the sum over a bin is a difference of a log-cumulative-sum-exp. Returns
     [bins, len(at)], float64."""
     beta = torch.cat([torch.zeros(1, dtype=torch.float64), betas.double()])  # β_0..β_T
-    # β_0 = 0 and a power EMA's β_1 = 0 become 1e-300: a shift of L that cancels in L_k - L_s,
-    # which leaves θ_0 (weighted Π β_j) next to nothing where β_1 = 0, as it should.
-    log_beta = torch.log(beta.clamp(min=1e-300))
+    # A power EMA's β_1 = 0 becomes 1e-30: a shift of L that cancels in L_k - L_s for s ≥ 1,
+    # and leaves θ_0 (weighted Π β_j) a share of 1e-30 or less, as good as none.
+    log_beta = torch.log(beta.clamp(min=1e-30))
+    log_beta[0] = 0.0  # β_0 only stands for the start: (1 - β_0) exp(L_k - L_0) = Π β_j
     cum = torch.cumsum(log_beta, 0)  # L_s
     g = torch.logcumsumexp(torch.log1p(-beta) - cum, 0)  # log Σ_{s' ≤ s} (1 - β_s') exp(-L_s')
     hi = g[edges[1:]]
@@ -109,20 +110,23 @@ def bin_edges(steps: int, snapshot_steps: list[int]) -> torch.Tensor:
     return torch.tensor(sorted({-1, *grid, *snapshot_steps, steps}), dtype=torch.long)
 
 
-def solve(snapshots: list[tuple[int, torch.Tensor]], target: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Weights x for the snapshots (each a step k and the β sequence of its profile, as
-    long as `target`) such that Σ_i x_i ê_i comes closest to the average with per-step
-    `target` betas after its last step, and the relative error of that fit (0: exact).
+def solve(steps: list[int], profiles: list[torch.Tensor], target: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Weights x[i, p] for the snapshot of profile p (its β sequence, as long as `target`)
+    saved after step steps[i], such that Σ x[i, p] ê_{i,p} comes closest to the average
+    with per-step `target` betas after its last step; and the relative error of that fit
+    (0: exact).
 
     Each bin's row is divided by the square root of its size, so the residual is measured
     per step, as if the weights were constant within a bin. The x sum to 1, as an
-    average's coefficients do."""
-    steps = len(target)
-    edges = bin_edges(steps, [k for k, _ in snapshots])
-    a = torch.cat([coefficients(betas, torch.tensor([k]), edges) for k, betas in snapshots], 1)
-    b = coefficients(target, torch.tensor([steps]), edges)
+    average's coefficients do. `gelsd` copes with columns that coincide (after step 1
+    every profile is θ_1)."""
+    total = len(target)
+    edges = bin_edges(total, steps)
+    at = torch.tensor(steps)
+    a = torch.stack([coefficients(betas, at, edges) for betas in profiles], 2).flatten(1)  # columns (i, p)
+    b = coefficients(target, torch.tensor([total]), edges)
     scale = (edges[1:] - edges[:-1]).double().rsqrt()[:, None]
     x = torch.linalg.lstsq(a * scale, b * scale, driver="gelsd").solution[:, 0]
     x = x / x.sum()
     error = (torch.linalg.vector_norm((a @ x[:, None] - b) * scale) / torch.linalg.vector_norm(b * scale)).item()
-    return x, error
+    return x.view(len(steps), len(profiles)), error

@@ -144,16 +144,16 @@ def _loop(cfg: RunConfig, task: Task, state: TrainState, model, limits: Limits, 
         meter.add(loss, lr)
         guard.watch(loss, state.step)
         report("step", step=state.step)
-        snapshot = bool(state.profiles) and state.step % tc.ema_snapshot_every == 0
-        if state.step % LOG_EVERY and state.step % tc.sample_every and not snapshot:
+        ema_snapshot_due = bool(state.profiles) and state.step % tc.ema_snapshot_every == 0
+        if state.step % LOG_EVERY and state.step % tc.sample_every and not ema_snapshot_due:
             continue  # bookkeeping (the only host syncs) every LOG_EVERY, sample_every and ema_snapshot_every steps
         if guard.check(state, out, report, world):  # rolled back to the last good state
             meter.restart(state.step)
             continue
         if state.step % LOG_EVERY == 0:
             meter.log(state.step)
-        if snapshot and world.is_main and state.step % tc.sample_every:  # a checkpoint saves one anyway
-            _snapshot(out, state)
+        if ema_snapshot_due and world.is_main and state.step % tc.sample_every:  # a checkpoint saves one anyway
+            _save_ema_snapshot(out, state)
         if state.step % tc.sample_every == 0 and world.is_main:
             paused = time.monotonic()
             grid_path = _checkpoint(out, cfg, state, task, report)
@@ -296,13 +296,13 @@ def _dry_step(fast, net, cfg: RunConfig, task: Task, device: torch.device, quiet
 
 
 def _checkpoint(out: Path, cfg: RunConfig, state: TrainState, task: Task, report) -> Path:
+    if state.profiles:  # first, so every checkpoint has its snapshot (one left past it is dropped on resume)
+        _save_ema_snapshot(out, state)
     try:
         state.save(out, cfg, task.class_names, epochs(state.step, task))
     except OSError as e:  # disk full, folder removed, permissions changed mid-run
         raise UserError(f"could not write the checkpoint for step {state.step} to '{out}' ({e.strerror or e}); "
                         f"the previous checkpoint there is intact.") from None
-    if state.profiles:  # so the last snapshot is the model's step, which `diffcli ema` reconstructs at
-        _snapshot(out, state)
     report("checkpoint", step=state.step, path=out / MODEL_FILE)
     path = sample_grid(state.ema, cfg, task.class_names, out / "samples" / f"step_{state.step:07d}.png", cfg.train.seed,
                        state.step)
@@ -312,12 +312,12 @@ def _checkpoint(out: Path, cfg: RunConfig, state: TrainState, task: Task, report
     return path
 
 
-def _snapshot(out: Path, state: TrainState) -> None:
+def _save_ema_snapshot(out: Path, state: TrainState) -> None:
     try:
         posthoc.save_snapshot(out, state.step, state.profiles)
     except OSError as e:
         raise UserError(f"could not write the EMA snapshot for step {state.step} to '{out}' ({e.strerror or e}); "
-                        f"the checkpoint there is intact.") from None
+                        f"the last checkpoint there is intact.") from None
 
 
 def _plot_loss(out: Path, report) -> None:

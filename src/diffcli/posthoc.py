@@ -1,89 +1,117 @@
 """Post-hoc EMA on disk: the snapshots a run saves of its power-function EMAs, and the
-model file `diffcli ema` makes from them for any EMA length (the maths is in ema.py).
+model files `diffcli ema` makes from them for any EMA length (the maths is in ema.py).
 
     runs/NAME/ema_snapshots/step_0000500.safetensors   the parameters of each profile in
                                                        ema.PROFILES after step 500
 
 A snapshot holds len(PROFILES) copies of the parameters in float32: 8 bytes per parameter
-(5.7 MB for the `small` U-Net), every `train.ema_snapshot_every` steps.
+(5.7 MB for the `small` U-Net), every `train.ema_snapshot_every` steps and at every
+checkpoint.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from diffcli import checkpoint, ema
-from diffcli.errors import UserError
-from diffcli.runs import MODEL_FILE, SNAPSHOT_DIR
+from diffcli.config import from_dict
+from diffcli.errors import UserError, writing
+from diffcli.runs import MODEL_FILE, SNAPSHOT_DIR, snapshots
+from diffcli.unet import UNet
 
 SNAPSHOT_FORMAT = "diffcli-ema-snapshot"
-_NAME = re.compile(r"step_(\d+)\.safetensors")
+MADE_PREFIX = "ema-"  # the model files `diffcli ema` writes into a run folder: ema-0.1.safetensors
 
 
 def save_snapshot(out: Path, step: int, profiles: list[torch.nn.Module]) -> Path:
     tensors = {f"{i}.{name}": p for i, profile in enumerate(profiles) for name, p in profile.named_parameters()}
     path = out / SNAPSHOT_DIR / f"step_{step:07d}.safetensors"
-    path.parent.mkdir(exist_ok=True)
     checkpoint.save_tensors(path, tensors, {"format": SNAPSHOT_FORMAT, "step": str(step),
                                             "sigma_rels": json.dumps(list(ema.PROFILES))})
     return path
 
 
-def snapshots(out: Path) -> dict[int, Path]:
-    """The run's snapshots by step."""
-    folder = out / SNAPSHOT_DIR
-    found = (_NAME.fullmatch(p.name) for p in folder.iterdir()) if folder.is_dir() else ()
-    return dict(sorted((int(m.group(1)), folder / m.group(0)) for m in found if m))
-
-
 def truncate(out: Path, step: int) -> None:
     """Drop snapshots after `step`: on resume, those a crashed session wrote past its last
-    checkpoint; on a fresh start (step 0), another run's."""
+    checkpoint; on a fresh start (step 0), another run's, and the models made from them."""
     for k, path in snapshots(out).items():
         if k > step:
             path.unlink()
+    if step == 0:
+        for path in out.glob(f"{MADE_PREFIX}*.safetensors"):
+            path.unlink()
 
 
-def reconstruct(run: Path, target: Callable[[int], torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict, float]:
-    """The weights of the EMA whose β_1..β_T is `target(T)`, at the run's last snapshot
-    T, as the combination of all its snapshots that `ema.solve` finds, over the buffers
-    of the run's model file. Returns (state dict, model metadata, relative error)."""
+def made_path(run: Path, sigma_rel: float) -> Path:
+    return run / f"{MADE_PREFIX}{sigma_rel:g}.safetensors"
+
+
+def reconstruct(run: Path, targets: list[Callable[[int], torch.Tensor]]) -> tuple[list[tuple[dict, float]], dict]:
+    """For each target (T -> the β_1..β_T of an EMA), that EMA's weights at the model's
+    step T, as the combination of the snapshots up to T that `ema.solve` finds, over the
+    buffers of the run's model file; and the fit's relative error. Each snapshot is read
+    once. Returns ([(state dict, error) per target], the model file's metadata)."""
+    model_path = run / MODEL_FILE
+    meta = checkpoint.model_metadata(checkpoint.read_header(model_path))
+    found = {k: path for k, path in snapshots(run).items() if k <= meta["step"]}
+    if not found:
+        raise UserError(f"'{run}' holds no EMA snapshots ({SNAPSHOT_DIR}/) up to its model's step {meta['step']}: "
+                        f"train with --ema-snapshot-every N to make them.")
+    last = max(found)
+    sigma_rels = _sigma_rels(found[last])
+    profiles = [ema.power_betas(last, s) for s in sigma_rels]
+    solved = [ema.solve(list(found), profiles, target(last)) for target in targets]
+    state = _load(model_path, "model file")
+    params = [name for name, _ in UNet(from_dict(meta["config"]).model).named_parameters()]  # the buffers are not averaged
+    expected = {f"{p}.{name}": state[name].shape for p in range(len(sigma_rels)) for name in params}
+    totals = [{} for _ in targets]
+    for i, path in enumerate(found.values()):
+        tensors = _load(path, "EMA snapshot")
+        if {key: value.shape for key, value in tensors.items()} != expected:
+            raise UserError(f"EMA snapshot '{path}' does not match the model file '{model_path}' (another run's?).")
+        for (x, _), total in zip(solved, totals):
+            for key, value in tensors.items():
+                p, name = key.split(".", 1)
+                total[name] = total.get(name, 0) + x[i, int(p)].item() * value.double()
+    if last < meta["step"]:  # the last snapshot's write failed: the model is of that step
+        meta = {**meta, "epoch": meta["epoch"] * last / meta["step"], "step": last}
+    return [({**state, **{k: v.to(state[k].dtype) for k, v in total.items()}}, error)
+            for total, (_, error) in zip(totals, solved)], meta
+
+
+def write_models(run: Path, sigma_rels: list[float], out: Path | None = None) -> list[tuple[Path, float]]:
+    """`reconstruct` the power-function EMAs of these lengths and save each as a normal
+    model file (`made_path`, or `out` for a single one); [(path, fit error)]."""
+    targets = [lambda steps, s=s: ema.power_betas(steps, s) for s in sigma_rels]
+    made, meta = reconstruct(run, targets)
+    paths = [out] if out is not None else [made_path(run, s) for s in sigma_rels]
+    for path, (state, _) in zip(paths, made):
+        if path.resolve() == (run / MODEL_FILE).resolve():
+            raise UserError(f"'{path}' is the run's own model; write the post-hoc EMA beside it.")
+        with writing(path):
+            checkpoint.save_model(path, state, meta["config"], meta["class_names"], meta["step"], meta["epoch"])
+    return [(path, error) for path, (_, error) in zip(paths, made)]
+
+
+def _sigma_rels(path: Path) -> list[float]:
+    meta = checkpoint.read_header(path).get("__metadata__") or {}
+    try:
+        sigma_rels = [float(s) for s in json.loads(meta["sigma_rels"])] if meta.get("format") == SNAPSHOT_FORMAT else []
+    except (KeyError, TypeError, ValueError):
+        sigma_rels = []
+    if not sigma_rels or not all(0 < s < 0.29 for s in sigma_rels):
+        raise UserError(f"'{path}' is not a diffcli EMA snapshot, or its metadata is damaged.")
+    return sigma_rels
+
+
+def _load(path: Path, what: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    found = snapshots(run)
-    if not found:
-        raise UserError(f"'{run}' has no EMA snapshots ({SNAPSHOT_DIR}/): train with --ema-snapshot-every N "
-                        f"(on by default) to make them.")
-    meta = checkpoint.model_metadata(checkpoint.read_header(run / MODEL_FILE))
-    last = max(found)
-    sigma_rels = json.loads(checkpoint.read_header(found[last])["__metadata__"]["sigma_rels"])
-    betas = [ema.power_betas(last, s) for s in sigma_rels]
-    x, error = ema.solve([(k, b) for k in found for b in betas], target(last))
-    weights = dict(zip([(k, i) for k in found for i in range(len(betas))], x.tolist()))
-    total: dict[str, torch.Tensor] = {}
-    for k, path in found.items():
-        try:
-            tensors = load_file(str(path))
-        except Exception as e:
-            raise UserError(f"EMA snapshot '{path}' is damaged ({e}); delete it and run again.") from None
-        for key, value in tensors.items():
-            i, name = key.split(".", 1)
-            total[name] = total.get(name, 0) + weights[(k, int(i))] * value.double()
-    state = load_file(str(run / MODEL_FILE))
-    missing = set(total) - set(state)
-    if missing:
-        raise UserError(f"the EMA snapshots in '{run}' do not match its model file ({len(missing)} unknown weights).")
-    state.update({name: value.to(state[name].dtype) for name, value in total.items()})
-    return state, {**meta, "step": last}, error
-
-
-def write_model(run: Path, sigma_rel: float, path: Path) -> float:
-    """`reconstruct` saved as a normal model file at `path`; returns the fit's relative error."""
-    state, meta, error = reconstruct(run, lambda steps: ema.power_betas(steps, sigma_rel))
-    checkpoint.save_model(path, state, meta["config"], meta["class_names"], meta["step"], meta["epoch"])
-    return error
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors' own error, a truncated file, permissions
+        raise UserError(f"the {what} '{path}' could not be read: it looks damaged ({e}).") from None

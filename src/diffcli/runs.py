@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -27,6 +28,7 @@ MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.safetensors"
 METRICS_FILE = "metrics.jsonl"
 SNAPSHOT_DIR = "ema_snapshots"
+_SNAPSHOT_NAME = re.compile(r"step_(\d+)\.safetensors")
 
 
 def prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
@@ -73,6 +75,13 @@ def resumed(saved: RunConfig, values: dict) -> RunConfig:
     apply_overrides(saved, {"train": {**stop, **run_on}})
     validate(saved)
     return saved
+
+
+def snapshots(out: Path) -> dict[int, Path]:
+    """The run's post-hoc EMA snapshots (posthoc.py) by step."""
+    folder = out / SNAPSHOT_DIR
+    found = (_SNAPSHOT_NAME.fullmatch(p.name) for p in folder.iterdir()) if folder.is_dir() else ()
+    return dict(sorted((int(m.group(1)), folder / m.group(0)) for m in found if m))
 
 
 def checkpoint_bytes(params: int, profiles: int = 0) -> int:
@@ -127,10 +136,9 @@ def run_summary(run_dir: Path) -> dict:
         last = records[-1]
         info.update({"last_step": last["step"], "last_loss": round(last["loss"], 5),
                      "images_per_s": round(last["images_per_s"], 1), "minutes_this_session": round(last["elapsed_s"] / 60, 1)})
-    snapshots = sorted((run_dir / SNAPSHOT_DIR).glob("step_*.safetensors"))
-    if snapshots:
-        size = sum(p.stat().st_size for p in snapshots)
-        info["ema_snapshots"] = f"{len(snapshots)}, {size / 1e6:.0f} MB (diffcli ema --run {run_dir} --length L)"
+    if found := snapshots(run_dir):
+        size = sum(p.stat().st_size for p in found.values())
+        info["ema_snapshots"] = f"{len(found)}, {size / 1e6:.0f} MB (diffcli ema --run {run_dir} --length L)"
     for key, name in (("latest_grid", "samples/latest.png"), ("loss_curve", "loss.png")):
         if (run_dir / name).exists():
             info[key] = str(run_dir / name)

@@ -2,9 +2,10 @@
 saves, loads, snapshots and restores itself.
 
 Saved without pickle as `train_state.safetensors` (raw and EMA weights, the post-hoc
-EMA profiles when the run keeps them, optimizer moments, the batch generator's and torch's RNG states; the optimizer's hyper-parameters
-as JSON metadata) beside `model.safetensors` (the EMA weights, enough to sample). So a
-resumed run continues the same random sequence, bit for bit.
+EMA profiles when the run keeps them, optimizer moments, the batch generator's and
+torch's RNG states; the optimizer's hyper-parameters as JSON metadata) beside
+`model.safetensors` (the EMA weights, enough to sample). So a resumed run continues the
+same random sequence, bit for bit.
 
 `NonFiniteGuard` watches the loss and, when it turns NaN, stops before a bad state is
 saved or rolls the state back to its last good snapshot.
@@ -88,8 +89,6 @@ class TrainState:
             raise UserError(f"cannot resume: '{path}' is damaged ({e}).") from None
         self.net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         self.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-        if not any(k.startswith("profile") for k in tensors):
-            self.profiles = []  # a run from before post-hoc EMA: it goes on without snapshots
         for i, profile in enumerate(self.profiles):
             profile.load_state_dict({k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"profile{i}.")})
         state: dict[int, dict] = {}
