@@ -31,19 +31,18 @@ def test_benchmark_scripts_run(mnist_root, tmp_path):
     cfg.model.image_size, cfg.model.in_channels, cfg.model.num_classes = 28, 1, 10
     model = tmp_path / "model.safetensors"
     save_model(model, UNet(cfg.model).state_dict(), to_dict(cfg), [str(i) for i in range(10)], 0, 0.0)
+    from diffcli import posthoc
+
+    run = tmp_path / "run"  # a run folder whose model is of step 2, with EMA snapshots of the untrained network
+    save_model(run / "model.safetensors", UNet(cfg.model).state_dict(), to_dict(cfg), [str(i) for i in range(10)], 2, 0.0)
+    for step in (1, 2):
+        posthoc.save_snapshot(run, step, [UNet(cfg.model), UNet(cfg.model)])
     from diffcli.config import DistillConfig
 
     cfg.distill = DistillConfig(teacher=str(model), steps=2, guidance=2.0)  # an untrained "student" of it
     student = tmp_path / "student.safetensors"
     save_model(student, UNet(cfg.model).state_dict(), to_dict(cfg), [str(i) for i in range(10)], 0, 0.0)
     rules_root = shutil.copytree(mnist_root, tmp_path / "rules-data")
-    from diffcli import posthoc
-
-    run = tmp_path / "run"  # a run folder with two EMA snapshots of the untrained network
-    run.mkdir()
-    shutil.copy(model, run / "model.safetensors")
-    for step in (1, 2):
-        posthoc.save_snapshot(run, step, [UNet(cfg.model), UNet(cfg.model)])
     ema_root = shutil.copytree(mnist_root, tmp_path / "ema-data")
     scripts = {
         "guidance_rules.py": ["--ckpt", str(model), "--classifier", str(clf), "--weak", str(model), "--n", "2", "--steps", "2",
@@ -77,7 +76,7 @@ def test_benchmark_scripts_run(mnist_root, tmp_path):
     assert "| cfg | 2 |" in rules and "| cfg for σ in (0.28, 5.42] | 1.5 |" in rules and "| autoguidance against" in rules
     assert len(list((tmp_path / "rules").glob("*.png"))) == 3
     lengths = out["ema_lengths.py"]
-    assert "| the run's own (" in lengths and "| post-hoc 0.050 (fit error" in lengths and "| post-hoc 0.200" in lengths
+    assert "| the run's own (" in lengths and "| post-hoc 0.05 (fit error" in lengths and "| post-hoc 0.2 (" in lengths
     assert len(list((tmp_path / "ema").glob("*.png"))) == 3
     assert "ratio diffcli / diffusers" in out["train_throughput.py"] and "718,211" in out["train_throughput.py"]
     assert "ratio diffcli / diffusers" in out["sample_throughput.py"]
