@@ -3,13 +3,14 @@ recurrence it stands for, and reconstructions against EMAs tracked during a real
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from diffcli import ema, posthoc
+from diffcli import checkpoint, ema, posthoc
 from diffcli.cli import app
 from diffcli.runs import snapshots
 
@@ -130,6 +131,14 @@ def test_ema_refuses_what_it_cannot_do(tmp_path):
     refused("could not be read: it looks damaged", "--run", other, "--length", "0.1")
     (other / "ema_snapshots" / "step_0000002.safetensors").write_bytes(cut)
     refused("is the run's own model", "--run", other, "--length", "0.1", "--out", other / "model.safetensors")
+    # A model file whose weights are not its own config's network (here: names the config lacks).
+    mixed = tmp_path / "mixed"
+    shutil.copytree(other, mixed)
+    meta = checkpoint.model_metadata(checkpoint.read_header(other / "model.safetensors"))
+    meta["config"]["model"]["num_res_blocks"] = 2
+    checkpoint.save_model(mixed / "model.safetensors", load_file(str(other / "model.safetensors")), meta["config"],
+                          meta["class_names"], meta["step"], meta["epoch"])
+    refused("does not match its own config", "--run", mixed, "--length", "0.1")
 
     # A new run in the folder leaves none of the old run's snapshots, or models made from them, behind.
     assert run("ema", "--run", other, "--length", "0.1").exit_code == 0 and (other / "ema-0.1.safetensors").exists()

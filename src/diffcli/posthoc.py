@@ -18,10 +18,8 @@ from typing import Callable
 import torch
 
 from diffcli import checkpoint, ema
-from diffcli.config import from_dict
 from diffcli.errors import UserError, writing
 from diffcli.runs import MODEL_FILE, SNAPSHOT_DIR, snapshots
-from diffcli.unet import UNet
 
 SNAPSHOT_FORMAT = "diffcli-ema-snapshot"
 MADE_PREFIX = "ema-"  # the model files `diffcli ema` writes into a run folder: ema-0.1.safetensors
@@ -50,14 +48,19 @@ def made_path(run: Path, sigma_rel: float) -> Path:
     return run / f"{MADE_PREFIX}{sigma_rel:g}.safetensors"
 
 
+def used(run: Path, step: int) -> dict[int, Path]:
+    """The run's snapshots that a model of `step` is made from: those up to it."""
+    return {k: path for k, path in snapshots(run).items() if k <= step}
+
+
 def reconstruct(run: Path, targets: list[Callable[[int], torch.Tensor]]) -> tuple[list[tuple[dict, float]], dict]:
     """For each target (T -> the β_1..β_T of an EMA), that EMA's weights at the model's
     step T, as the combination of the snapshots up to T that `ema.solve` finds, over the
     buffers of the run's model file; and the fit's relative error. Each snapshot is read
     once. Returns ([(state dict, error) per target], the model file's metadata)."""
     model_path = run / MODEL_FILE
-    meta = checkpoint.model_metadata(checkpoint.read_header(model_path))
-    found = {k: path for k, path in snapshots(run).items() if k <= meta["step"]}
+    model, _, meta = checkpoint.load_model(model_path)  # refuses a model file that does not match its config
+    found = used(run, meta["step"])
     if not found:
         raise UserError(f"'{run}' holds no EMA snapshots ({SNAPSHOT_DIR}/) up to its model's step {meta['step']}: "
                         f"train with --ema-snapshot-every N to make them.")
@@ -65,12 +68,12 @@ def reconstruct(run: Path, targets: list[Callable[[int], torch.Tensor]]) -> tupl
     sigma_rels = _sigma_rels(found[last])
     profiles = [ema.power_betas(last, s) for s in sigma_rels]
     solved = [ema.solve(list(found), profiles, target(last)) for target in targets]
-    state = _load(model_path, "model file")
-    params = [name for name, _ in UNet(from_dict(meta["config"]).model).named_parameters()]  # the buffers are not averaged
+    state = {name: value.contiguous() for name, value in model.state_dict().items()}
+    params = [name for name, _ in model.named_parameters()]  # the buffers are not averaged
     expected = {f"{p}.{name}": state[name].shape for p in range(len(sigma_rels)) for name in params}
     totals = [{} for _ in targets]
     for i, path in enumerate(found.values()):
-        tensors = _load(path, "EMA snapshot")
+        tensors = _load(path)
         if {key: value.shape for key, value in tensors.items()} != expected:
             raise UserError(f"EMA snapshot '{path}' does not match the model file '{model_path}' (another run's?).")
         for (x, _), total in zip(solved, totals):
@@ -108,10 +111,10 @@ def _sigma_rels(path: Path) -> list[float]:
     return sigma_rels
 
 
-def _load(path: Path, what: str) -> dict[str, torch.Tensor]:
+def _load(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     try:
         return load_file(str(path))
     except Exception as e:  # safetensors' own error, a truncated file, permissions
-        raise UserError(f"the {what} '{path}' could not be read: it looks damaged ({e}).") from None
+        raise UserError(f"the EMA snapshot '{path}' could not be read: it looks damaged ({e}).") from None

@@ -50,7 +50,6 @@ class TrainState:
         profiles = [copy.deepcopy(averaged) for _ in ema.PROFILES] if tc.ema_snapshot_every else []
         return cls(net, averaged, opt, torch.Generator().manual_seed(tc.seed), profiles)
 
-    @torch.no_grad()
     def average(self, decay: float) -> None:
         """Fold the weights after step `self.step + 1` into the EMA and the profiles."""
         t = self.step + 1

@@ -27,7 +27,7 @@ def ema(
     (post-hoc EMA, Karras et al. 2024); sample or eval it like model.safetensors."""
     from diffcli import checkpoint, posthoc
     from diffcli import ema as E
-    from diffcli.runs import MODEL_FILE, snapshots
+    from diffcli.runs import MODEL_FILE
 
     lengths = parse_list(length, float, "--length", LENGTHS)
     if out is not None and len(lengths) > 1:
@@ -36,7 +36,7 @@ def ema(
         raise UserError(f"'{run}' is not a run folder (no {MODEL_FILE} in it).")
     made = posthoc.write_models(run, lengths, out)
     meta = checkpoint.model_metadata(checkpoint.read_header(made[0][0]))
-    found = [k for k in snapshots(run) if k <= meta["step"]]
+    found = list(posthoc.used(run, meta["step"]))
     decay = meta["config"]["train"]["ema_decay"]
     console.print(f"{len(found)} snapshots, steps {found[0]}..{found[-1]}; the run's own EMA ({decay:g}) has length "
                   f"{E.classic_sigma_rel(meta['step'], decay):.3f} at step {meta['step']}", highlight=False)
