@@ -73,6 +73,23 @@ def test_solve_is_exact_with_a_snapshot_every_step_and_improves_with_more():
     assert errors[0] > errors[1] > errors[2] and errors[1] < 0.05, errors
 
 
+def test_a_run_longer_than_max_bins_is_solved_as_its_steps_one_by_one():
+    # Past MAX_BINS steps the fit runs on bins (each row scaled by 1 / sqrt(its size)); its
+    # weights and error must be those of the least squares over every step, to a hair.
+    total = 2 * ema.MAX_BINS + 999
+    snaps = [301, 1003, 2004, 4001, 6003, total - 1, total]
+    profiles = [ema.power_betas(total, s) for s in ema.PROFILES]
+    target = ema.power_betas(total, 0.15)
+    x, error = ema.solve(snaps, profiles, target)
+    every = torch.arange(-1, total + 1)
+    a = torch.stack([ema.coefficients(b, torch.tensor(snaps), every) for b in profiles], 2).flatten(1)
+    b = ema.coefficients(target, torch.tensor([total]), every)
+    best = torch.linalg.lstsq(a, b, driver="gelsd").solution[:, 0]
+    residual = lambda w: (torch.linalg.vector_norm(a @ (w / w.sum())[:, None] - b) / torch.linalg.vector_norm(b)).item()
+    assert 0.01 < error == pytest.approx(residual(x.flatten()), rel=1e-4)
+    assert residual(x.flatten()) == pytest.approx(residual(best), rel=1e-4)
+
+
 def test_reconstructions_match_the_emas_a_resumed_run_tracked(tmp_path):
     """12 steps, a resume to 24, a snapshot after every step: the run's own EMA, rebuilt
     from the snapshots, equals the model it saved, and `diffcli ema` at a profile's length
