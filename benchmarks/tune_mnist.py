@@ -4,7 +4,7 @@ scored with `diffcli eval` (class accuracy and classifier-FD against the test sp
 Each variant trains for the same number of images (`--steps` at batch 32; batch-64 variants
 take half the steps), so the verdict does not depend on what else the machine was doing.
 Runs already in `--out` are reused, so an interrupted sweep resumes where it stopped.
-At the demo's budget the training seed moves shapes' accuracy by up to 10 points
+At the demo's budget the training seed moves shapes' accuracy by up to 30 points
 (docs/results.md), so compare variants over several `--seeds`: the table gives the mean
 and the range.
 

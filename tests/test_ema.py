@@ -85,7 +85,10 @@ def test_a_run_longer_than_max_bins_is_solved_as_its_steps_one_by_one():
     a = torch.stack([ema.coefficients(b, torch.tensor(snaps), every) for b in profiles], 2).flatten(1)
     b = ema.coefficients(target, torch.tensor([total]), every)
     best = torch.linalg.lstsq(a, b, driver="gelsd").solution[:, 0]
-    residual = lambda w: (torch.linalg.vector_norm(a @ (w / w.sum())[:, None] - b) / torch.linalg.vector_norm(b)).item()
+
+    def residual(w):  # the per-step relative error of weights w, normalised to sum to 1 as solve's are
+        return (torch.linalg.vector_norm(a @ (w / w.sum())[:, None] - b) / torch.linalg.vector_norm(b)).item()
+
     assert 0.01 < error == pytest.approx(residual(x.flatten()), rel=1e-4)
     assert residual(x.flatten()) == pytest.approx(residual(best), rel=1e-4)
 
@@ -148,7 +151,7 @@ def test_ema_refuses_what_it_cannot_do(tmp_path):
     refused("could not be read: it looks damaged", "--run", other, "--length", "0.1")
     (other / "ema_snapshots" / "step_0000002.safetensors").write_bytes(cut)
     refused("is the run's own model", "--run", other, "--length", "0.1", "--out", other / "model.safetensors")
-    # A model file whose weights are not its own config's network (here: names the config lacks).
+    # A model file whose weights are not its own config's network (here: blocks the config asks for are missing).
     mixed = tmp_path / "mixed"
     shutil.copytree(other, mixed)
     meta = checkpoint.model_metadata(checkpoint.read_header(other / "model.safetensors"))
