@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _peers import diffcli_unet, diffusers_unet, in_fresh_process  # noqa: E402
 
-from diffcli.devices import autocast, describe, pick_device, timed  # noqa: E402
+from diffcli.devices import describe, sampling_autocast, pick_device, timed  # noqa: E402
 from diffcli.generate import generate  # noqa: E402
 from diffcli.schedules import make_schedule  # noqa: E402
 from diffcli.spec import SamplerSpec  # noqa: E402
@@ -44,7 +44,7 @@ def diffusers_ddim(unet, n, steps, guidance, device):
     null = torch.full_like(y, 10)
     for t in sched.timesteps:
         tt = torch.full((2 * n,), int(t), device=device)
-        with autocast(device):
+        with sampling_autocast(device):
             out = unet(torch.cat([x, x]), tt, class_labels=torch.cat([y, null])).sample.float()
         cond, uncond = out.chunk(2)
         x = sched.step(uncond + guidance * (cond - uncond), t, x).prev_sample

@@ -34,6 +34,12 @@ from diffcli.devices import autocast, describe, fused_adamw, memory_format, pick
 from diffcli.schedules import make_schedule, q_sample  # noqa: E402
 
 
+def precision(device, cpu_bf16: bool) -> str:
+    """The `--precision` both tools train in: bf16 on CUDA; on the CPU fp32 unless `--cpu-bf16`,
+    even where `diffcli train`'s auto would take bf16 (AMX), so the CPU tables stay fp32."""
+    return "auto" if device.type == "cuda" else "bf16" if cpu_bf16 else "fp32"
+
+
 def step_fn(model, forward, device, batch, size, channels_last, fused, cpu_bf16=False):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
     schedule = make_schedule("cosine", 1000)
@@ -46,7 +52,7 @@ def step_fn(model, forward, device, batch, size, channels_last, fused, cpu_bf16=
         t = torch.randint(0, 1000, (batch,), generator=g).to(device)
         y = torch.randint(0, 11, (batch,), generator=g).to(device)
         noise = torch.randn(x0.shape, generator=g).to(device)
-        with autocast(device, "bf16" if cpu_bf16 else "auto"):  # as `diffcli train --precision`
+        with autocast(device, precision(device, cpu_bf16)):
             out = forward(model, q_sample(schedule, x0, t, noise), t, y)
         loss = torch.nn.functional.mse_loss(out.float(), noise)
         opt.zero_grad(set_to_none=True)
@@ -74,7 +80,7 @@ def contender(name: str, preset: str, cpu_bf16: bool = False):
     theirs = lambda m, x, t, y: m(x, t, class_labels=y).sample  # noqa: E731
     cpu_or_cuda = pick_device("auto")
     if name == "diffcli":  # the layout `diffcli train` picks for this device and precision
-        layout = memory_format(cpu_or_cuda, "bf16" if cpu_bf16 else "auto")
+        layout = memory_format(cpu_or_cuda, precision(cpu_or_cuda, cpu_bf16))
         return diffcli_unet(preset), ours, layout == torch.channels_last, fused_adamw(cpu_or_cuda)
     return diffusers_unet(preset), theirs, False, name == "diffusers+fused" and fused_adamw(cpu_or_cuda)
 

@@ -9,7 +9,10 @@ from safetensors.torch import load_file
 
 from diffcli.checkpoint import model_metadata, read_header
 
-ARGS = ["--data", "shapes", "--limit", "64", "--preset", "tiny", "--batch-size", "8", "--sample-every", "6", "--seed", "5"]
+# fp32 on every CPU: under bf16 (--precision auto on an AMX CPU) two half batches round
+# differently from one whole batch (1e-5 after 6 steps), which would hide what this checks.
+ARGS = ["--data", "shapes", "--limit", "64", "--preset", "tiny", "--batch-size", "8", "--sample-every", "6", "--seed", "5",
+        "--precision", "fp32"]
 
 
 def diffcli(*args, nproc=None):
@@ -55,7 +58,7 @@ def test_a_distillation_over_two_processes_equals_one(tiny_run, tmp_path):
     from diffcli.cli import app
 
     args = ["distill", "--teacher", tiny_run / "model.safetensors", "--steps", "2", "--teacher-steps", "4",
-            "--batch-size", "8", "--max-steps", "3", "--device", "cpu"]
+            "--batch-size", "8", "--max-steps", "3", "--device", "cpu", "--precision", "fp32"]  # fp32: as ARGS
     two = diffcli(*args, "--out", tmp_path / "two", nproc=2)
     assert two.returncode == 0 and "rank 1 of 2" in two.stderr, two.stderr[-3000:]
     one = CliRunner().invoke(app, [str(a) for a in args] + ["--out", str(tmp_path / "one")])
@@ -67,7 +70,7 @@ def test_a_distillation_over_two_processes_equals_one(tiny_run, tmp_path):
 
 
 def test_batch_that_does_not_divide_is_refused(tmp_path):
-    r = diffcli("train", *ARGS[:-4], "--batch-size", "7", "--max-steps", "2", "--out", tmp_path / "run", nproc=2)
+    r = diffcli("train", *ARGS, "--batch-size", "7", "--max-steps", "2", "--out", tmp_path / "run", nproc=2)
     assert r.returncode != 0
     assert "does not divide among 2 processes" in " ".join(r.stderr.split()) and "Traceback" not in r.stderr.split("error:")[0][-200:]
 

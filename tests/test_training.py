@@ -1,5 +1,6 @@
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,19 +102,35 @@ def test_training_reduces_the_loss():
     assert losses[0] > 0.8 and losses[-1] < 0.5 * losses[0], losses[::10]
 
 
-def test_precision_chooses_autocast_and_layout_per_device():
-    from diffcli.devices import autocast, memory_format
+@pytest.mark.parametrize("amx", [False, True])
+def test_precision_chooses_autocast_and_layout_per_device(monkeypatch, amx):
+    from diffcli import devices
+    from diffcli.devices import autocast, memory_format, sampling_autocast
 
+    monkeypatch.setattr(devices, "cpu_has_amx", lambda: amx)  # both answers, whichever CPU runs the tests
     conv = torch.nn.Conv2d(3, 4, 3)
     x = torch.randn(1, 3, 8, 8)
     cpu = torch.device("cpu")
     with autocast(cpu, "bf16"):
         assert conv(x).dtype == torch.bfloat16  # the convolutions really run in bf16
-    for precision in ("auto", "fp32"):
-        with autocast(cpu, precision):
-            assert conv(x).dtype == torch.float32  # the CPU default stays fp32
+    with autocast(cpu, "fp32"):
+        assert conv(x).dtype == torch.float32
+    with autocast(cpu, "auto"):  # native bf16 with AMX, fp32 where bf16 would be emulated
+        assert conv(x).dtype == (torch.bfloat16 if amx else torch.float32)
+    with sampling_autocast(cpu):  # sampling stays fp32 on every CPU: one seed, one picture
+        assert conv(x).dtype == torch.float32
     assert memory_format(cpu, "bf16") == torch.contiguous_format  # oneDNN's faster bf16 layout
-    assert memory_format(cpu, "auto") == memory_format(torch.device("cuda"), "bf16") == torch.channels_last
+    assert memory_format(cpu, "auto") == (torch.contiguous_format if amx else torch.channels_last)
+    assert memory_format(cpu, "fp32") == memory_format(torch.device("cuda"), "bf16") == torch.channels_last
+
+
+def test_amx_is_read_from_the_cpu_flags():
+    from diffcli.devices import cpu_has_amx
+
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else None
+    if flags is None:
+        pytest.skip("no /proc/cpuinfo to check against")
+    assert cpu_has_amx() == ("amx_bf16" in flags)
 
 
 def test_bf16_training_saves_fp32_weights(tmp_path):

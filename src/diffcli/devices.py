@@ -26,23 +26,49 @@ def pick_device(name: str = "auto") -> torch.device:
         raise UserError(f"unknown device '{name}'; use auto, cpu, cuda or mps.") from None
 
 
-def autocast(device: torch.device, precision: str = "auto"):
-    """bf16 autocast (no loss scaling needed, unlike fp16) for precision "bf16", and for
-    "auto" on CUDA; fp32 otherwise. "auto" keeps the CPU in fp32 because bf16 is emulated,
-    and slow, on CPUs without AMX; with AMX (Intel Sapphire Rapids and later) bf16 trained
-    `small` 1.23x and `base` 1.85x faster here (benchmarks/cpu_precision.py)."""
+def cpu_has_amx() -> bool:
+    """Whether this CPU multiplies bf16 matrices on AMX tiles (Intel Sapphire Rapids and later),
+    where oneDNN's bf16 convolutions beat fp32; everywhere else bf16 is emulated and slower."""
+    capabilities = getattr(torch.cpu, "get_capabilities", None)  # newer torch: every flag cpuinfo reads
+    if capabilities is not None:
+        return bool(capabilities().get("amx_bf16", False))
+    has_tiles = getattr(torch.cpu, "_is_amx_tile_supported", None)  # older torch: the tile unit
+    return bool(has_tiles is not None and has_tiles())
+
+
+def precision_for(device: torch.device, precision: str = "auto") -> str:
+    """"bf16" or "fp32": what `precision` means on `device`. "auto" is bf16 where the hardware
+    runs it natively (CUDA with bf16, a CPU with AMX) and fp32 elsewhere. On the 2-core AMX
+    Xeon bf16 trained shapes 1.13x faster at the same quality per step over 3 seeds, and
+    10 minutes of MNIST made 1.15x the steps at 98.7% / 1.73x the FD floor against fp32's
+    98.1% / 1.75x (docs/results.md); without AMX it would be slower (benchmarks/cpu_precision.py)."""
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError("--precision bf16 was asked for, but this GPU has no bf16; use --precision auto or fp32.")
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
+    if precision != "auto":
+        return precision
+    native = (device.type == "cuda" and torch.cuda.is_bf16_supported()) or (device.type == "cpu" and cpu_has_amx())
+    return "bf16" if native else "fp32"
+
+
+def autocast(device: torch.device, precision: str = "auto"):
+    """bf16 autocast (no loss scaling needed, unlike fp16) where `precision_for` says bf16."""
+    if precision_for(device, precision) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def sampling_autocast(device: torch.device):
+    """Sampling's precision: bf16 on CUDA, fp32 on every CPU. With AMX, bf16 forward passes of
+    `small` were only 1.2x faster (1,357 against 1,135 images/s, batch 64), not worth pictures
+    of one seed that differ between CPUs with and without AMX."""
+    return autocast(device, "auto" if device.type == "cuda" else "fp32")
 
 
 def memory_format(device: torch.device, precision: str = "auto") -> torch.memory_format:
     """channels_last: oneDNN's fp32 convolutions run ~12% faster in it on the CPU, and CUDA's
     tensor cores want it. bf16 on the CPU is the exception: there oneDNN's channels_last
     path was 27% slower than contiguous for `small` (benchmarks/cpu_precision.py)."""
-    if precision == "bf16" and device.type == "cpu":
+    if device.type == "cpu" and precision_for(device, precision) == "bf16":
         return torch.contiguous_format
     return torch.channels_last
 

@@ -18,7 +18,7 @@ from diffcli import image_samplers, samplers
 from diffcli.data import to_model_range
 from diffcli.errors import UserError
 from diffcli.generate import denoiser, generate, per_batch
-from diffcli.devices import autocast
+from diffcli.devices import sampling_autocast
 from diffcli.schedules import Schedule, q_sample
 from diffcli.spec import EDIT_GUIDANCE, SamplerSpec
 
@@ -179,7 +179,7 @@ def mixed_guidance(model, labels: tuple[int, int], alpha: torch.Tensor, w: float
     def network(x, t, _y):
         n = x.shape[0]
         ys = torch.tensor([labels[0]] * n + [labels[1]] * n + [null] * n, device=device)
-        with autocast(device):
+        with sampling_autocast(device):
             cond_a, cond_b, uncond = model(torch.cat([x] * 3), torch.cat([t] * 3), ys).chunk(3)
         return uncond + w * ((1 - a) * cond_a + a * cond_b - uncond)
 

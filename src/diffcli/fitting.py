@@ -29,7 +29,7 @@ import torch
 
 from diffcli import compiling, posthoc
 from diffcli.config import RunConfig, TrainConfig, save_yaml
-from diffcli.devices import autocast, memory_format, pick_device
+from diffcli.devices import autocast, memory_format, pick_device, precision_for
 from diffcli.distributed import World, any_rank, barrier, mean_over_ranks
 from diffcli.errors import UserError
 from diffcli.generate import generate
@@ -120,8 +120,9 @@ def fit(cfg: RunConfig, make_task: Callable[[torch.device, torch.memory_format],
     task = make_task(device, layout)
     limits = Limits(tc, task.per_epoch)
     params = sum(p.numel() for p in state.net.parameters())
-    report("start", device=device, steps_per_epoch=task.per_epoch, total_steps=limits.total_steps, batch=task.size,
-           budget_s=limits.budget_s, step=state.step, params=params, world=world.size)
+    report("start", device=device, precision=precision_for(device, tc.precision), steps_per_epoch=task.per_epoch,
+           total_steps=limits.total_steps, batch=task.size, budget_s=limits.budget_s, step=state.step, params=params,
+           world=world.size)
     if world.is_main:
         check_free_space(out, params, len(state.profiles))
     model = _prepared(state.net, cfg, task, world, device, report)

@@ -10,7 +10,7 @@ import torch
 
 from diffcli import samplers
 from diffcli.data import from_model_range
-from diffcli.devices import autocast, timed
+from diffcli.devices import sampling_autocast, timed
 from diffcli.distributed import World, gather_shares, share
 from diffcli.guidance import guided, interval as guidance_interval
 from diffcli.schedules import Schedule
@@ -24,7 +24,7 @@ def denoiser(model: torch.nn.Module, schedule: Schedule, prediction: str, guidan
     device = next(model.parameters()).device
 
     def network(x, t, y):
-        with autocast(device):
+        with sampling_autocast(device):
             return model(x, t, y)
 
     if model.cfg.num_classes > 0:

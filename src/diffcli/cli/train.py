@@ -52,7 +52,7 @@ def train(
     device: _opt(str, TrainConfig, "device", DEVICE_HELP) = None,
     seed: _opt(int, TrainConfig, "seed", f"Seed for initialisation, data order and noise (default: {TrainConfig.seed}).") = None,
     compile: _opt(bool, TrainConfig, "compile", "torch.compile the U-Net: faster steps after a minute or so of compiling (default: on for CUDA only).", "--compile/--no-compile") = None,
-    precision: _opt(str, TrainConfig, "precision", "auto (bf16 on CUDA, fp32 elsewhere), fp32, or bf16 (also on the CPU: faster where it has AMX, slower where it does not).") = None,
+    precision: _opt(str, TrainConfig, "precision", "auto (bf16 on CUDA and on CPUs with AMX, where it is faster; fp32 elsewhere), fp32, or bf16.") = None,
     log: _opt(str, TrainConfig, "log", LOG_HELP) = None,
     wandb_project: _opt(str, TrainConfig, "wandb_project", WANDB_PROJECT_HELP) = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")] = False,
@@ -124,7 +124,7 @@ class _Progress:
 
         if event == "start":
             ranks = f" over {info['world']} processes ({info['batch'] // info['world']} each)" if info["world"] > 1 else ""
-            console.print(f"device: [bold]{describe(info['device'])}[/]; {info['params']:,} parameters; "
+            console.print(f"device: [bold]{describe(info['device'])}[/], {info['precision']}; {info['params']:,} parameters; "
                           f"global batch {info['batch']}{ranks}"
                           + (f", {info['steps_per_epoch']} steps per epoch" if info["steps_per_epoch"] else "")
                           + (f"; budget {info['budget_s'] / 60:g} min" if info["budget_s"] else ""), highlight=False)
