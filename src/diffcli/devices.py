@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -26,6 +27,7 @@ def pick_device(name: str = "auto") -> torch.device:
         raise UserError(f"unknown device '{name}'; use auto, cpu, cuda or mps.") from None
 
 
+@functools.cache  # asked on every training step
 def cpu_has_amx() -> bool:
     """Whether this CPU multiplies bf16 matrices on AMX tiles (Intel Sapphire Rapids and later),
     where oneDNN's bf16 convolutions beat fp32; everywhere else bf16 is emulated and slower."""
@@ -39,7 +41,7 @@ def cpu_has_amx() -> bool:
 def precision_for(device: torch.device, precision: str = "auto") -> str:
     """"bf16" or "fp32": what `precision` means on `device`. "auto" is bf16 where the hardware
     runs it natively (CUDA with bf16, a CPU with AMX) and fp32 elsewhere. On the 2-core AMX
-    Xeon bf16 trained shapes 1.13x faster at the same quality per step over 3 seeds, and
+    Xeon bf16 trained shapes 1.13-1.15x faster at the same quality per step over 3 seeds, and
     10 minutes of MNIST made 1.15x the steps at 98.7% / 1.73x the FD floor against fp32's
     98.1% / 1.75x (docs/results.md); without AMX it would be slower (benchmarks/cpu_precision.py)."""
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
