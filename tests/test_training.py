@@ -122,6 +122,11 @@ def test_precision_chooses_autocast_and_layout_per_device(monkeypatch, amx):
     assert memory_format(cpu, "bf16") == torch.contiguous_format  # oneDNN's faster bf16 layout
     assert memory_format(cpu, "auto") == (torch.contiguous_format if amx else torch.channels_last)
     assert memory_format(cpu, "fp32") == memory_format(torch.device("cuda"), "bf16") == torch.channels_last
+    # networks narrower than AMX_MIN_WIDTH (the `tiny` preset) stay fp32 channels_last even with AMX
+    assert devices.precision_for(cpu, "auto", width=8) == "fp32"
+    assert devices.precision_for(cpu, "auto", width=devices.AMX_MIN_WIDTH) == ("bf16" if amx else "fp32")
+    assert memory_format(cpu, "auto", width=8) == torch.channels_last
+    assert devices.precision_for(cpu, "bf16", width=8) == "bf16"  # asked for, it is given
 
 
 def test_amx_is_read_from_the_cpu_flags():

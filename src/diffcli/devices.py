@@ -38,9 +38,16 @@ def cpu_has_amx() -> bool:
     return bool(has_tiles is not None and has_tiles())
 
 
-def precision_for(device: torch.device, precision: str = "auto") -> str:
-    """"bf16" or "fp32": what `precision` means on `device`. "auto" is bf16 where the hardware
-    runs it natively (CUDA with bf16, a CPU with AMX) and fp32 elsewhere. On the 2-core AMX
+# The narrowest network (base channels) that trains faster in bf16 on AMX: narrow layers gain
+# little from the tiles and still pay the casts. `tiny` (8) ran 0.46x of fp32, `small` (16) 1.23x,
+# `base` (128) 1.85x (benchmarks/cpu_precision.py).
+AMX_MIN_WIDTH = 16
+
+
+def precision_for(device: torch.device, precision: str = "auto", width: int = AMX_MIN_WIDTH) -> str:
+    """"bf16" or "fp32": what `precision` means on `device` for a network `width` base channels
+    wide. "auto" is bf16 where the hardware runs it natively (CUDA with bf16, a CPU with AMX
+    for networks of at least AMX_MIN_WIDTH) and fp32 elsewhere. On the 2-core AMX
     Xeon bf16 trained shapes 1.13-1.15x faster at the same quality per step over 3 seeds, and
     10 minutes of MNIST made 1.15x the steps at 98.7% / 1.73x the FD floor against fp32's
     98.1% / 1.75x (docs/results.md); without AMX it would be slower (benchmarks/cpu_precision.py)."""
@@ -48,13 +55,14 @@ def precision_for(device: torch.device, precision: str = "auto") -> str:
         raise UserError("--precision bf16 was asked for, but this GPU has no bf16; use --precision auto or fp32.")
     if precision != "auto":
         return precision
-    native = (device.type == "cuda" and torch.cuda.is_bf16_supported()) or (device.type == "cpu" and cpu_has_amx())
+    native = ((device.type == "cuda" and torch.cuda.is_bf16_supported())
+              or (device.type == "cpu" and width >= AMX_MIN_WIDTH and cpu_has_amx()))
     return "bf16" if native else "fp32"
 
 
-def autocast(device: torch.device, precision: str = "auto"):
+def autocast(device: torch.device, precision: str = "auto", width: int = AMX_MIN_WIDTH):
     """bf16 autocast (no loss scaling needed, unlike fp16) where `precision_for` says bf16."""
-    if precision_for(device, precision) == "bf16":
+    if precision_for(device, precision, width) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -66,11 +74,11 @@ def sampling_autocast(device: torch.device):
     return autocast(device, "auto" if device.type == "cuda" else "fp32")
 
 
-def memory_format(device: torch.device, precision: str = "auto") -> torch.memory_format:
+def memory_format(device: torch.device, precision: str = "auto", width: int = AMX_MIN_WIDTH) -> torch.memory_format:
     """channels_last: oneDNN's fp32 convolutions run ~12% faster in it on the CPU, and CUDA's
     tensor cores want it. bf16 on the CPU is the exception: there oneDNN's channels_last
     path was 27% slower than contiguous for `small` (benchmarks/cpu_precision.py)."""
-    if device.type == "cpu" and precision_for(device, precision) == "bf16":
+    if device.type == "cpu" and precision_for(device, precision, width) == "bf16":
         return torch.contiguous_format
     return torch.channels_last
 

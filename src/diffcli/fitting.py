@@ -107,7 +107,8 @@ def fit(cfg: RunConfig, make_task: Callable[[torch.device, torch.memory_format],
     tc = cfg.train
     device = device or pick_device(tc.device)
     torch.manual_seed(tc.seed)  # initial weights, and dropout inside the network, use the global generator
-    layout = memory_format(device, tc.precision)
+    width = cfg.model.base_channels
+    layout = memory_format(device, tc.precision, width)
     state = TrainState.create(cfg, device, layout)
     if resume:
         state.load(out)
@@ -120,7 +121,7 @@ def fit(cfg: RunConfig, make_task: Callable[[torch.device, torch.memory_format],
     task = make_task(device, layout)
     limits = Limits(tc, task.per_epoch)
     params = sum(p.numel() for p in state.net.parameters())
-    report("start", device=device, precision=precision_for(device, tc.precision), steps_per_epoch=task.per_epoch,
+    report("start", device=device, precision=precision_for(device, tc.precision, width), steps_per_epoch=task.per_epoch,
            total_steps=limits.total_steps, batch=task.size, budget_s=limits.budget_s, step=state.step, params=params,
            world=world.size)
     if world.is_main:
@@ -178,7 +179,7 @@ def _optimizer_step(model, state: TrainState, tc: TrainConfig, task: Task, lr: f
     """One AdamW step on the task's loss and the EMA update; the loss, on the device."""
     for group in state.opt.param_groups:
         group["lr"] = lr
-    with autocast(device, tc.precision):
+    with autocast(device, tc.precision, state.net.cfg.base_channels):
         loss = task.loss(model, batch)
     state.opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -290,7 +291,7 @@ def _dry_step(fast, net, cfg: RunConfig, task: Task, device: torch.device, quiet
     (so it compiles now, where a failure can still fall back), inside `quiet()`, leaving no
     gradients behind."""
     with quiet():
-        with autocast(device, cfg.train.precision):
+        with autocast(device, cfg.train.precision, cfg.model.base_channels):
             loss = task.loss(fast, task.dry_batch())
         loss.backward()
     net.zero_grad(set_to_none=True)
