@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _peers import diffcli_unet, diffusers_unet, in_fresh_process  # noqa: E402
 
-from diffcli.devices import describe, sampling_autocast, pick_device, timed  # noqa: E402
+from diffcli.devices import describe, pick_device, sampling_autocast, timed  # noqa: E402
 from diffcli.generate import generate  # noqa: E402
 from diffcli.schedules import make_schedule  # noqa: E402
 from diffcli.spec import SamplerSpec  # noqa: E402

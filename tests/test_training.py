@@ -125,7 +125,7 @@ def test_precision_chooses_autocast_and_layout_per_device(monkeypatch, amx):
     # networks narrower than AMX_MIN_WIDTH (the `tiny` preset) stay fp32 channels_last even with AMX
     assert devices.precision_for(cpu, "auto", width=8) == "fp32"
     assert devices.precision_for(cpu, "auto", width=devices.AMX_MIN_WIDTH) == ("bf16" if amx else "fp32")
-    assert memory_format(cpu, "auto", width=8) == torch.channels_last
+    assert memory_format(cpu, devices.precision_for(cpu, "auto", width=8)) == torch.channels_last
     assert devices.precision_for(cpu, "bf16", width=8) == "bf16"  # asked for, it is given
 
 

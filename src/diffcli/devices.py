@@ -60,9 +60,10 @@ def precision_for(device: torch.device, precision: str = "auto", width: int = AM
     return "bf16" if native else "fp32"
 
 
-def autocast(device: torch.device, precision: str = "auto", width: int = AMX_MIN_WIDTH):
-    """bf16 autocast (no loss scaling needed, unlike fp16) where `precision_for` says bf16."""
-    if precision_for(device, precision, width) == "bf16":
+def autocast(device: torch.device, precision: str = "auto"):
+    """bf16 autocast (no loss scaling needed, unlike fp16) where `precision_for` says bf16
+    (for "auto": for a network at least AMX_MIN_WIDTH wide; training passes its resolved precision)."""
+    if precision_for(device, precision) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -74,11 +75,11 @@ def sampling_autocast(device: torch.device):
     return autocast(device, "auto" if device.type == "cuda" else "fp32")
 
 
-def memory_format(device: torch.device, precision: str = "auto", width: int = AMX_MIN_WIDTH) -> torch.memory_format:
+def memory_format(device: torch.device, precision: str = "auto") -> torch.memory_format:
     """channels_last: oneDNN's fp32 convolutions run ~12% faster in it on the CPU, and CUDA's
     tensor cores want it. bf16 on the CPU is the exception: there oneDNN's channels_last
     path was 27% slower than contiguous for `small` (benchmarks/cpu_precision.py)."""
-    if device.type == "cpu" and precision_for(device, precision, width) == "bf16":
+    if device.type == "cpu" and precision_for(device, precision) == "bf16":
         return torch.contiguous_format
     return torch.channels_last
 

@@ -107,8 +107,7 @@ def fit(cfg: RunConfig, make_task: Callable[[torch.device, torch.memory_format],
     tc = cfg.train
     device = device or pick_device(tc.device)
     torch.manual_seed(tc.seed)  # initial weights, and dropout inside the network, use the global generator
-    width = cfg.model.base_channels
-    layout = memory_format(device, tc.precision, width)
+    layout = memory_format(device, _precision(cfg, device))
     state = TrainState.create(cfg, device, layout)
     if resume:
         state.load(out)
@@ -121,7 +120,7 @@ def fit(cfg: RunConfig, make_task: Callable[[torch.device, torch.memory_format],
     task = make_task(device, layout)
     limits = Limits(tc, task.per_epoch)
     params = sum(p.numel() for p in state.net.parameters())
-    report("start", device=device, precision=precision_for(device, tc.precision, width), steps_per_epoch=task.per_epoch,
+    report("start", device=device, precision=_precision(cfg, device), steps_per_epoch=task.per_epoch,
            total_steps=limits.total_steps, batch=task.size, budget_s=limits.budget_s, step=state.step, params=params,
            world=world.size)
     if world.is_main:
@@ -141,7 +140,7 @@ def _loop(cfg: RunConfig, task: Task, state: TrainState, model, limits: Limits, 
     grid_path = None
     while (stopped_by := limits.reached(state.step, world, should_stop, device)) is None:
         lr = lr_at(state.step, tc, limits.progress(state.step)) * guard.lr_scale
-        loss = _optimizer_step(model, state, tc, task, lr, task.get(state.step, state.batch_gen), device)
+        loss = _optimizer_step(model, state, cfg, task, lr, task.get(state.step, state.batch_gen), device)
         state.step += 1
         meter.add(loss, lr)
         guard.watch(loss, state.step)
@@ -174,12 +173,13 @@ def epochs(step: int, task: Task) -> float:
     return step / task.per_epoch if task.per_epoch else 0.0
 
 
-def _optimizer_step(model, state: TrainState, tc: TrainConfig, task: Task, lr: float, batch: tuple,
+def _optimizer_step(model, state: TrainState, cfg: RunConfig, task: Task, lr: float, batch: tuple,
                     device: torch.device) -> torch.Tensor:
     """One AdamW step on the task's loss and the EMA update; the loss, on the device."""
+    tc = cfg.train
     for group in state.opt.param_groups:
         group["lr"] = lr
-    with autocast(device, tc.precision, state.net.cfg.base_channels):
+    with autocast(device, _precision(cfg, device)):
         loss = task.loss(model, batch)
     state.opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -267,6 +267,11 @@ class Meter:
             self.report("log", **record)
 
 
+def _precision(cfg: RunConfig, device: torch.device) -> str:
+    """"bf16" or "fp32": the run's --precision on this device, for its network's width."""
+    return precision_for(device, cfg.train.precision, cfg.model.base_channels)
+
+
 def _prepared(net, cfg: RunConfig, task: Task, world: World, device: torch.device, report):
     """The module the loop calls: `net` in train mode, under DDP with several ranks, and
     compiled (checked on this run's shapes first) when asked or on CUDA."""
@@ -291,7 +296,7 @@ def _dry_step(fast, net, cfg: RunConfig, task: Task, device: torch.device, quiet
     (so it compiles now, where a failure can still fall back), inside `quiet()`, leaving no
     gradients behind."""
     with quiet():
-        with autocast(device, cfg.train.precision, cfg.model.base_channels):
+        with autocast(device, _precision(cfg, device)):
             loss = task.loss(fast, task.dry_batch())
         loss.backward()
     net.zero_grad(set_to_none=True)
