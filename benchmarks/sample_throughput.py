@@ -66,7 +66,7 @@ def worker(name: str, args) -> float:
     n = args.n or (256 if device.type == "cuda" else 64)
     torch.manual_seed(0)
     if name.startswith("diffcli"):
-        model = diffcli_unet(args.preset).to(device, memory_format=torch.channels_last).eval()
+        model = diffcli_unet(args.preset, matched=True).to(device, memory_format=torch.channels_last).eval()
         if name == COMPILED:
             model = torch.compile(model, dynamic=False)
         labels, seeds = [i % 10 for i in range(n)], list(range(n))

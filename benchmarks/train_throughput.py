@@ -81,7 +81,7 @@ def contender(name: str, preset: str, cpu_bf16: bool = False):
     cpu_or_cuda = pick_device("auto")
     if name == "diffcli":  # the layout `diffcli train` picks for this device and precision
         layout = memory_format(cpu_or_cuda, precision(cpu_or_cuda, cpu_bf16))
-        return diffcli_unet(preset), ours, layout == torch.channels_last, fused_adamw(cpu_or_cuda)
+        return diffcli_unet(preset, matched=True), ours, layout == torch.channels_last, fused_adamw(cpu_or_cuda)
     return diffusers_unet(preset), theirs, False, name == "diffusers+fused" and fused_adamw(cpu_or_cuda)
 
 

@@ -77,6 +77,17 @@ def test_folder_with_mixed_sizes_and_modes_trains(tmp_path):
     assert "32x32, 3 channels" in " ".join(r.output.split())  # mixed sizes: 32 px; any colour image: RGB
 
 
+def test_an_odd_size_trains_without_patches_and_is_refused_with_them(tmp_path):
+    """The default U-Net enters by 2x2 patches, which an odd size cannot tile; without them
+    any size halves (15 -> 8 -> 4 for tiny's two levels)."""
+    data = tmp_path / "data"
+    for cls in "ab":
+        (data / cls).mkdir(parents=True)
+        Image.new("RGB", (15, 15), "red" if cls == "a" else "blue").save(data / cls / "x.png")
+    fails_cleanly(["train", "--data", data, "--max-steps", "1", "--out", tmp_path / "run"], "patch size 2; pass --image-size")
+    ok(["train", "--data", data, "--preset", "tiny", "--max-steps", "1", "--out", tmp_path / "run2"])
+
+
 def test_empty_folder_and_folder_of_broken_images(tmp_path):
     (tmp_path / "empty").mkdir()
     fails_cleanly(["train", "--data", tmp_path / "empty", "--out", tmp_path / "run"], "no images")

@@ -31,12 +31,12 @@ def one_sentence_error(result, fragment):
     assert result.exit_code == 1 and "Traceback" not in text and fragment in text, (result.exit_code, result.output)
 
 
-def random_model(tmp_path, classes=10, scale_shift=None, shallow=False, preset="base", norm_groups=None):
+def random_model(tmp_path, classes=10, scale_shift=None, shallow=False, preset="base", norm_groups=None, size=16):
     """A diffcli model file of `preset` (two levels of one block each where `shallow`, for
-    speed: still 32 groups throughout), random weights."""
+    speed: still 32 groups throughout), random weights; without patches, which diffusers lacks."""
     cfg = preset_config(preset)
-    cfg.model.norm_groups = norm_groups
-    cfg.model.num_classes, cfg.model.image_size, cfg.model.in_channels = classes, 16, 3
+    cfg.model.norm_groups, cfg.model.patch_size = norm_groups, 1
+    cfg.model.num_classes, cfg.model.image_size, cfg.model.in_channels = classes, size, 3
     if scale_shift is not None:
         cfg.model.scale_shift = scale_shift
     if shallow:
@@ -58,18 +58,18 @@ def inputs(classes, n=3, size=16):
     return x, t, y
 
 
-@pytest.mark.parametrize("classes,scale_shift,shallow,preset,groups", [
-    (10, None, False, "base", None), (0, None, True, "base", None), (10, True, True, "base", None),  # base; unconditional; AdaGN
-    (10, None, False, "small", 4)])  # small with one group count everywhere
-def test_an_exported_model_gives_diffcli_s_output_in_diffusers(tmp_path, classes, scale_shift, shallow, preset, groups):
+@pytest.mark.parametrize("classes,scale_shift,shallow,preset,groups,size", [
+    (10, None, False, "base", None, 16), (0, None, True, "base", None, 16), (10, True, True, "base", None, 16),  # base; unconditional; AdaGN
+    (10, None, False, "small", 4, 16)])  # small's widths with one group count everywhere
+def test_an_exported_model_gives_diffcli_s_output_in_diffusers(tmp_path, classes, scale_shift, shallow, preset, groups, size):
     from diffusers import DDIMScheduler, UNet2DModel
 
-    ckpt = random_model(tmp_path, classes, scale_shift, shallow, preset, groups)
+    ckpt = random_model(tmp_path, classes, scale_shift, shallow, preset, groups, size)
     r = run("export", "--ckpt", ckpt, "--out", tmp_path / "out")
     assert r.exit_code == 0, r.output
     theirs = UNet2DModel.from_pretrained(str(tmp_path / "out"), subfolder="unet").eval()
     ours, cfg, _ = load_model(ckpt)
-    x, t, y = inputs(classes)
+    x, t, y = inputs(classes, size=size)
     with torch.no_grad():
         want = ours(x, t, y)
         got = theirs(x, t, class_labels=y if classes else None).sample
@@ -166,6 +166,9 @@ def test_a_wrong_weight_mapping_breaks_the_comparison(tmp_path, monkeypatch):
 def test_what_diffusers_or_diffcli_cannot_express_is_refused(tiny_run, tmp_path):
     one_sentence_error(run("export", "--ckpt", tiny_run / "model.safetensors", "--out", tmp_path / "a"),
                        "UNet2DModel has one GroupNorm group count for every layer")
+    # diffcli runs sizes that do not halve evenly (10 -> 5 -> 3); UNet2DModel's concatenation fails on them
+    odd = random_model(tmp_path, shallow=False, preset="small", norm_groups=4, size=10)
+    one_sentence_error(run("export", "--ckpt", odd, "--out", tmp_path / "b"), "this model's 10 does not")
     folder = tmp_path / "fourier"
     (folder / "unet").mkdir(parents=True)
     (folder / "scheduler").mkdir()

@@ -116,6 +116,9 @@ def unet_config(net: torch.nn.Module, m: ModelConfig) -> dict:
     widths = sorted({mod.qkv.in_channels for mod in net.modules() if hasattr(mod, "qkv")})
     if m.patch_size != 1:
         raise UserError(f"UNet2DModel has no patches: this model was trained with patch_size {m.patch_size}.")
+    if m.image_size % 2 ** (len(m.channel_mult) - 1):
+        raise UserError(f"UNet2DModel doubles each level's size back exactly, so its image size must halve evenly "
+                        f"{len(m.channel_mult) - 1} times, and this model's {m.image_size} does not.")
     if len(groups) > 1:
         raise UserError(f"UNet2DModel has one GroupNorm group count for every layer, and this model's vary with their width "
                         f"({', '.join(map(str, groups))}: diffcli keeps 4 channels a group in narrow layers); the base "
@@ -203,7 +206,7 @@ def model_config(unet: dict, num_classes: int) -> ModelConfig:
                        attn_levels=attn, head_channels=heads, dropout=float(c["dropout"]),
                        scale_shift=c["resnet_time_scale_shift"] == "scale_shift", norm_eps=float(c["norm_eps"]),
                        downsample_padding=int(c["downsample_padding"]), flip_sin_to_cos=bool(c["flip_sin_to_cos"]),
-                       freq_shift=int(c["freq_shift"]), norm_groups=int(c["norm_num_groups"]), image_size=size,
+                       freq_shift=int(c["freq_shift"]), norm_groups=int(c["norm_num_groups"]), patch_size=1, image_size=size,
                        in_channels=c["in_channels"], num_classes=num_classes)
 
 

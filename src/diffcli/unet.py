@@ -110,9 +110,12 @@ class UNet(nn.Module):
         self.student = None  # a spec.Student when distilled: how it must be sampled (checkpoint.load_model)
         self.trained = None  # training images seen, when known: the default guidance follows it (spec.default_guidance)
         levels = len(cfg.channel_mult)
-        factor = cfg.patch_size * 2 ** (levels - 1)
-        if cfg.image_size % factor:
-            raise ValueError(f"image size {cfg.image_size} is not divisible by {factor} (patch size x the U-Net's downsampling)")
+        # Any size halves: a stride-2 conv takes n pixels to ceil(n / 2), and each upsampling
+        # goes back to its skip's exact size (diffusers' UNet2DConditionModel passes the same
+        # upsample_size), so MNIST's 28 (patches of 2: 14, 7, 4) runs the same network as 32.
+        # Only the patches must tile the image.
+        if cfg.image_size % cfg.patch_size:
+            raise ValueError(f"image size {cfg.image_size} is not divisible by the patch size {cfg.patch_size}")
         ch = cfg.base_channels
         emb_dim = 4 * ch
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -176,7 +179,7 @@ class UNet(nn.Module):
             for block, attn in zip(level.blocks, level.attns):
                 h = attn(block(torch.cat([h, skips.pop()], dim=1), emb))
             if i < len(self.upsample):
-                h = self.upsample[i](F.interpolate(h, scale_factor=2.0, mode="nearest"))
+                h = self.upsample[i](F.interpolate(h, size=skips[-1].shape[-2:], mode="nearest"))
         out = self.conv_out(F.silu(self.norm_out(h)))
         return F.pixel_shuffle(out, self.patch) if self.patch > 1 else out
 
