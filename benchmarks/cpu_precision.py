@@ -1,9 +1,10 @@
 """Training images/s of diffcli's U-Net on the CPU in fp32 and bf16 autocast, channels_last
 and contiguous: the evidence for (or against) a CPU precision other than fp32.
 
-On CPUs with AMX (Intel Sapphire Rapids and later) oneDNN runs bf16 convolutions on the
-tile units; elsewhere bf16 is emulated and slow. diffcli trains in fp32 channels_last on
-the CPU; this shows what the other three settings would give on the machine at hand.
+On CPUs with AMX (Intel Sapphire Rapids and later) or AVX512-BF16 (AMD Zen 4 and later)
+oneDNN runs bf16 convolutions natively; elsewhere bf16 is emulated and slow. `--precision
+auto` trains in bf16 contiguous on the former and fp32 channels_last on the others; this
+shows all four settings on the machine at hand.
 
     python benchmarks/cpu_precision.py --presets small,base
 """

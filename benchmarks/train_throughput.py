@@ -36,7 +36,7 @@ from diffcli.schedules import make_schedule, q_sample  # noqa: E402
 
 def precision(device, cpu_bf16: bool) -> str:
     """The `--precision` both tools train in: bf16 on CUDA; on the CPU fp32 unless `--cpu-bf16`,
-    even where `diffcli train`'s auto would take bf16 (AMX), so the CPU tables stay fp32."""
+    even where `diffcli train`'s auto would take bf16 (AMX, AVX512-BF16), so the CPU tables stay fp32."""
     return "auto" if device.type == "cuda" else "bf16" if cpu_bf16 else "fp32"
 
 

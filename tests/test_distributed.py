@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from diffcli.checkpoint import model_metadata, read_header
 
-# fp32 on every CPU: under bf16 (--precision auto on an AMX CPU) two half batches round
+# fp32 on every CPU: under bf16 (--precision auto on an AMX or AVX512-BF16 CPU) two half batches round
 # differently from one whole batch (1e-5 after 6 steps), which would hide what this checks.
 ARGS = ["--data", "shapes", "--limit", "64", "--preset", "tiny", "--batch-size", "8", "--sample-every", "6", "--seed", "5",
         "--precision", "fp32"]

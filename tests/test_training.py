@@ -102,12 +102,12 @@ def test_training_reduces_the_loss():
     assert losses[0] > 0.8 and losses[-1] < 0.5 * losses[0], losses[::10]
 
 
-@pytest.mark.parametrize("amx", [False, True])
-def test_precision_chooses_autocast_and_layout_per_device(monkeypatch, amx):
+@pytest.mark.parametrize("native", [False, True])
+def test_precision_chooses_autocast_and_layout_per_device(monkeypatch, native):
     from diffcli import devices
     from diffcli.devices import autocast, memory_format, sampling_autocast
 
-    monkeypatch.setattr(devices, "cpu_has_amx", lambda: amx)  # both answers, whichever CPU runs the tests
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: native)  # both answers, whichever CPU runs the tests
     conv = torch.nn.Conv2d(3, 4, 3)
     x = torch.randn(1, 3, 8, 8)
     cpu = torch.device("cpu")
@@ -115,27 +115,27 @@ def test_precision_chooses_autocast_and_layout_per_device(monkeypatch, amx):
         assert conv(x).dtype == torch.bfloat16  # the convolutions really run in bf16
     with autocast(cpu, "fp32"):
         assert conv(x).dtype == torch.float32
-    with autocast(cpu, "auto"):  # native bf16 with AMX, fp32 where bf16 would be emulated
-        assert conv(x).dtype == (torch.bfloat16 if amx else torch.float32)
+    with autocast(cpu, "auto"):  # bf16 where the CPU has it natively, fp32 where it would be emulated
+        assert conv(x).dtype == (torch.bfloat16 if native else torch.float32)
     with sampling_autocast(cpu):  # sampling stays fp32 on every CPU: one seed, one picture
         assert conv(x).dtype == torch.float32
     assert memory_format(cpu, "bf16") == torch.contiguous_format  # oneDNN's faster bf16 layout
-    assert memory_format(cpu, "auto") == (torch.contiguous_format if amx else torch.channels_last)
+    assert memory_format(cpu, "auto") == (torch.contiguous_format if native else torch.channels_last)
     assert memory_format(cpu, "fp32") == memory_format(torch.device("cuda"), "bf16") == torch.channels_last
-    # networks narrower than AMX_MIN_WIDTH (the `tiny` preset) stay fp32 channels_last even with AMX
+    # networks narrower than BF16_MIN_WIDTH (the `tiny` preset) stay fp32 channels_last even so
     assert devices.precision_for(cpu, "auto", width=8) == "fp32"
-    assert devices.precision_for(cpu, "auto", width=devices.AMX_MIN_WIDTH) == ("bf16" if amx else "fp32")
+    assert devices.precision_for(cpu, "auto", width=devices.BF16_MIN_WIDTH) == ("bf16" if native else "fp32")
     assert memory_format(cpu, devices.precision_for(cpu, "auto", width=8)) == torch.channels_last
     assert devices.precision_for(cpu, "bf16", width=8) == "bf16"  # asked for, it is given
 
 
-def test_amx_is_read_from_the_cpu_flags():
-    from diffcli.devices import cpu_has_amx
+def test_native_bf16_is_read_from_the_cpu_flags():
+    from diffcli.devices import cpu_has_native_bf16
 
     flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else None
     if flags is None:
         pytest.skip("no /proc/cpuinfo to check against")
-    assert cpu_has_amx() == ("amx_bf16" in flags)
+    assert cpu_has_native_bf16() == ("amx_bf16" in flags or "avx512_bf16" in flags)
 
 
 def test_bf16_training_saves_fp32_weights(tmp_path):

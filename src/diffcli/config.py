@@ -96,7 +96,7 @@ class TrainConfig:
     seed: int = bounded(0, NON_NEGATIVE)
     device: str = "auto"
     compile: bool | None = None  # torch.compile the U-Net; None: on for CUDA only (compiling.py)
-    precision: str = "auto"  # "auto" (bf16 autocast on CUDA and AMX CPUs, fp32 elsewhere), "fp32" or "bf16" (devices.py)
+    precision: str = "auto"  # "auto" (bf16 autocast on CUDA and bf16-native CPUs, fp32 elsewhere), "fp32" or "bf16" (devices.py)
     log: str = "none"  # experiment trackers: none, tensorboard, wandb, or tensorboard,wandb (trackers.py)
     wandb_project: str | None = None  # None: $WANDB_PROJECT, else W&B's own default
 

@@ -28,41 +28,45 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 @functools.cache  # asked on every training step
-def cpu_has_amx() -> bool:
-    """Whether this CPU multiplies bf16 matrices on AMX tiles (Intel Sapphire Rapids and later),
-    where oneDNN's bf16 convolutions beat fp32; everywhere else bf16 is emulated and slower."""
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively, where oneDNN's bf16 convolutions beat fp32: on
+    AMX tiles (Intel Sapphire Rapids and later) or with AVX512-BF16 dot products (AMD Zen 4 and
+    later, Intel Cooper Lake). Everywhere else bf16 is emulated and slower."""
     capabilities = getattr(torch.cpu, "get_capabilities", None)  # newer torch: every flag cpuinfo reads
     if capabilities is not None:
-        return bool(capabilities().get("amx_bf16", False))
-    has_tiles = getattr(torch.cpu, "_is_amx_tile_supported", None)  # older torch: the tile unit
+        flags = capabilities()
+        return bool(flags.get("amx_bf16", False) or flags.get("avx512_bf16", False))
+    has_tiles = getattr(torch.cpu, "_is_amx_tile_supported", None)  # older torch: the tile unit only
     return bool(has_tiles is not None and has_tiles())
 
 
-# The narrowest network (base channels) that trains faster in bf16 on AMX: narrow layers gain
-# little from the tiles and still pay the casts. `tiny` (8) ran 0.46x of fp32, `small` (16) 1.23x,
-# `base` (128) 1.85x (benchmarks/cpu_precision.py).
-AMX_MIN_WIDTH = 16
+# The narrowest network (base channels) that trains faster in bf16 on such a CPU: narrow layers
+# gain little and still pay the casts. Against fp32 (benchmarks/cpu_precision.py): on the AMX Xeon
+# `tiny` (8) 0.46x, the full-resolution `small` (16) 1.23x, `base` (128) 1.85x; on an AVX512-BF16
+# AMD EPYC (Zen 5) `tiny` 0.53x, the patched `small` (32) 1.25x, `base` 1.51x.
+BF16_MIN_WIDTH = 16
 
 
-def precision_for(device: torch.device, precision: str = "auto", width: int = AMX_MIN_WIDTH) -> str:
+def precision_for(device: torch.device, precision: str = "auto", width: int = BF16_MIN_WIDTH) -> str:
     """"bf16" or "fp32": what `precision` means on `device` for a network `width` base channels
-    wide. "auto" is bf16 where the hardware runs it natively (CUDA with bf16, a CPU with AMX
-    for networks of at least AMX_MIN_WIDTH) and fp32 elsewhere. On the 2-core AMX
-    Xeon bf16 trained shapes 1.13-1.15x faster at the same quality per step over 3 seeds, and
-    10 minutes of MNIST made 1.15x the steps at 98.7% / 1.73x the FD floor against fp32's
-    98.1% / 1.75x (docs/results.md); without AMX it would be slower (benchmarks/cpu_precision.py)."""
+    wide. "auto" is bf16 where the hardware runs it natively (CUDA with bf16, a CPU with native
+    bf16 for networks of at least BF16_MIN_WIDTH) and fp32 elsewhere. On the 2-core AMX Xeon
+    bf16 trained shapes 1.13-1.15x faster at the same quality per step over 3 seeds, and 10
+    minutes of MNIST made 1.15x the steps at 98.7% / 1.73x the FD floor against fp32's 98.1% /
+    1.75x; on the AVX512-BF16 EPYC 2 minutes of shapes made 1.09-1.17x the steps at 93.8% /
+    1.37 against 92.6% / 1.72 over 2 seeds (docs/results.md)."""
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError("--precision bf16 was asked for, but this GPU has no bf16; use --precision auto or fp32.")
     if precision != "auto":
         return precision
     native = ((device.type == "cuda" and torch.cuda.is_bf16_supported())
-              or (device.type == "cpu" and width >= AMX_MIN_WIDTH and cpu_has_amx()))
+              or (device.type == "cpu" and width >= BF16_MIN_WIDTH and cpu_has_native_bf16()))
     return "bf16" if native else "fp32"
 
 
 def autocast(device: torch.device, precision: str = "auto"):
     """bf16 autocast (no loss scaling needed, unlike fp16) where `precision_for` says bf16
-    (for "auto": for a network at least AMX_MIN_WIDTH wide; training passes its resolved precision)."""
+    (for "auto": for a network at least BF16_MIN_WIDTH wide; training passes its resolved precision)."""
     if precision_for(device, precision) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -71,7 +75,7 @@ def autocast(device: torch.device, precision: str = "auto"):
 def sampling_autocast(device: torch.device):
     """Sampling's precision: bf16 on CUDA, fp32 on every CPU. With AMX, bf16 forward passes of
     `small` were only 1.2x faster (1,357 against 1,135 images/s, batch 64), not worth pictures
-    of one seed that differ between CPUs with and without AMX."""
+    of one seed that differ between CPUs with and without native bf16."""
     return autocast(device, "auto" if device.type == "cuda" else "fp32")
 
 

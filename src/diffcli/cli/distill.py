@@ -28,7 +28,7 @@ def distill(
     device: _opt(str, TrainConfig, "device", DEVICE_HELP) = None,
     seed: _opt(int, TrainConfig, "seed", f"Seed of the teacher paths' noise and labels (default: {TrainConfig.seed}).") = None,
     compile: _opt(bool, TrainConfig, "compile", "torch.compile the student (default: on for CUDA only).", "--compile/--no-compile") = None,
-    precision: _opt(str, TrainConfig, "precision", "auto (bf16 on CUDA and on CPUs with AMX, fp32 elsewhere), fp32, or bf16.") = None,
+    precision: _opt(str, TrainConfig, "precision", "auto (bf16 on CUDA and on CPUs with AMX or AVX512-BF16, fp32 elsewhere), fp32, or bf16.") = None,
     log: _opt(str, TrainConfig, "log", LOG_HELP) = None,
     wandb_project: _opt(str, TrainConfig, "wandb_project", WANDB_PROJECT_HELP) = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the distillation in --out from its last checkpoint.")] = False,

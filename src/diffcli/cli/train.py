@@ -52,7 +52,7 @@ def train(
     device: _opt(str, TrainConfig, "device", DEVICE_HELP) = None,
     seed: _opt(int, TrainConfig, "seed", f"Seed for initialisation, data order and noise (default: {TrainConfig.seed}).") = None,
     compile: _opt(bool, TrainConfig, "compile", "torch.compile the U-Net: faster steps after a minute or so of compiling (default: on for CUDA only).", "--compile/--no-compile") = None,
-    precision: _opt(str, TrainConfig, "precision", "auto (bf16 on CUDA and on CPUs with AMX, where it is faster; fp32 elsewhere), fp32, or bf16.") = None,
+    precision: _opt(str, TrainConfig, "precision", "auto (bf16 on CUDA and on CPUs with AMX or AVX512-BF16, where it is faster; fp32 elsewhere), fp32, or bf16.") = None,
     log: _opt(str, TrainConfig, "log", LOG_HELP) = None,
     wandb_project: _opt(str, TrainConfig, "wandb_project", WANDB_PROJECT_HELP) = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")] = False,
