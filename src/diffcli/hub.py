@@ -116,9 +116,9 @@ def unet_config(net: torch.nn.Module, m: ModelConfig) -> dict:
     widths = sorted({mod.qkv.in_channels for mod in net.modules() if hasattr(mod, "qkv")})
     if m.patch_size != 1:
         raise UserError(f"UNet2DModel has no patches: this model was trained with patch_size {m.patch_size}.")
-    if m.image_size % 2 ** (len(m.channel_mult) - 1):
+    if m.image_size % 2 ** (halvings := len(m.channel_mult) - 1):
         raise UserError(f"UNet2DModel doubles each level's size back exactly, so its image size must halve evenly "
-                        f"{len(m.channel_mult) - 1} times, and this model's {m.image_size} does not.")
+                        f"{halvings} times, and this model's {m.image_size} does not.")
     if len(groups) > 1:
         raise UserError(f"UNet2DModel has one GroupNorm group count for every layer, and this model's vary with their width "
                         f"({', '.join(map(str, groups))}: diffcli keeps 4 channels a group in narrow layers); the base "
