@@ -4,7 +4,10 @@ from pathlib import Path
 import pytest
 import torch
 
-SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "MNIST" / "raw"
+_REPO = Path(__file__).resolve().parents[1]
+SHARED_MNIST = _REPO.parent / "shared" / "datasets" / "MNIST" / "raw"
+# The GPU machine has no ../shared; benchmarks/gpu_check.sh carries the same .gz files in data/.
+CARRIED_MNIST = _REPO / "data" / "MNIST" / "raw"
 
 
 @pytest.fixture(autouse=True)
@@ -19,11 +22,12 @@ def _isolated(tmp_path, monkeypatch):
 @pytest.fixture
 def mnist_root(tmp_path) -> Path:
     """A data root holding copies of the official MNIST .gz files (torchvision extracts into its root)."""
-    if not SHARED_MNIST.is_dir():
+    source = next((d for d in (SHARED_MNIST, CARRIED_MNIST) if any(d.glob("*.gz"))), None)
+    if source is None:
         pytest.fail(f"the MNIST files are expected in {SHARED_MNIST} (../shared beside the checkout)")
     raw = tmp_path / "data" / "MNIST" / "raw"
     raw.mkdir(parents=True)
-    for f in SHARED_MNIST.glob("*.gz"):
+    for f in source.glob("*.gz"):
         shutil.copy(f, raw / f.name)
     return tmp_path / "data"
 
