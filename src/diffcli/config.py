@@ -69,11 +69,11 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    # The defaults are the `small` preset's, chosen on 3-minute CPU runs of shapes
-    # (batch 16 and lr 3e-3 both did worse; docs/results.md).
+    # The defaults are the `small` preset's, chosen on 2-3-minute CPU runs of shapes (batch 16
+    # did worse; the patched network learns best near lr 1e-3, 3 seeds, and so does MNIST; docs/results.md).
     preset: str = "small"
     batch_size: int = bounded(32, AT_LEAST_ONE)
-    lr: float = bounded(2e-3, POSITIVE)
+    lr: float = bounded(1e-3, POSITIVE)
     lr_schedule: str = "constant"  # "constant" or "cosine" (decay to 0 at the last step)
     warmup_steps: int = bounded(100, NON_NEGATIVE)
     weight_decay: float = bounded(0.0, NON_NEGATIVE)
