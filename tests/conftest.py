@@ -24,7 +24,7 @@ def mnist_root(tmp_path) -> Path:
     """A data root holding copies of the official MNIST .gz files (torchvision extracts into its root)."""
     source = next((d for d in (SHARED_MNIST, CARRIED_MNIST) if any(d.glob("*.gz"))), None)
     if source is None:
-        pytest.fail(f"the MNIST files are expected in {SHARED_MNIST} (../shared beside the checkout)")
+        pytest.fail(f"the MNIST .gz files are expected in {SHARED_MNIST} (../shared beside the checkout) or {CARRIED_MNIST}")
     raw = tmp_path / "data" / "MNIST" / "raw"
     raw.mkdir(parents=True)
     for f in source.glob("*.gz"):
