@@ -1,6 +1,7 @@
-"""The benchmark scripts still run (tiny settings; the numbers are not checked here).
+"""The benchmark scripts still run (tiny settings; the numbers are not checked here), and
+shape_fit's score tells real outlines from wrong ones.
 
-The six run side by side, one thread each, so together they take about as long as the
+The scripts run side by side, one thread each, so together they take about as long as the
 slowest one alone.
 """
 
@@ -42,6 +43,11 @@ def test_benchmark_scripts_run(mnist_root, tmp_path):
     cfg.distill = DistillConfig(teacher=str(model), steps=2, guidance=2.0)  # an untrained "student" of it
     student = tmp_path / "student.safetensors"
     save_model(student, UNet(cfg.model).state_dict(), to_dict(cfg), [str(i) for i in range(10)], 0, 0.0)
+    shapes_cfg = build_config("tiny", None, {})  # untrained, on 32x32 shapes
+    shapes_model = tmp_path / "shapes.safetensors"
+    from diffcli.shapes import SHAPES
+
+    save_model(shapes_model, UNet(shapes_cfg.model).state_dict(), to_dict(shapes_cfg), list(SHAPES), 0, 0.0)
     rules_root = shutil.copytree(mnist_root, tmp_path / "rules-data")
     ema_root = shutil.copytree(mnist_root, tmp_path / "ema-data")
     scripts = {
@@ -54,6 +60,7 @@ def test_benchmark_scripts_run(mnist_root, tmp_path):
                              "--n", "2", "--out", str(tmp_path / "curve.png"), "--students", str(student)],
         "distill_speed.py": ["--teacher", str(model), "--student", str(student), "--n", "1", "--rounds", "1"],
         "train_throughput.py": ["--presets", "small", "--batch", "4", "--rounds", "1", "--steps", "1"],
+        "shape_fit.py": ["--models", str(shapes_model), "--n", "1", "--steps", "2"],
         "sample_throughput.py": ["--n", "2", "--steps", "2", "--rounds", "1"],
         "quality_mnist.py": ["--minutes", "0.02", "--n", "2", "--sample-steps", "2", "--limit", "300", "--data-root",
                              str(mnist_root), "--classifier", str(clf), "--json", str(tmp_path / "q.json")],
@@ -81,5 +88,33 @@ def test_benchmark_scripts_run(mnist_root, tmp_path):
     assert "ratio diffcli / diffusers" in out["train_throughput.py"] and "718,211" in out["train_throughput.py"]
     assert "ratio diffcli / diffusers" in out["sample_throughput.py"]
     assert "whole process: diffcli sample" in out["sample_throughput.py"]
+    fits = out["shape_fit.py"].splitlines()  # real images overlap their outlines; an untrained network's noise does not
+    real_row, model_row = (next(line for line in fits if line.startswith(f"| {name}")) for name in ("real", shapes_model))
+    assert min(map(float, real_row.split("|")[2:-1])) > 0.85 and float(model_row.split("|")[-2]) < 0.6
     for name in ("diffcli", "lucidrains", "diffusers", "real training images"):
         assert f"| {name} |" in out["quality_mnist.py"]
+
+
+def test_shape_fit_tells_an_outline_from_another():
+    """Real squares and crosses fit their own outlines nearly perfectly, each other's
+    poorly, and blurred (soft corners, as an undertrained model draws them) less well."""
+    import torch
+    import torch.nn.functional as F
+
+    sys.path.insert(0, str(BENCH))
+    from shape_fit import fit
+
+    from diffcli.shapes import SHAPES, draw
+
+    images, labels = draw(32, 3, seed=5)
+    square, cross = SHAPES.index("square"), SHAPES.index("cross")
+    keep = (labels == square) | (labels == cross)
+    images, labels = images[keep], labels[keep]
+    box = torch.ones(3, 1, 5, 5) / 25
+    blurred = F.conv2d(F.pad(images.float(), (2, 2, 2, 2), mode="replicate"), box, groups=3).round().to(torch.uint8)
+    swapped = torch.where(labels == square, cross, square)
+    r2, overlap = fit(torch.cat([images, images, blurred]), torch.cat([labels, swapped, labels]))
+    r2, overlap = r2.split(len(labels)), overlap.split(len(labels))
+    assert r2[0].min() > 0.9 and r2[1].max() < 0.8  # the fit itself: its own outline explains a real image
+    assert overlap[0].min() > 0.85 and overlap[1].max() < 0.8
+    assert (overlap[2] < overlap[0]).all() and (overlap[0] - overlap[2]).mean() > 0.02
