@@ -21,10 +21,10 @@ import math
 import torch
 
 from diffcli import data as D
-from diffcli.shapes import SHAPES, _polygon
+from diffcli.shapes import CENTRE_SPREAD, MAX_TILT, RADIUS_MIN, RADIUS_SPAN, SHAPES, polygons
 
-ANGLES = torch.linspace(-30, 30, 13)  # the set's rotations (±30°), every 5°
-RADII = torch.linspace(0.30, 0.42, 6)  # the set's radii, as a share of the image size
+ANGLES = torch.arange(-MAX_TILT, MAX_TILT + 1, 5)  # the set's rotations, every 5°
+RADII = torch.linspace(RADIUS_MIN, RADIUS_MIN + RADIUS_SPAN, 6)  # its radii, as a share of the image size
 
 
 def _outline(kind: str, size: int, radius: float, angle: float, cx: float, cy: float) -> torch.Tensor:
@@ -34,7 +34,7 @@ def _outline(kind: str, size: int, radius: float, angle: float, cx: float, cy: f
     ss, c, s = 4 * size, math.cos(angle), math.sin(angle)
     canvas = Image.new("L", (ss, ss), 0)
     pen = ImageDraw.Draw(canvas)
-    for j, poly in enumerate(_polygon(kind)):
+    for j, poly in enumerate(polygons(kind)):
         pen.polygon([(4 * cx + 4 * radius * (c * x - s * y), 4 * cy + 4 * radius * (s * x + c * y)) for x, y in poly],
                     fill=255 if j == 0 else 0)
     small = canvas.resize((size, size), Image.BOX)
@@ -71,7 +71,7 @@ def templates(kind: str, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.T
     out = []
     for share in RADII.tolist():
         r = share * size
-        reach = 0.45 * (size - 2 * r) + 0.5  # shapes.draw's centres, plus the half-pixel grid
+        reach = CENTRE_SPREAD / 2 * (size - 2 * r) + 0.5  # shapes.draw's centres, plus the half-pixel grid
         for angle in ANGLES.tolist():
             for px in (0.0, 0.5):
                 for py in (0.0, 0.5):
@@ -130,7 +130,7 @@ def main() -> None:
     labels = torch.arange(args.n * len(SHAPES)) % len(SHAPES)
     sets, names = [real.images], []
     for path in args.models.split(","):
-        model, cfg, meta = load_model(path, torch.device("cpu"))
+        model, cfg, _ = load_model(path, torch.device("cpu"))
         guidance = args.guidance if args.guidance is not None else default_guidance(model.trained)
         sets.append(generate(model, make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps),
                              cfg.diffusion.prediction, SamplerSpec(steps=args.steps, guidance=guidance), labels=labels.tolist(),

@@ -14,9 +14,13 @@ import torch
 SHAPES = ("circle", "square", "triangle", "ring", "cross", "star", "heart", "crescent", "half-disc", "arrow")
 SHAPES_PER_CLASS = 3000  # 30k images: enough variety for minutes of training, ~5 s to build
 SHAPES_TEST_PER_CLASS = 500  # the held-out split: 5k images, enough for per-class accuracy and feature statistics
+# Where and how the outlines are drawn (draw; benchmarks/shape_fit.py searches the same ranges):
+RADIUS_MIN, RADIUS_SPAN = 0.30, 0.12  # radius 30-42% of the image size
+MAX_TILT = 30  # degrees either side of upright
+CENTRE_SPREAD = 0.9  # the share of the room the radius leaves that the centre wanders over
 
 
-def _polygon(kind: str) -> list[list[tuple[float, float]]]:
+def polygons(kind: str) -> list[list[tuple[float, float]]]:
     """Outlines in unit coordinates (radius ~1, centred at 0). The first polygon is
     filled, later ones are cut out (for the ring and the crescent)."""
     def regular(n, r=1.0, phase=0.0):
@@ -74,15 +78,15 @@ def _drawn(size: int, per_class: int, seed: int) -> tuple[torch.Tensor, torch.Te
     n = per_class * len(SHAPES)
     labels = torch.arange(n) % len(SHAPES)
     ss = 4 * size  # supersampling
-    outlines = [_polygon(k) for k in SHAPES]
+    outlines = [polygons(k) for k in SHAPES]
 
     # Nuisance variation is kept moderate (rotation within ±30° of upright, radius 30-42% of
     # the image, the shape kept whole inside it, a gentle gradient) so a few CPU minutes go
     # into learning the outlines: with full 360° rotation a 3-minute run still drew blobs.
-    radius = (0.30 + 0.12 * torch.rand(n, generator=g)) * size
-    angle = (torch.rand(n, generator=g) - 0.5) * math.radians(60)
-    cx = size / 2 + (torch.rand(n, generator=g) - 0.5) * 0.9 * (size - 2 * radius)
-    cy = size / 2 + (torch.rand(n, generator=g) - 0.5) * 0.9 * (size - 2 * radius)
+    radius = (RADIUS_MIN + RADIUS_SPAN * torch.rand(n, generator=g)) * size
+    angle = (torch.rand(n, generator=g) - 0.5) * math.radians(2 * MAX_TILT)
+    cx = size / 2 + (torch.rand(n, generator=g) - 0.5) * CENTRE_SPREAD * (size - 2 * radius)
+    cy = size / 2 + (torch.rand(n, generator=g) - 0.5) * CENTRE_SPREAD * (size - 2 * radius)
 
     # Background: a random colour with a gentle gradient (±0.15) along a random direction.
     # Foreground: a colour whose brightness differs from the background's by at least 0.35.
