@@ -8,6 +8,7 @@ _REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = _REPO.parent / "shared" / "datasets" / "MNIST" / "raw"
 # The GPU machine has no ../shared; benchmarks/gpu_check.sh carries the same .gz files in data/.
 CARRIED_MNIST = _REPO / "data" / "MNIST" / "raw"
+CIFAR_JPEG = "CIFAR-10-images/cifar10-jpeg.tar.gz"  # under ../shared/datasets, or data/ on the GPU machine
 
 
 @pytest.fixture(autouse=True)
@@ -47,4 +48,26 @@ def tiny_run(tmp_path_factory) -> Path:
     cfg.data.flip = False
     prepare_out(out, resume=False, overwrite=False)
     train(cfg, data, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def cifar_slice(tmp_path_factory) -> Path:
+    """A .tar.gz of the first 12 training and 4 test JPEGs of each class, cut from the
+    project's CIFAR-10 archive with its layout kept (one top folder, train/ and test/)."""
+    import tarfile
+
+    source = next((p for p in (_REPO.parent / "shared" / "datasets" / CIFAR_JPEG, _REPO / "data" / CIFAR_JPEG) if p.is_file()), None)
+    if source is None:
+        pytest.fail(f"the CIFAR-10 archive is expected at ../shared/datasets/{CIFAR_JPEG} or data/{CIFAR_JPEG}")
+    out = tmp_path_factory.mktemp("cifar") / "cifar-slice.tar.gz"
+    kept: dict = {}
+    with tarfile.open(source, "r:gz") as src, tarfile.open(out, "w:gz") as dst:
+        for m in src:
+            parts = m.name.split("/")
+            if m.isfile() and len(parts) == 4:  # CIFAR-10-images/<split>/<class>/NNNN.jpg
+                key = (parts[1], parts[2])
+                if kept.get(key, 0) < (12 if parts[1] == "train" else 4):
+                    kept[key] = kept.get(key, 0) + 1
+                    dst.addfile(m, src.extractfile(m))
     return out

@@ -140,11 +140,13 @@ def held_out(data: ImageData, share: float = 0.1, seed: int = 0) -> tuple[ImageD
 
 def reference_split(data: ImageData, name: str, root: str | None, image_size: int | None) -> tuple[ImageData, ImageData, str]:
     """(what to fit on, what to score on, what that is) for the training images `data` of
-    dataset `name`: a named dataset's own test split, or a share of a folder held out."""
+    dataset `name`: its own test split (a named dataset's, a folder's test/), or else a
+    share of a folder held out."""
     from diffcli import data as D
 
-    if name in D.NAMED:
-        return data, D.load(name, root, image_size, split="test"), "test split"
+    test = D.test_split(name, root, image_size)
+    if test is not None:
+        return data, test, "test split"
     fit, test = held_out(data)
     return fit, test, "10% held out"
 
@@ -174,6 +176,7 @@ def train_classifier(train: ImageData, test: ImageData, epochs: float = 3, batch
     torch.manual_seed(seed)  # initial weights (torch draws them from the global generator)
     model = Classifier(ClassifierConfig(c, h, train.num_classes, width)).to(device)
     gen = torch.Generator().manual_seed(seed)
+    batch_size = min(batch_size, len(train.labels))  # a set smaller than one batch is one batch
     steps_per_epoch = max(1, len(train.labels) // batch_size)
     total = max(1, math.ceil(epochs * steps_per_epoch))
     warmup = min(200, total // 10)

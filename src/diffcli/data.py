@@ -29,6 +29,7 @@ class ImageData:
     labels: torch.Tensor  # int64 (N,); all 0 when unconditional
     class_names: list[str]  # [] for an unconditional dataset
     name: str
+    origin: str = ""  # how it was loaded, for the start-up table (a folder's cache hit, say)
 
     @property
     def num_classes(self) -> int:
@@ -75,18 +76,22 @@ def load(name: str, root: str | None = None, image_size: int | None = None, limi
         return _first(data, limit)
     if name in ("mnist", "fashion-mnist", "cifar10"):
         data = load_torchvision(name, Path(root).expanduser() if root else default_root(), split)
-    elif split != "train":
-        raise UserError(f"'{name}' is a folder of images, which has no separate {split} split.")
-    elif Path(name).expanduser().is_dir():
-        data = load_folder(Path(name).expanduser(), image_size)
-    elif Path(name).expanduser().exists():
-        raise UserError(f"--data '{name}' is a file; give a dataset name ({', '.join(NAMED)}) or a folder of images.")
     else:
-        raise UserError(f"--data '{name}' is neither a dataset name ({', '.join(NAMED)}) nor an existing folder.")
+        data = load_source(name, root, image_size, split)
+        if data is None:
+            raise UserError(f"'{name}' has no {split}/ folder beside train/, so it has no separate {split} split.")
     data = _first(data, limit)
     if image_size and image_size != data.images.shape[-1]:
         data.images = resize(data.images, image_size)
     return data
+
+
+def test_split(name: str, root: str | None = None, image_size: int | None = None) -> ImageData | None:
+    """The held-out images of `name`: a named dataset's test split, a folder's or archive's
+    test/ (or val/) folder; None for a source with only one split."""
+    if name in NAMED:
+        return load(name, root, image_size, split="test")
+    return load_source(name, root, image_size, "test")
 
 
 def _first(data: ImageData, limit: int | None) -> ImageData:
@@ -214,48 +219,24 @@ def fit_mask(img, size: int) -> torch.Tensor:
     return fit_image(img, 1, size) > 127
 
 
-# --- image folders ---------------------------------------------------------
+# --- image folders and archives (folders.py) ----------------------------------------
 
-def load_folder(path: Path, image_size: int | None) -> ImageData:
-    """Class = sub-folder name; with no sub-folders holding images, one unlabelled class.
+def load_source(name: str, root: str | None, image_size: int | None, split: str) -> ImageData | None:
+    """A folder of images or an archive of one, through the decoded-image cache under
+    the data root; None when it has no such split."""
+    from diffcli import folders
 
-    Images are center-cropped to squares and resized to `image_size` (default: their
-    shared size when they are all the same square size, else 32). Grayscale folders
-    give 1 channel, anything else 3. Unreadable files are skipped with a warning
-    naming them.
-    """
-    from diffcli.images import IMAGE_EXTENSIONS, center_square, open_image, pil_to_tensor
-
-    def images_in(folder: Path) -> list[Path]:
-        return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-
-    subdirs = sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith(".") and images_in(d))
-    if subdirs:
-        entries = [(p, i) for i, d in enumerate(subdirs) for p in images_in(d)]
-        class_names = [d.name for d in subdirs]
-    else:
-        entries = [(p, 0) for p in images_in(path)]
-        class_names = []
-    if not entries:
-        raise UserError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in '{path}' or its sub-folders.")
-
-    opened, labels, skipped = [], [], []
-    for p, label in entries:
-        try:
-            opened.append(open_image(p))
-            labels.append(label)
-        except ValueError as e:
-            skipped.append(p)
-            log.warning("skipping %s: %s", p, e)
-    if not opened:
-        raise UserError(f"none of the {len(entries)} image files in '{path}' could be read.")
-    channels = 1 if all(im.mode == "L" for im in opened) else 3
-    if image_size is None:
-        sizes = {im.size for im in opened}
-        (w, h), = sizes if len(sizes) == 1 else {(32, 32)}
-        image_size = w if w == h else 32
-    tensors = [pil_to_tensor(center_square(im.convert("L" if channels == 1 else "RGB"), image_size)) for im in opened]
-    return ImageData(torch.stack(tensors), torch.tensor(labels, dtype=torch.long), class_names, str(path))
+    path = Path(name).expanduser()
+    if not path.is_dir() and not folders.is_archive(path):
+        if path.exists():
+            raise UserError(f"--data '{name}' is a file but not an archive ({', '.join(folders.ARCHIVES)}); "
+                            f"give a dataset name ({', '.join(NAMED)}), a folder of images or an archive of one.")
+        raise UserError(f"--data '{name}' is neither a dataset name ({', '.join(NAMED)}) nor an existing folder or archive.")
+    cache = (Path(root).expanduser() if root else default_root()) / "decoded"
+    found = folders.load(path, cache, image_size, split)
+    if found is None:
+        return None
+    return ImageData(found.images, found.labels, found.class_names, name, found.origin)
 
 
 # --- the built-in `shapes` dataset (shapes.py draws it) -------------------------------

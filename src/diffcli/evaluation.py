@@ -124,8 +124,9 @@ def real_images(name: str, root: str | None, image_size: int, limit: int | None 
     fit, reference, _ = reference_split(train, name, root, image_size)
     if name in D.NAMED:
         pool, source = None, f"{name}-test"
-    else:
-        pool, source = fit, "folder-" + hashlib.sha1(str(Path(name).resolve()).encode()).hexdigest()[:10] + "-held-out"
+    else:  # a folder's own test/ split leaves every training image in the pool
+        folder = "folder-" + hashlib.sha1(str(Path(name).resolve()).encode()).hexdigest()[:10]
+        pool, source = (None, f"{folder}-test") if fit is train else (fit, f"{folder}-held-out")
     if limit:
         reference = D.ImageData(reference.images[:limit], reference.labels[:limit], reference.class_names, reference.name)
     return RealImages(train, reference, pool, f"{source}{len(reference.labels)}-{image_size}px")

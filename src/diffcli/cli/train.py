@@ -192,6 +192,8 @@ def _print_dataset(data) -> None:
             err_console.print(f"[yellow]warning:[/] classes are unbalanced ({min(counts)} to {max(counts)} images).")
     else:
         table.add_row("classes", "none (unconditional)")
+    if data.origin:
+        table.add_row("loaded", data.origin)
     console.print(table)
     if n < 1000:
         err_console.print(f"[yellow]warning:[/] only {n} images: a diffusion model this size may memorise them.")

@@ -1,0 +1,183 @@
+"""Image folders and archives: which file is which class and split, the decoded-image
+cache (reused, rebuilt when the source changes), and its memory map shared by processes."""
+
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from diffcli import data as D
+from diffcli import folders
+from diffcli.cli import app
+from diffcli.errors import UserError
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("names, splits, classes", [
+    # class folders
+    (["cat/1.png", "dog/2.png", "dog/sub/3.png"], {"train": [("cat/1.png", 0), ("dog/2.png", 1), ("dog/sub/3.png", 1)]}, ["cat", "dog"]),
+    # one top folder wrapping train/ and test/ (the CIFAR-10 mirror's layout)
+    (["top/test/dog/9.png", "top/train/cat/1.png", "top/train/dog/2.png"],
+     {"train": [("top/train/cat/1.png", 0), ("top/train/dog/2.png", 1)], "test": [("top/test/dog/9.png", 1)]}, ["cat", "dog"]),
+    # val/ serves as the test split; loose files and hidden or macOS files are left out
+    (["train/a/1.png", "train/b/2.png", "val/a/3.png", "train/4.png"],
+     {"train": [("train/a/1.png", 0), ("train/b/2.png", 1)], "test": [("val/a/3.png", 0)]}, ["a", "b"]),
+    # a class named "train" among other classes is a class, not a split
+    (["bus/1.png", "train/2.png"], {"train": [("bus/1.png", 0), ("train/2.png", 1)]}, ["bus", "train"]),
+    # no class folders: one unlabelled class; one wrapping folder holding only images is a class
+    (["1.png", "2.png"], {"train": [("1.png", 0), ("2.png", 0)]}, []),
+    (["cats/1.png", "cats/2.png"], {"train": [("cats/1.png", 0), ("cats/2.png", 0)]}, ["cats"]),
+])
+def test_layout(names, splits, classes):
+    assert folders.layout(names) == (splits, classes)
+
+
+def test_layout_refuses_a_test_class_the_training_split_lacks():
+    with pytest.raises(UserError, match="owl"):
+        folders.layout(["train/cat/1.png", "test/owl/2.png"])
+
+
+def make_tree(root: Path) -> Path:
+    """top/{train,test}/{cat,dog}/N.png with a distinct colour per image, plus files to ignore."""
+    for split, n in (("train", 3), ("test", 2)):
+        for k, cls in enumerate(("cat", "dog")):
+            (root / "top" / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (8, 8), (30 * i, 100 * k, 7 if split == "test" else 200)).save(root / "top" / split / cls / f"{i}.png")
+    (root / "top" / "README.txt").write_text("not an image")
+    (root / "top" / "train" / "cat" / ".hidden.png").write_bytes(b"junk")
+    return root / "top"
+
+
+def archive(tree: Path, path: Path) -> Path:
+    files = sorted(p for p in tree.rglob("*") if p.is_file())
+    if path.suffix == ".zip":
+        with zipfile.ZipFile(path, "w") as z:
+            for p in files:
+                z.write(p, p.relative_to(tree.parent).as_posix())
+            z.writestr("__MACOSX/top/train/cat/._0.png", b"resource fork, not an image")
+    else:
+        with tarfile.open(path, "w:gz" if path.name.endswith(".gz") else "w") as t:
+            t.add(tree, tree.name)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["folder", "data.tar", "data.tar.gz", "data.zip"])
+def test_folders_and_archives_give_the_same_splits(tmp_path, kind):
+    tree = make_tree(tmp_path / "src")
+    source = str(tree if kind == "folder" else archive(tree, tmp_path / kind))
+    train, test = D.load(source), D.test_split(source)
+    assert train.class_names == test.class_names == ["cat", "dog"]
+    assert train.images.shape == (6, 3, 8, 8) and test.images.shape == (4, 3, 8, 8)
+    assert train.labels.tolist() == [0, 0, 0, 1, 1, 1] and test.labels.tolist() == [0, 0, 1, 1]
+    assert (train.images[:, 2] == 200).all() and (test.images[:, 2] == 7).all()  # each split from its own folder
+    assert train.images[4, :, 0, 0].tolist() == [30, 100, 200]  # dog/1.png
+
+
+def test_a_source_without_a_test_folder_has_no_test_split(tmp_path):
+    tree = make_tree(tmp_path / "src")
+    shutil.rmtree(tree / "test")
+    assert D.test_split(str(tree)) is None
+    with pytest.raises(UserError, match="no test/ folder"):
+        D.load(str(tree), split="test")
+
+
+def test_cifar_archive_slice(cifar_slice):
+    train, test = D.load(str(cifar_slice)), D.test_split(str(cifar_slice))
+    assert train.class_names == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    assert train.images.shape == (120, 3, 32, 32) and test.images.shape == (40, 3, 32, 32)
+    assert torch.bincount(test.labels).tolist() == [4] * 10
+    assert 90 < train.images.float().mean() < 160  # photos, not blank frames
+
+
+def test_the_cache_is_reused_and_rebuilt_when_the_source_changes(tmp_path):
+    tree = make_tree(tmp_path / "src")
+    first = D.load(str(tree))
+    assert first.origin.startswith("decoded into the cache")
+    again = D.load(str(tree))
+    assert again.origin.startswith("read from the cache") and torch.equal(again.images, first.images)
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(tree / "train" / "cat" / "0.png")  # same name, same size, new pixels
+    changed = D.load(str(tree))
+    assert changed.origin.startswith("decoded into the cache")
+    assert changed.images[0, :, 0, 0].tolist() == [1, 2, 3]
+    # an archive is keyed by its bytes too
+    tar = archive(tree, tmp_path / "a.tar")
+    assert D.load(str(tar)).origin.startswith("decoded")
+    archive(make_tree(tmp_path / "other"), tar)
+    assert D.load(str(tar)).origin.startswith("decoded")
+
+
+def test_an_image_size_has_its_own_cache_entry(tmp_path):
+    tree = make_tree(tmp_path / "src")
+    assert D.load(str(tree)).images.shape[-1] == 8
+    resized = D.load(str(tree), image_size=16)
+    assert resized.images.shape[-1] == 16 and resized.origin.startswith("decoded")
+
+
+def test_a_broken_archive_is_one_sentence(tmp_path):
+    bad = tmp_path / "broken.tar.gz"
+    bad.write_bytes(b"\x1f\x8b\x08 this is not gzip data")
+    with pytest.raises(UserError, match="cannot read the archive"):
+        D.load(str(bad))
+
+
+_TWO_PROCESSES = """
+import sys, time
+from pathlib import Path
+from diffcli import data as D
+images = D.load(sys.argv[1]).images
+int(images.sum())  # touch every page
+Path(sys.argv[2]).touch()
+while not Path(sys.argv[3]).exists():  # hold the map until the other process has touched its own
+    time.sleep(0.02)
+private = shared = 0
+mapped = False
+for line in open("/proc/self/smaps"):
+    if "-images.u8" in line:
+        mapped = True
+    elif mapped and line.split()[0] in ("Private_Clean:", "Private_Dirty:"):
+        private += int(line.split()[1])
+    elif mapped and line.split()[0] in ("Shared_Clean:", "Shared_Dirty:"):
+        shared += int(line.split()[1])
+    elif mapped and line.split()[0] == "VmFlags:":
+        mapped = False
+print(private, shared)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux's /proc/self/smaps")
+def test_two_processes_share_one_copy_of_the_pixels(tmp_path):
+    root = tmp_path / "src"
+    for i in range(100):  # 100 images of 3x32x32: 300 KiB, 75 pages
+        (root / "c").mkdir(parents=True, exist_ok=True)
+        Image.effect_noise((32, 32), 60 + i % 50).convert("RGB").save(root / "c" / f"{i:03}.png")
+    D.load(str(root))  # build the cache first, as rank 0 does under torchrun
+    env = {**__import__("os").environ}
+    a, b = tmp_path / "a", tmp_path / "b"
+    procs = [subprocess.Popen([sys.executable, "-c", _TWO_PROCESSES, str(root), str(mine), str(other)],
+                              stdout=subprocess.PIPE, text=True, env=env) for mine, other in ((a, b), (b, a))]
+    for p in procs:
+        out, _ = p.communicate(timeout=120)
+        private, shared = map(int, out.split())
+        assert shared >= 280 and private <= 8, (private, shared)  # KiB: all 300 shared, none copied
+
+
+def test_train_and_classifier_use_the_archive_splits(cifar_slice, tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--data", str(cifar_slice), "--preset", "tiny", "--max-steps", "2",
+                                 "--sample-every", "100", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "120" in result.output and "decoded into the cache" in " ".join(result.output.split())
+    clf = tmp_path / "clf.safetensors"
+    result = runner.invoke(app, ["classifier", "train", "--data", str(cifar_slice), "--epochs", "1", "--width", "4",
+                                 "--out", str(clf)])
+    assert result.exit_code == 0, result.output
+    assert "120 training images, 40 test images (test split)" in " ".join(result.output.split())
