@@ -5,11 +5,14 @@
 #
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl diffusers==0.42.1
 #   mkdir -p data/MNIST/raw && cp ../shared/datasets/MNIST/raw/*.gz data/MNIST/raw/
+#   mkdir -p data/CIFAR-10-images && cp ../shared/datasets/CIFAR-10-images/cifar10-jpeg.tar.gz data/CIFAR-10-images/
 #
 # then run with carry [".whl", "data"] and timeout_s 600:
 #
 #   bash benchmarks/gpu_check.sh correctness   # ~5 min on an H200: train (bf16 + compile), eval, sample, CUDA tests
 #   bash benchmarks/gpu_check.sh speed         # ~8 min on an H200: train_throughput and sample_throughput
+#   bash benchmarks/gpu_check.sh cifar         # ~8 min (not yet run): the headline CIFAR-10 command on the GPU's
+#                                              # default preset: images/s, 100 epochs projected, a grid, classifier scores
 #
 # Everything it prints also lands in $OUT (the device tool brings that folder back).
 set -uo pipefail
@@ -52,5 +55,21 @@ if [[ $part == speed || $part == all ]]; then
     timeout 380 python3 benchmarks/train_throughput.py --presets small,base --rounds 1 --steps 30 2>&1 | tee "$OUT/train_throughput.txt"
     step "sampling throughput, DDIM 50, batch 256, with a compiled row"
     timeout 180 python3 benchmarks/sample_throughput.py --rounds 1 --compile 2>&1 | tee "$OUT/sample_throughput.txt"
+fi
+if [[ $part == cifar ]]; then
+    archive=data/CIFAR-10-images/cifar10-jpeg.tar.gz
+    export DIFFCLI_DATA_ROOT=/tmp/diffcli-data  # the decoded-image cache
+    step "CIFAR-10 reference classifier (the ResNet, 16 epochs by default)"
+    timeout 200 $diffcli classifier train --data $archive --out /tmp/runs/cifar-clf.safetensors 2>&1 | grep -A12 "test accuracy"
+    step "the headline command, on the default preset (auto: base on CUDA), 3 epochs"
+    timeout 330 $diffcli train --data $archive --epochs 3 --sample-every 100000 --out /tmp/runs/cifar 2>&1 \
+        | tee "$OUT/cifar_train.log" | grep -E "device:|loaded|done"
+    grep -o '"images_per_s": [0-9.]*' /tmp/runs/cifar/metrics.jsonl | tail -5 | awk '{s += $2; n++} END {
+        if (n) printf "images/s %.0f (last %d logs); 100 epochs of 50,000 projected: %.1f min\n", s / n, n, 5e6 / (s / n) / 60 }' \
+        | tee -a "$OUT/summary.txt"
+    cp /tmp/runs/cifar/samples/latest.png "$OUT/cifar_grid.png" 2>/dev/null
+    timeout 60 $diffcli sample --ckpt /tmp/runs/cifar/model.safetensors --label all --n 8 --out "$OUT/cifar_sample.png" 2>&1 | tail -1
+    timeout 120 $diffcli eval --ckpt /tmp/runs/cifar/model.safetensors --classifier /tmp/runs/cifar-clf.safetensors --n 50 \
+        --no-memorisation --json > "$OUT/cifar_eval.json"; head -c 800 "$OUT/cifar_eval.json"; echo
 fi
 step "done"

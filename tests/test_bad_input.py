@@ -84,7 +84,7 @@ def test_an_odd_size_trains_without_patches_and_is_refused_with_them(tmp_path):
     for cls in "ab":
         (data / cls).mkdir(parents=True)
         Image.new("RGB", (15, 15), "red" if cls == "a" else "blue").save(data / cls / "x.png")
-    fails_cleanly(["train", "--data", data, "--max-steps", "1", "--out", tmp_path / "run"], "patch size 2; pass --image-size")
+    fails_cleanly(["train", "--data", data, "--preset", "small", "--max-steps", "1", "--out", tmp_path / "run"], "patch size 2; pass --image-size")
     ok(["train", "--data", data, "--preset", "tiny", "--max-steps", "1", "--out", tmp_path / "run2"])
 
 

@@ -120,3 +120,35 @@ def test_inspect_reads_a_classifier_file(tmp_path):
     assert r.exit_code == 0, r.output
     info = json.loads(r.output)
     assert info["kind"] == "classifier" and info["test_accuracy"] == 0.75 and info["classes"] == ["a", "b", "c"]
+
+
+def test_colour_images_get_the_resnet_and_files_from_before_it_load_as_the_cnn(tmp_path):
+    from diffcli.checkpoint import save_tensors
+    from diffcli.classifier import arch_for
+
+    assert (arch_for(1, 28), arch_for(3, 32), arch_for(3, 6)) == ("cnn", "resnet", "cnn")  # 6 px: too small for 3 pools
+    cnn = Classifier(ClassifierConfig(1, 28, 10, width=4))
+    # the CNN's weights keep the names files written before the ResNet hold
+    assert [k for k in cnn.state_dict() if k.endswith("weight")] == [
+        f"body.{i}.weight" for i in (0, 1, 3, 4, 7, 8, 10, 11, 14, 15)] + ["head.1.weight"]
+    old = {"format": "diffcli-classifier", "config": json.dumps({"in_channels": 1, "image_size": 28, "num_classes": 10, "width": 4}),
+           "class_names": json.dumps([str(i) for i in range(10)]), "dataset": "mnist", "test_accuracy": "0.99",
+           "per_class_accuracy": json.dumps([0.99] * 10), "test_images": "10000"}
+    save_tensors(tmp_path / "old.safetensors", cnn.state_dict(), old)
+    loaded, meta = load_classifier(tmp_path / "old.safetensors")
+    assert meta["config"].arch == "cnn" and not meta["config"].mirror
+    x = torch.rand(4, 1, 28, 28) * 2 - 1
+    assert torch.equal(loaded(x), cnn.eval()(x))
+    resnet = Classifier(ClassifierConfig(3, 32, 10, width=4, arch="resnet"))
+    assert resnet.features(torch.zeros(2, 3, 32, 32)).shape == (2, resnet.feature_dim) == (2, 32)
+
+
+def test_a_mirror_classifier_judges_an_image_and_its_mirror_alike():
+    x = torch.rand(6, 3, 16, 16) * 2 - 1
+    for mirror in (True, False):
+        model = Classifier(ClassifierConfig(3, 16, 5, width=4, arch="resnet", mirror=mirror)).eval()
+        same = torch.allclose(model.features(x), model.features(x.flip(-1)), atol=1e-5)
+        assert same == mirror  # without the mirror view a random network tells them apart
+    model.cfg.mirror = True
+    model.train()  # training sees each view on its own: flips are its augmentation
+    assert not torch.allclose(model.features(x), model.features(x.flip(-1)), atol=1e-5)

@@ -43,6 +43,7 @@ def test_train_sample_inspect_end_to_end_in_process(tmp_path):
     r = run("train", "--data", "shapes", "--limit", "64", "--preset", "tiny", "--max-steps", "6", "--out", out, "--device", "cpu")
     assert r.exit_code == 0, r.output
     assert (out / "model.safetensors").exists() and (out / "config.yaml").exists()
+    assert "preset tiny" in r.output and "preset: tiny" in (out / "config.yaml").read_text()  # the start line names it
 
     grid = tmp_path / "all.png"
     r = run("sample", "--ckpt", out / "model.safetensors", "--label", "all", "--n", "3", "--steps", "4", "--out", grid,

@@ -61,3 +61,18 @@ def test_unknown_preset_and_bad_yaml(tmp_path):
 def test_defaults_are_valid():
     build_config(None, None, {})
     assert RunConfig().train.preset == "small"
+
+
+def test_the_auto_preset_follows_the_device():
+    import torch
+
+    from diffcli.devices import preset_for
+
+    assert (preset_for("cpu"), preset_for("mps"), preset_for(torch.device("cuda", 1))) == ("small", "small", "base")
+    asked = []
+    gpu = build_config(None, None, {"train": {"device": "cuda:1"}}, lambda name: asked.append(name) or preset_for(name))
+    assert asked == ["cuda:1"]  # the run's own device decides
+    assert gpu.train.preset == "base" and gpu.model.base_channels == 128 and gpu.train.batch_size == 128
+    assert build_config("auto", None, {}).train.preset == "small"  # the CPU
+    assert build_config("small", None, {}, lambda name: "base").train.preset == "small"  # asked for
+    assert from_dict(to_dict(gpu)).train.preset == "base"  # config.yaml records what auto chose

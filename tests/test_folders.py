@@ -27,9 +27,16 @@ runner = CliRunner()
     # one top folder wrapping train/ and test/ (the CIFAR-10 mirror's layout)
     (["top/test/dog/9.png", "top/train/cat/1.png", "top/train/dog/2.png"],
      {"train": [("top/train/cat/1.png", 0), ("top/train/dog/2.png", 1)], "test": [("top/test/dog/9.png", 1)]}, ["cat", "dog"]),
-    # val/ serves as the test split; loose files and hidden or macOS files are left out
+    # val/ serves as the test split; loose files are left out
     (["train/a/1.png", "train/b/2.png", "val/a/3.png", "train/4.png"],
      {"train": [("train/a/1.png", 0), ("train/b/2.png", 1)], "test": [("val/a/3.png", 0)]}, ["a", "b"]),
+    # a loose picture beside the wrapped splits, or a folder beside them, does not turn them into classes
+    (["top/train/c/1.png", "top/test/c/2.png", "top/preview.png", "4.png"],
+     {"train": [("top/train/c/1.png", 0)], "test": [("top/test/c/2.png", 0)]}, ["c"]),
+    (["train/c/1.png", "test/c/2.png", "samples/3.png", "4.png"],
+     {"train": [("train/c/1.png", 0)], "test": [("test/c/2.png", 0)]}, ["c"]),
+    # splits without class folders: one unlabelled class in each
+    (["train/1.png", "test/2.png"], {"train": [("train/1.png", 0)], "test": [("test/2.png", 0)]}, []),
     # a class named "train" among other classes is a class, not a split
     (["bus/1.png", "train/2.png"], {"train": [("bus/1.png", 0), ("train/2.png", 1)]}, ["bus", "train"]),
     # no class folders: one unlabelled class; one wrapping folder holding only images is a class
@@ -53,7 +60,9 @@ def make_tree(root: Path) -> Path:
             for i in range(n):
                 Image.new("RGB", (8, 8), (30 * i, 100 * k, 7 if split == "test" else 200)).save(root / "top" / split / cls / f"{i}.png")
     (root / "top" / "README.txt").write_text("not an image")
-    (root / "top" / "train" / "cat" / ".hidden.png").write_bytes(b"junk")
+    for hidden in (root / "top" / "train" / "cat" / ".hidden.png", root / "top" / "train" / ".thumbs" / "x" / "0.png"):
+        hidden.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(hidden, format="PNG")  # readable, so only the name leaves it out
     return root / "top"
 
 
@@ -120,6 +129,36 @@ def test_an_image_size_has_its_own_cache_entry(tmp_path):
     assert D.load(str(tree)).images.shape[-1] == 8
     resized = D.load(str(tree), image_size=16)
     assert resized.images.shape[-1] == 16 and resized.origin.startswith("decoded")
+
+
+def test_a_read_only_data_root_decodes_into_memory(tmp_path, caplog):
+    tree = make_tree(tmp_path / "src")
+    root = tmp_path / "root"
+    root.write_text("a file where the data root's folder should be: unwritable, even for root")
+    data = D.load(str(tree), str(root))
+    assert data.images.shape == (6, 3, 8, 8) and "could not be written" in data.origin
+    assert "keeping the images in memory" in caplog.text
+
+
+def test_an_unreadable_test_split_falls_back_to_holding_out(tmp_path, caplog):
+    tree = make_tree(tmp_path / "src")
+    for f in (tree / "test").rglob("*.png"):
+        f.write_bytes(b"not a png")
+    assert D.test_split(str(tree)) is None and "held out instead" in caplog.text
+
+
+def test_eval_at_the_trained_size_reuses_the_cache_of_the_native_size(tmp_path):
+    tree = make_tree(tmp_path / "src")
+    D.load(str(tree))
+    assert D.load(str(tree), image_size=8).origin.startswith("read from the cache")
+
+
+def test_a_name_appended_twice_to_a_tar_is_one_image(tmp_path):
+    tree = make_tree(tmp_path / "src")
+    tar = archive(tree, tmp_path / "a.tar")
+    with tarfile.open(tar, "a") as t:
+        t.add(tree / "train" / "cat" / "0.png", "top/train/cat/0.png")
+    assert D.load(str(tar)).images.shape[0] == 6
 
 
 def test_a_broken_archive_is_one_sentence(tmp_path):

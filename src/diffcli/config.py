@@ -217,12 +217,16 @@ def load_yaml(path: str | Path) -> dict:
     return data or {}
 
 
-def build_config(preset: str | None, config_file: str | None, cli: dict) -> RunConfig:
-    """Defaults < preset < YAML file < command-line options (only those given)."""
+def build_config(preset: str | None, config_file: str | None, cli: dict,
+                 auto_preset: typing.Callable[[str], str] = lambda device: "small") -> RunConfig:
+    """Defaults < preset < YAML file < command-line options (only those given); the preset
+    "auto" is `auto_preset` of the run's device (devices.preset_for)."""
     file_values = load_yaml(config_file) if config_file else {}
     if not isinstance(file_values, dict):
         raise UserError(f"config file '{config_file}' must hold a mapping with sections model, diffusion, data, train.")
-    preset = preset or (file_values.get("train") or {}).get("preset") or TrainConfig.preset
+    preset = preset or (file_values.get("train") or {}).get("preset") or "auto"
+    if preset == "auto":
+        preset = auto_preset((cli.get("train") or {}).get("device") or (file_values.get("train") or {}).get("device") or "auto")
     cfg = preset_config(preset)
     apply_overrides(cfg, file_values)
     apply_overrides(cfg, {s: {k: v for k, v in vals.items() if v is not None} for s, vals in cli.items()})
@@ -277,15 +281,6 @@ def save_yaml(cfg: RunConfig, path: str | Path) -> None:
 # --- settings that depend on the data or on the run being resumed ------------------
 
 UNFLIPPED = ("shapes", "mnist", "fashion-mnist")  # digits and arrows have a handedness
-
-
-def absolute_data_paths(cfg: RunConfig, named: tuple[str, ...]) -> None:
-    """Write data paths as absolute paths, so `--resume` and `--config` work from any
-    folder (a relative folder name would be looked up where the command runs)."""
-    if cfg.data.root:
-        cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
-    if cfg.data.name not in named:
-        cfg.data.name = str(Path(cfg.data.name).expanduser().resolve())
 
 
 def fit_to_data(cfg: RunConfig, channels: int, size: int, num_classes: int) -> None:

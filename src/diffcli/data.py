@@ -224,7 +224,7 @@ def fit_mask(img, size: int) -> torch.Tensor:
 def load_source(name: str, root: str | None, image_size: int | None, split: str) -> ImageData | None:
     """A folder of images or an archive of one, through the decoded-image cache under
     the data root; None when it has no such split."""
-    from diffcli import folders
+    from diffcli import folders, imagecache
 
     path = Path(name).expanduser()
     if not path.is_dir() and not folders.is_archive(path):
@@ -233,7 +233,7 @@ def load_source(name: str, root: str | None, image_size: int | None, split: str)
                             f"give a dataset name ({', '.join(NAMED)}), a folder of images or an archive of one.")
         raise UserError(f"--data '{name}' is neither a dataset name ({', '.join(NAMED)}) nor an existing folder or archive.")
     cache = (Path(root).expanduser() if root else default_root()) / "decoded"
-    found = folders.load(path, cache, image_size, split)
+    found = imagecache.load(path, cache, image_size, split)
     if found is None:
         return None
     return ImageData(found.images, found.labels, found.class_names, name, found.origin)

@@ -14,14 +14,13 @@ The maths lives in metrics.py; this module feeds it images.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from diffcli import data as D
-from diffcli import metrics
+from diffcli import folders, metrics
 from diffcli.classifier import Classifier, per_class_accuracy, predict, reference_split
 from diffcli.distributed import World
 from diffcli.errors import UserError, writing
@@ -124,8 +123,8 @@ def real_images(name: str, root: str | None, image_size: int, limit: int | None 
     fit, reference, _ = reference_split(train, name, root, image_size)
     if name in D.NAMED:
         pool, source = None, f"{name}-test"
-    else:  # a folder's own test/ split leaves every training image in the pool
-        folder = "folder-" + hashlib.sha1(str(Path(name).resolve()).encode()).hexdigest()[:10]
+    else:  # a folder's own test/ split leaves every training image in the pool; keyed by content
+        folder = "folder-" + folders.source_digest(Path(name).expanduser())[:12]
         pool, source = (None, f"{folder}-test") if fit is train else (fit, f"{folder}-held-out")
     if limit:
         reference = D.ImageData(reference.images[:limit], reference.labels[:limit], reference.class_names, reference.name)

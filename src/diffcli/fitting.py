@@ -120,7 +120,7 @@ def fit(cfg: RunConfig, make_task: Callable[[torch.device, torch.memory_format],
     task = make_task(device, layout)
     limits = Limits(tc, task.per_epoch)
     params = sum(p.numel() for p in state.net.parameters())
-    report("start", device=device, precision=_precision(cfg, device), steps_per_epoch=task.per_epoch,
+    report("start", device=device, precision=_precision(cfg, device), preset=tc.preset, steps_per_epoch=task.per_epoch,
            total_steps=limits.total_steps, batch=task.size, budget_s=limits.budget_s, step=state.step, params=params,
            world=world.size)
     if world.is_main:

@@ -205,3 +205,12 @@ def _distilled(d: dict | None) -> dict:
         return {}
     return {"distilled": f"ddim, {d['steps']} steps, guidance {d['guidance']:g} built in (one pass a step)",
             "teacher": d["teacher"], "teacher_sha256": d["teacher_sha256"], "teacher_steps": d["teacher_steps"]}
+
+
+def absolute_data_paths(cfg: RunConfig, named: tuple[str, ...]) -> None:
+    """Write data paths as absolute paths, so `--resume` and `--config` work from any
+    folder (a relative folder name would be looked up where the command runs)."""
+    if cfg.data.root:
+        cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
+    if cfg.data.name not in named:
+        cfg.data.name = str(Path(cfg.data.name).expanduser().resolve())

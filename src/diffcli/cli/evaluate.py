@@ -96,7 +96,7 @@ def classifier_train(
     image_size: Annotated[Optional[int], typer.Option(help="Resize images to this size: the size of the models it will judge."), Range(4)] = None,
     limit: Annotated[Optional[int], typer.Option(help="Train on only the first N training images (quick experiments)."), Range(1)] = None,
     out: Annotated[Optional[Path], typer.Option(help="The .safetensors file to write (default: DATA-classifier.safetensors).")] = None,
-    epochs: Annotated[float, typer.Option(help="Passes over the training split."), POSITIVE] = 3.0,
+    epochs: Annotated[Optional[float], typer.Option(help="Passes over the training split (default: 3 for grey images, 16 for colour)."), POSITIVE] = None,
     batch_size: Annotated[int, typer.Option(help="Images per step."), Range(1)] = 128,
     lr: Annotated[float, typer.Option(help="Peak learning rate (one-cycle: warm-up, then cosine to zero)."), POSITIVE] = 3e-3,
     width: Annotated[Optional[int], typer.Option(help="Channels at full resolution (default: 16)."), Range(1)] = None,
@@ -109,6 +109,7 @@ def classifier_train(
     """Train the classifier that `diffcli eval` uses to judge class fidelity; scores it on the test split."""
     from diffcli import data as D
     from diffcli.classifier import ClassifierConfig, reference_splits, save_classifier, train_classifier
+    from diffcli.config import UNFLIPPED
     from diffcli.devices import describe, pick_device
 
     out = out or Path(f"{safe_name(Path(data).name if data not in D.NAMED else data)}-classifier.safetensors")
@@ -127,7 +128,7 @@ def classifier_train(
                 bar.update(task, total=total, completed=step, info=f"loss {loss:.3f}")
 
         model, scores = train_classifier(train_data, test_data, epochs, batch_size, lr, width or ClassifierConfig.width,
-                                         seed, dev, report, augment)
+                                         seed, dev, report, augment, flip=data not in UNFLIPPED)
     with writing(out):
         save_classifier(out, model, train_data.class_names, data, scores, augment)
     console.print(f"test accuracy [bold]{scores['test_accuracy']:.2%}[/] on {scores['test_images']:,} images", highlight=False)

@@ -29,7 +29,7 @@ def train(
     image_size: _opt(int, DataConfig, "image_size", "Resize images to this size (default: the dataset's own).") = None,
     limit: _opt(int, DataConfig, "limit", "Use only the first N images (quick experiments).") = None,
     out: Annotated[Path, typer.Option(help="Run folder: model.safetensors, train_state, config.yaml, metrics.jsonl, samples/.")] = Path("runs/latest"),
-    preset: Annotated[Optional[str], typer.Option(help="Model size: tiny (tests), small (MNIST on a CPU, the default), base (DDPM CIFAR-10, 35.7M).")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="Model size: auto (the default: small on a CPU, base on a GPU), tiny (tests), small (1.2M, minutes on a CPU), base (DDPM CIFAR-10, 35.7M).")] = None,
     config: Annotated[Optional[Path], typer.Option(help="YAML config (the same format as a run's config.yaml); options given here override it.")] = None,
     epochs: _opt(float, TrainConfig, "epochs", "Stop after this many passes over the data (default: 10 when no other limit is set).") = None,
     max_steps: _opt(int, TrainConfig, "max_steps", "Stop after this many optimizer steps.") = None,
@@ -62,14 +62,15 @@ def train(
     setup_logging()
     from diffcli import config as C
     from diffcli.data import NAMED
-    from diffcli.runs import resumed, run_config
+    from diffcli.devices import pick_device, preset_for
+    from diffcli.runs import absolute_data_paths, resumed, run_config
 
     values = config_values(train, locals())
     if resume:
         cfg = resumed(run_config(out), values)
     else:
-        cfg = C.build_config(preset, str(config) if config else None, values)
-        C.absolute_data_paths(cfg, NAMED)
+        cfg = C.build_config(preset, str(config) if config else None, values, lambda name: preset_for(pick_device(name)))
+        absolute_data_paths(cfg, NAMED)
     if cfg.distill is not None:
         where = f"'{out}' holds" if resume else f"'{config}' describes"
         raise UserError(f"{where} a distillation; run it with `diffcli distill` (--resume or --config).")
@@ -124,7 +125,7 @@ class _Progress:
 
         if event == "start":
             ranks = f" over {info['world']} processes ({info['batch'] // info['world']} each)" if info["world"] > 1 else ""
-            console.print(f"device: [bold]{describe(info['device'])}[/], {info['precision']}; {info['params']:,} parameters; "
+            console.print(f"device: [bold]{describe(info['device'])}[/], {info['precision']}; preset {info['preset']}, {info['params']:,} parameters; "
                           f"global batch {info['batch']}{ranks}"
                           + (f", {info['steps_per_epoch']} steps per epoch" if info["steps_per_epoch"] else "")
                           + (f"; budget {info['budget_s'] / 60:g} min" if info["budget_s"] else ""), highlight=False)

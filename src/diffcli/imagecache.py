@@ -1,0 +1,177 @@
+"""The decoded-image cache: each image folder or archive decoded once, then memory-mapped.
+
+Decoding 50,000 JPEGs takes 13 s on a 2-core laptop-class CPU, so each source is decoded
+once into `<data root>/decoded/<key>/`: per split, the raw uint8 (N, C, H, W) pixels and
+int64 labels, and a meta.json. The key hashes the source's bytes (a changed image
+rebuilds it, `folders.source_digest`) and the decoding settings. Later starts map the
+pixels (`torch.from_file`, copy-on-write): the pages come from the OS page cache, so
+torchrun's ranks on one machine share one copy instead of holding one each.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from diffcli.errors import UserError
+from diffcli.folders import contents, layout, names_in, source_digest
+
+log = logging.getLogger("diffcli")
+
+CACHE_FORMAT = 1  # part of every key: bump it when decoding changes, so older caches are not read
+
+
+@dataclass
+class Decoded:
+    """One split of a source: pixels, labels, classes, and where they came from."""
+    images: torch.Tensor  # uint8 (N, C, H, W), memory-mapped from the cache
+    labels: torch.Tensor  # int64 (N,)
+    class_names: list[str]
+    origin: str  # for the start-up table: a cache hit and its time, or what decoding took
+
+
+def load(source: Path, cache_root: Path, image_size: int | None, split: str) -> Decoded | None:
+    """The `split` ("train" or "test") of an image folder or archive, from the cache when it
+    holds this source; None when the source has no such split (no test/ folder)."""
+    started = time.monotonic()
+    digest = source_digest(source)
+    folder = _cached(cache_root, digest, image_size)
+    if folder is None:
+        decoded, classes = _decode_source(source, image_size)
+        folder = _write(cache_root / cache_key(digest, image_size), decoded, classes, source)
+        how = f"decoded into the cache {folder}" if folder else "decoded (the cache could not be written)"
+        if folder is None:  # a read-only data root: this run keeps its own copy in memory
+            if split not in decoded:
+                return None
+            images, labels = decoded[split]
+            return Decoded(images, labels, classes, f"{how} in {time.monotonic() - started:.2f} s")
+    else:
+        how = f"read from the cache {folder}"
+    meta = json.loads((folder / "meta.json").read_text())
+    if split not in meta["splits"]:
+        return None
+    shape = meta["splits"][split]["shape"]
+    images = _mapped(folder / f"{split}-images.u8", torch.uint8, shape)
+    labels = _mapped(folder / f"{split}-labels.i64", torch.int64, [shape[0]])
+    return Decoded(images, labels, meta["class_names"], f"{how} in {time.monotonic() - started:.2f} s")
+
+
+def _cached(cache_root: Path, digest: str, image_size: int | None) -> Path | None:
+    """The cache entry for this source at this size: its own, or the one decoded at the
+    images' own size when that is the size asked for (eval names the size training left out)."""
+    for size in (image_size, None) if image_size else (None,):
+        folder = cache_root / cache_key(digest, size)
+        if (folder / "meta.json").is_file():
+            shape = json.loads((folder / "meta.json").read_text())["splits"]["train"]["shape"]
+            if size == image_size or shape[-1] == image_size:
+                return folder
+    return None
+
+
+def _mapped(path: Path, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+    """A copy-on-write map of the file: pages are read from the OS page cache, shared by
+    every process that maps them, and nothing written to the tensor reaches the file."""
+    count = 1
+    for s in shape:
+        count *= s
+    if count == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.from_file(str(path), shared=False, size=count, dtype=dtype).view(shape)
+
+
+def cache_key(digest: str, image_size: int | None) -> str:
+    """The cache folder's name: the source's digest and how it was decoded."""
+    return hashlib.sha256(f"{digest} format {CACHE_FORMAT} size {image_size}".encode()).hexdigest()[:24]
+
+
+# --- decoding into the cache -------------------------------------------------------
+
+class _MixedSizes(Exception):
+    """The images are not all one square size, so the default size is not theirs."""
+
+
+def _decode_source(source: Path, image_size: int | None) -> tuple[dict, list[str]]:
+    """({split: (uint8 images, int64 labels)}, class names): every image decoded once."""
+    names = names_in(source)
+    if not names:
+        from diffcli.images import IMAGE_EXTENSIONS
+
+        raise UserError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in '{source}' or its sub-folders.")
+    splits, classes = layout(names)
+    try:
+        decoded = _decode(source, splits, image_size)
+    except _MixedSizes:
+        decoded = _decode(source, splits, 32)  # the default for mixed sizes (docs/data.md)
+    if not len(decoded["train"][1]):
+        raise UserError(f"none of the {len(splits['train'])} training image files in '{source}' could be read.")
+    if "test" in decoded and not len(decoded["test"][1]):
+        log.warning("none of the test split's images could be read; a share of the training images is held out instead")
+        del decoded["test"]
+    return decoded, classes
+
+
+def _write(folder: Path, decoded: dict, classes: list[str], source: Path) -> Path | None:
+    """Write the cache entry through a temporary folder renamed into place (a reader sees
+    all of it or none); None, with a warning, where the data root cannot be written."""
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    except OSError as e:
+        log.warning("cannot write the decoded-image cache in %s (%s); keeping the images in memory", folder.parent, e.strerror)
+        return None
+    try:
+        meta = {"format": CACHE_FORMAT, "source": str(source), "class_names": classes, "splits": {}}
+        for split, (images, labels) in decoded.items():
+            images.numpy().tofile(tmp / f"{split}-images.u8")
+            labels.numpy().tofile(tmp / f"{split}-labels.i64")
+            meta["splits"][split] = {"shape": list(images.shape)}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        os.rename(tmp, folder)
+    except OSError as e:
+        if not (folder / "meta.json").is_file():  # unless another process finished it first
+            log.warning("cannot write the decoded-image cache in %s (%s); keeping the images in memory", folder.parent, e.strerror)
+            return None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _decode(source: Path, splits: dict, image_size: int | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{split: (uint8 (N, C, H, W), int64 labels)}, each split in name order. With no
+    `image_size`, the images' own size when they share one square size (else _MixedSizes)."""
+    from diffcli.images import center_square, open_image, pil_to_tensor
+
+    where = {name: (split, label) for split, members in splits.items() for name, label in members}
+    found = {split: [] for split in splits}
+    native = None
+    for name, data in contents(source, set(where)):
+        try:
+            img = open_image(io.BytesIO(data))
+        except ValueError as e:
+            log.warning("skipping %s: %s", name, e)
+            continue
+        if image_size is None:
+            native = native or img.size
+            if img.size != native or img.width != img.height:
+                raise _MixedSizes
+        split, label = where[name]
+        found[split].append((name, pil_to_tensor(center_square(img, image_size or img.width)), label))
+    rgb = any(t.shape[0] == 3 for members in found.values() for _, t, _ in members)
+    out = {}
+    for split, members in found.items():
+        members.sort(key=lambda m: m[0])
+        tensors = [t.expand(3, -1, -1) if rgb else t for _, t, _ in members]  # grey as RGB: PIL's own conversion
+        size = image_size or (native[0] if native else 32)
+        images = torch.stack(tensors) if tensors else torch.empty(0, 3 if rgb else 1, size, size, dtype=torch.uint8)
+        out[split] = (images.contiguous(), torch.tensor([label for _, _, label in members], dtype=torch.long))
+    return out
