@@ -199,10 +199,9 @@ def test_two_processes_share_one_copy_of_the_pixels(tmp_path):
         (root / "c").mkdir(parents=True, exist_ok=True)
         Image.effect_noise((32, 32), 60 + i % 50).convert("RGB").save(root / "c" / f"{i:03}.png")
     D.load(str(root))  # build the cache first, as rank 0 does under torchrun
-    env = {**__import__("os").environ}
-    a, b = tmp_path / "a", tmp_path / "b"
+    a, b = tmp_path / "a", tmp_path / "b"  # the children inherit the test's isolated cache (XDG_CACHE_HOME)
     procs = [subprocess.Popen([sys.executable, "-c", _TWO_PROCESSES, str(root), str(mine), str(other)],
-                              stdout=subprocess.PIPE, text=True, env=env) for mine, other in ((a, b), (b, a))]
+                              stdout=subprocess.PIPE, text=True) for mine, other in ((a, b), (b, a))]
     for p in procs:
         out, _ = p.communicate(timeout=120)
         private, shared = map(int, out.split())

@@ -53,15 +53,15 @@ def layout(names: list[str]) -> tuple[dict[str, list[tuple[str, int]]], list[str
         inside = [p for p, _ in files if len(p) > depth + 1]  # files within a folder at this level
         folders = {p[depth] for p in inside}
         holds_folders = lambda f: all(len(p) > depth + 2 for p in inside if p[depth] == f)  # noqa: E731
-        split = "train" in folders and (bool(folders & set(TEST_FOLDERS)) or holds_folders("train"))
+        has_splits = "train" in folders and (bool(folders & set(TEST_FOLDERS)) or holds_folders("train"))
         # one folder wrapping everything, holding only folders itself, or the splits: look inside it
         only = next(iter(folders)) if len(folders) == 1 else None
         inner = {p[depth + 1] for p in inside if p[depth] == only and len(p) > depth + 2}
-        if split or not inner or not (holds_folders(only) or "train" in inner):
+        if has_splits or not inner or not (holds_folders(only) or "train" in inner):
             break
         depth += 1
-    _left_out([n for p, n in files if len(p) <= depth + split], "beside the top folders")
-    if split:  # (a folder named train among class folders, with no test folder, is a class)
+    _left_out([n for p, n in files if len(p) <= depth + has_splits], "beside the top folders")
+    if has_splits:  # (a folder named train among class folders, with no test folder, is a class)
         test = next((t for t in TEST_FOLDERS if t in folders), None)
         _left_out([n for p, n in files if len(p) > depth + 1 and p[depth] not in ("train", test)],
                   f"outside train/{f' and {test}/' if test else ''}")

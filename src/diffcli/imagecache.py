@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -49,12 +50,10 @@ def load(source: Path, cache_root: Path, image_size: int | None, split: str) -> 
     if folder is None:
         decoded, classes = _decode_source(source, image_size)
         folder = _write(cache_root / cache_key(digest, image_size), decoded, classes, source)
-        how = f"decoded into the cache {folder}" if folder else "decoded (the cache could not be written)"
-        if folder is None:  # a read-only data root: this run keeps its own copy in memory
-            if split not in decoded:
-                return None
-            images, labels = decoded[split]
-            return Decoded(images, labels, classes, f"{how} in {time.monotonic() - started:.2f} s")
+        if folder is None:  # a data root that cannot be written: this run keeps its own copy in memory
+            found, how = decoded.get(split), "decoded (the cache could not be written)"
+            return None if found is None else Decoded(*found, classes, f"{how} in {time.monotonic() - started:.2f} s")
+        how = f"decoded into the cache {folder}"
     else:
         how = f"read from the cache {folder}"
     meta = json.loads((folder / "meta.json").read_text())
@@ -81,12 +80,9 @@ def _cached(cache_root: Path, digest: str, image_size: int | None) -> Path | Non
 def _mapped(path: Path, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
     """A copy-on-write map of the file: pages are read from the OS page cache, shared by
     every process that maps them, and nothing written to the tensor reaches the file."""
-    count = 1
-    for s in shape:
-        count *= s
-    if count == 0:
+    if math.prod(shape) == 0:
         return torch.empty(shape, dtype=dtype)
-    return torch.from_file(str(path), shared=False, size=count, dtype=dtype).view(shape)
+    return torch.from_file(str(path), shared=False, size=math.prod(shape), dtype=dtype).view(shape)
 
 
 def cache_key(digest: str, image_size: int | None) -> str:
@@ -123,13 +119,10 @@ def _decode_source(source: Path, image_size: int | None) -> tuple[dict, list[str
 def _write(folder: Path, decoded: dict, classes: list[str], source: Path) -> Path | None:
     """Write the cache entry through a temporary folder renamed into place (a reader sees
     all of it or none); None, with a warning, where the data root cannot be written."""
+    tmp = None
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    except OSError as e:
-        log.warning("cannot write the decoded-image cache in %s (%s); keeping the images in memory", folder.parent, e.strerror)
-        return None
-    try:
         meta = {"format": CACHE_FORMAT, "source": str(source), "class_names": classes, "splits": {}}
         for split, (images, labels) in decoded.items():
             images.numpy().tofile(tmp / f"{split}-images.u8")
@@ -142,7 +135,8 @@ def _write(folder: Path, decoded: dict, classes: list[str], source: Path) -> Pat
             log.warning("cannot write the decoded-image cache in %s (%s); keeping the images in memory", folder.parent, e.strerror)
             return None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
