@@ -1,7 +1,7 @@
-"""Sample quality for the same wall-clock budget on MNIST: diffcli's defaults against the two
-setups people would otherwise copy.
+"""Sample quality for the same wall-clock budget (MNIST by default, or any `--data`): diffcli's
+defaults against the two setups people would otherwise copy.
 
-- diffcli: `diffcli train --data mnist --minutes M` exactly as a user runs it (a subprocess,
+- diffcli: `diffcli train --data DATA --minutes M` exactly as a user runs it (a subprocess,
   its checkpoints and grids included in the budget), sampled with DDIM 50 steps and its
   default guidance.
 - lucidrains' denoising-diffusion-pytorch: its classifier-free-guidance `Unet` +
@@ -17,9 +17,11 @@ setups people would otherwise copy.
 
 The peers get diffcli's width (16 × (1, 2, 4) channels; 0.79M and 0.69M parameters against
 diffcli's 0.72M): their default widths are made for 64-128 px GPU training. Every model is
-scored by the same reference classifier on the same number of images per class.
+scored by the same reference classifier on the same number of images per class, against
+the data's test split (a folder's or archive's test/).
 
     python benchmarks/quality_mnist.py --minutes 10 --data-root data --classifier mnist-classifier.safetensors
+    python benchmarks/quality_mnist.py --data cifar10-jpeg.tar.gz --minutes 30 --classifier cifar-classifier.safetensors
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ def diffcli_contender(args, data, device):
 
     with tempfile.TemporaryDirectory(prefix="quality-diffcli-") as tmp:
         out = Path(tmp) / "run"
-        cmd = [sys.executable, "-m", "diffcli", "train", "--data", "mnist", "--data-root", str(args.data_root),
+        cmd = [sys.executable, "-m", "diffcli", "train", "--data", args.data, "--data-root", str(args.data_root),
                "--minutes", str(args.minutes), "--out", str(out), "--device", str(device)]
         if args.limit:
             cmd += ["--limit", str(args.limit)]
@@ -94,8 +96,9 @@ def lucidrains_contender(args, data, device):
     from ema_pytorch import EMA
 
     torch.manual_seed(args.seed)
-    unet = Unet(dim=16, num_classes=data.num_classes, dim_mults=(1, 2, 4), channels=1)
-    diffusion = GaussianDiffusion(unet, image_size=28, sampling_timesteps=args.sample_steps).to(device)
+    _, channels, size, _ = data.images.shape
+    unet = Unet(dim=16, num_classes=data.num_classes, dim_mults=(1, 2, 4), channels=channels)
+    diffusion = GaussianDiffusion(unet, image_size=size, sampling_timesteps=args.sample_steps).to(device)
     opt = torch.optim.Adam(diffusion.parameters(), lr=1e-4, betas=(0.9, 0.99))
     ema = EMA(diffusion, beta=0.995, update_every=10).to(device)
     batch = 16
@@ -128,7 +131,8 @@ def diffusers_contender(args, data, device):
     from diffusers.training_utils import EMAModel
 
     torch.manual_seed(args.seed)
-    unet = diffusers_unet("small", 28, 1, data.num_classes).to(device)
+    _, channels, size, _ = data.images.shape
+    unet = diffusers_unet("small", size, channels, data.num_classes).to(device)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
     batch = 16
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
@@ -162,7 +166,7 @@ def diffusers_contender(args, data, device):
         out = []
         for chunk in _chunks(labels, 250):
             scheduler.set_timesteps(args.sample_steps)
-            x = torch.randn((len(chunk), 1, 28, 28), generator=gen).to(device)
+            x = torch.randn((len(chunk), channels, size, size), generator=gen).to(device)
             y = torch.tensor(chunk, device=device)
             for t in scheduler.timesteps:
                 x = scheduler.step(unet(x, t, class_labels=y).sample, t, x, generator=gen).prev_sample
@@ -182,11 +186,13 @@ CONTENDERS = {"diffcli": diffcli_contender, "lucidrains": lucidrains_contender, 
 def main() -> None:
     from diffcli.classifier import load_classifier
     from diffcli.evaluation import class_fidelity
+    from diffcli.images import grid, save
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default="mnist", help="what `diffcli train --data` takes: a name, folder or archive")
     p.add_argument("--minutes", type=float, default=10.0, help="training budget per contender")
     p.add_argument("--data-root", type=Path, default=D.default_root())
-    p.add_argument("--classifier", type=Path, required=True, help="from `diffcli classifier train --data mnist`")
+    p.add_argument("--classifier", type=Path, required=True, help="from `diffcli classifier train` on the same data")
     p.add_argument("--n", type=int, default=100, help="images per class for the scores")
     p.add_argument("--contenders", default=",".join(CONTENDERS))
     p.add_argument("--sample-steps", type=int, default=SAMPLE_STEPS)
@@ -194,11 +200,14 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--pictures", type=Path, default=None, help="folder for a grid per contender: the first 8 scored images of each class")
     args = p.parse_args()
 
     device = pick_device(args.device)
-    data = D.load("mnist", str(args.data_root), limit=args.limit)
-    test = D.load("mnist", str(args.data_root), split="test")
+    data = D.load(args.data, str(args.data_root), limit=args.limit)
+    test = D.test_split(args.data, str(args.data_root))
+    if test is None:
+        raise SystemExit(f"--data {args.data} has no test split (a test/ folder) to score against")
     clf, clf_meta = load_classifier(args.classifier, device)
     floor = data.images[torch.randperm(len(data.labels), generator=torch.Generator().manual_seed(1))[:10 * args.n]]
     labels = [k for k in range(10) for _ in range(args.n)]
@@ -209,6 +218,9 @@ def main() -> None:
         steps, batch, sample = CONTENDERS[name](args, data, device)
         images, seconds = timed(lambda: sample(labels, args.seed), device)
         scores = class_fidelity(clf, images, torch.tensor(labels), test.images, floor)
+        if args.pictures:
+            first = torch.cat([images[k * args.n:k * args.n + min(8, args.n)] for k in range(10)])
+            save(grid(first, min(8, args.n)), args.pictures / f"{name}.png")
         rows.append({"contender": name, "steps": steps, "batch": batch, "images_seen": steps * batch,
                      "class_accuracy": scores["class_accuracy"], "classifier_fd": scores["classifier_fd"],
                      "real_floor_fd": scores["classifier_fd_real_floor"], "per_class_accuracy": scores["per_class_accuracy"],

@@ -50,6 +50,7 @@ def test_benchmark_scripts_run(mnist_root, tmp_path):
     save_model(shapes_model, UNet(shapes_cfg.model).state_dict(), to_dict(shapes_cfg), list(SHAPES), 0, 0.0)
     rules_root = shutil.copytree(mnist_root, tmp_path / "rules-data")
     ema_root = shutil.copytree(mnist_root, tmp_path / "ema-data")
+    knowledge_root = shutil.copytree(mnist_root, tmp_path / "knowledge-data")
     scripts = {
         "guidance_rules.py": ["--ckpt", str(model), "--classifier", str(clf), "--weak", str(model), "--n", "2", "--steps", "2",
                               "--rules", "auto;1.5@0.28,5.42;auto 2", "--data-root", str(rules_root),
@@ -63,7 +64,11 @@ def test_benchmark_scripts_run(mnist_root, tmp_path):
         "shape_fit.py": ["--models", str(shapes_model), "--n", "1", "--steps", "2"],
         "sample_throughput.py": ["--n", "2", "--steps", "2", "--rounds", "1"],
         "quality_mnist.py": ["--minutes", "0.02", "--n", "2", "--sample-steps", "2", "--limit", "300", "--data-root",
-                             str(mnist_root), "--classifier", str(clf), "--json", str(tmp_path / "q.json")],
+                             str(mnist_root), "--classifier", str(clf), "--json", str(tmp_path / "q.json"),
+                             "--pictures", str(tmp_path / "peers")],
+        "size_cost.py": ["--presets", "tiny", "--sizes", "8,16", "--batch", "2", "--rounds", "1", "--steps", "1"],
+        "label_knowledge.py": [f"{model}=mnist", "--data-root", str(knowledge_root), "--n", "4", "--draws", "1",
+                               "--timesteps", "500"],
     }
     one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}
     running = {name: subprocess.Popen([sys.executable, str(BENCH / name), *args], stdout=subprocess.PIPE,
@@ -93,6 +98,8 @@ def test_benchmark_scripts_run(mnist_root, tmp_path):
     assert min(map(float, real_row.split("|")[2:-1])) > 0.85 and float(model_row.split("|")[-2]) < 0.6
     for name in ("diffcli", "lucidrains", "diffusers", "real training images"):
         assert f"| {name} |" in out["quality_mnist.py"]
+    assert len(list((tmp_path / "peers").glob("*.png"))) == 3
+    assert "16/8: training" in out["size_cost.py"] and "| t = 500 |" in out["label_knowledge.py"]
 
 
 def test_shape_fit_tells_an_outline_from_another():
