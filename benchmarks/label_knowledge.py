@@ -19,7 +19,7 @@ import torch
 
 from diffcli import data as D
 from diffcli.checkpoint import load_model
-from diffcli.schedules import make_schedule, q_sample
+from diffcli.schedules import make_schedule, q_sample, v_target
 
 
 @torch.no_grad()
@@ -29,13 +29,12 @@ def label_accuracy(model, cfg, images: torch.Tensor, labels: torch.Tensor, t: in
     the error summed over `draws` noises."""
     schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
     x0 = images.float() / 127.5 - 1
-    abar = schedule.alphas_cumprod[t]
     steps = torch.full((len(labels),), t)
     err = torch.zeros(len(labels), cfg.model.num_classes)
     for _ in range(draws):
         noise = torch.randn(x0.shape, generator=gen)
         xt = q_sample(schedule, x0, steps, noise)
-        target = abar.sqrt() * noise - (1 - abar).sqrt() * x0 if cfg.diffusion.prediction == "v" else noise
+        target = v_target(schedule, x0, steps, noise) if cfg.diffusion.prediction == "v" else noise
         for k in range(cfg.model.num_classes):
             out = model(xt, steps, torch.full_like(labels, k)).float()
             err[:, k] += (out - target).pow(2).flatten(1).mean(1)
