@@ -43,7 +43,7 @@ def main() -> None:
     own = ema.classic_sigma_rel(meta["step"], cfg.train.ema_decay)
     models = [(f"the run's own ({own:.3f})", args.run / "model.safetensors")]
     lengths = [float(text) for text in args.lengths.split(",")]
-    for sigma_rel, (path, error) in zip(lengths, posthoc.write_models(args.run, lengths)):
+    for sigma_rel, (path, error) in zip(lengths, posthoc.write_models(args.run, lengths, [posthoc.made_path(args.run, s) for s in lengths])):
         models.append((f"post-hoc {sigma_rel:g} (fit error {error:.1%})", path))
     clf, _ = load_classifier(args.classifier, device)
     real = real_images(cfg.data.name, args.data_root or cfg.data.root, cfg.model.image_size)

@@ -53,6 +53,22 @@ def test_write_is_atomic_and_leaves_no_temporary_files(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
 
 
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_written_files_honour_the_umask_as_open_would(tmp_path, mask):
+    """A model file (and every other atomic write) gets 0666 less the umask, as an ordinary
+    open() would: 0644 under the usual 022, so a teammate can read an exported model."""
+    import os
+
+    old = os.umask(mask)
+    try:
+        _, _, path = small_model(tmp_path)
+        plain = tmp_path / "plain"
+        plain.write_bytes(b"")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
 @pytest.mark.parametrize("make,message", [
     (lambda p: p.write_bytes(b""), "not a readable safetensors"),
     (lambda p: p.write_bytes(b"hello world, not weights"), "not a readable safetensors"),

@@ -1,6 +1,7 @@
 """The CLI as a user runs it: in-process with CliRunner and as a real subprocess."""
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -63,7 +64,7 @@ def test_train_sample_inspect_end_to_end_in_process(tmp_path):
     assert r.exit_code == 0, r.output
     info = json.loads(r.output)
     assert info["training_step"] == 6 and info["timesteps"] == 1000 and info["classes"][5] == "star"
-    assert info["default_guidance"].startswith("3 (for ")  # few images seen: the ceiling (spec.default_guidance)
+    assert info["default_guidance"] == "3 (for 96 training images)"  # few images: the ceiling, knowledge not measured
     assert info["image_size"] == 32 and info["channels"] == 3 and info["parameters"] > 1000
 
     # The run folder refuses a second run unless asked.
@@ -75,13 +76,27 @@ def test_train_sample_inspect_end_to_end_in_process(tmp_path):
     assert r.exit_code == 0, r.output
 
 
-def test_resume_continues_to_the_new_limit(tmp_path):
+def test_resume_continues_to_the_new_limit(tmp_path, monkeypatch):
+    """... and picks up the label knowledge last measured (fitting._checkpoint), which the
+    model file and the training state both carry, and inspect shows beside the weight.
+    (A run this short is at the ceiling whatever the knowledge, so training would skip it.)"""
+    import torch
+
+    monkeypatch.setattr("diffcli.fitting.knowledge_can_matter", lambda images: True)
+    from diffcli.checkpoint import model_metadata, read_header
+    from diffcli.runs import run_config
+    from diffcli.trainstate import TrainState
+
     out = tmp_path / "run"
     assert run("train", "--data", "shapes", "--limit", "64", "--preset", "tiny", "--max-steps", "4", "--out", out).exit_code == 0
+    saved = [model_metadata(read_header(out / f))["label_knowledge"] for f in ("model.safetensors", "train_state.safetensors")]
+    state = TrainState.create(run_config(out), torch.device("cpu"), torch.contiguous_format)
+    state.load(out)
+    assert 0 <= state.knowledge <= 1 and saved == [pytest.approx(state.knowledge)] * 2
+    shown = json.loads(run("inspect", out / "model.safetensors", "--json").output)["default_guidance"]
+    assert re.fullmatch(r"3 \(for 64 training images, label knowledge [01]\.\d\d\)", shown), shown
     r = run("train", "--out", out, "--resume", "--max-steps", "8")
     assert r.exit_code == 0, r.output
-    from diffcli.checkpoint import model_metadata, read_header
-
     assert model_metadata(read_header(out / "model.safetensors"))["step"] == 8
 
 

@@ -136,7 +136,9 @@ def test_what_cannot_be_distilled_is_refused_in_one_sentence(student, tiny_run, 
     junk = tmp_path / "junk.safetensors"
     save_file({"w": torch.zeros(2)}, str(junk))
     one_sentence_error(run("distill", "--teacher", junk, "--out", tmp_path / "b"), "--teacher: this safetensors file was not written by diffcli")
-    one_sentence_error(run("distill", "--teacher", tiny_run / "model.safetensors", "--out", tiny_run), "already holds a run")
+    one_sentence_error(run("distill", "--teacher", tiny_run / "model.safetensors", "--out", tiny_run, "--overwrite"),
+                       "holds the --teacher this command reads")
+    one_sentence_error(run("distill", "--teacher", tiny_run / "model.safetensors", "--out", student), "already holds a run")
     one_sentence_error(run("distill", "--teacher", tiny_run / "model.safetensors", "--steps", "5000", "--out", tmp_path / "d"),
                        "--steps must be below the teacher's T=1000")
     one_sentence_error(run("distill", "--out", tiny_run, "--resume"), "holds a training run, not a distillation")

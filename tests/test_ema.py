@@ -150,7 +150,7 @@ def test_ema_refuses_what_it_cannot_do(tmp_path):
     (other / "ema_snapshots" / "step_0000002.safetensors").write_bytes(cut[:-100])
     refused("could not be read: it looks damaged", "--run", other, "--length", "0.1")
     (other / "ema_snapshots" / "step_0000002.safetensors").write_bytes(cut)
-    refused("is the run's own model", "--run", other, "--length", "0.1", "--out", other / "model.safetensors")
+    refused("is the run's model this command reads", "--run", other, "--length", "0.1", "--out", other / "model.safetensors", "--overwrite")
     # A model file whose weights are not its own config's network (here: blocks the config asks for are missing).
     mixed = tmp_path / "mixed"
     shutil.copytree(other, mixed)

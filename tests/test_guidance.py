@@ -116,20 +116,49 @@ def test_autoguidance_with_the_model_itself_changes_nothing_and_pushes_away_from
 
 def test_the_default_weight_falls_with_the_images_a_model_has_seen():
     from diffcli.spec import (DEFAULT_GUIDANCE, GUIDANCE_AT, GUIDANCE_CEILING, GUIDANCE_FLOOR, GUIDANCE_PER_DOUBLING,
-                              SamplerSpec, default_guidance)
+                              SamplerSpec, Trained, default_guidance)
 
-    weights = [default_guidance(n) for n in (1, 10_000, 32_000, 77_000, 163_000, 10**6, 10**9)]
+    def rule(n):
+        return default_guidance(Trained(n))
+
+    weights = [rule(n) for n in (1, 10_000, 32_000, 77_000, 163_000, 10**6, 10**9)]
     assert weights == sorted(weights, reverse=True)
     assert weights[0] == GUIDANCE_CEILING and weights[-1] == GUIDANCE_FLOOR
-    assert default_guidance(GUIDANCE_AT[0]) == GUIDANCE_AT[1]
+    assert rule(GUIDANCE_AT[0]) == GUIDANCE_AT[1]
     images, w = GUIDANCE_AT  # the closed form: w - 0.6 log2(seen / images), in steps of 0.05
-    assert default_guidance(2 * images) == pytest.approx(w - GUIDANCE_PER_DOUBLING)
-    assert default_guidance(images // 2) == pytest.approx(w + GUIDANCE_PER_DOUBLING)
-    assert default_guidance(170_208) == pytest.approx(1.3)  # the 10-minute MNIST run of docs/results.md
+    assert rule(2 * images) == pytest.approx(w - GUIDANCE_PER_DOUBLING)
+    assert rule(images // 2) == pytest.approx(w + GUIDANCE_PER_DOUBLING)
+    assert rule(170_208) == pytest.approx(1.3)  # the 10-minute MNIST run of docs/results.md
     assert all(f"{w:g}" == f"{w:.2f}".rstrip("0").rstrip(".") for w in weights)  # printed as used
-    assert default_guidance(None) == DEFAULT_GUIDANCE  # an import: training unknown
-    assert SamplerSpec().resolve(1000, None, GUIDANCE_AT[0]).guidance == GUIDANCE_AT[1]
-    assert SamplerSpec(guidance=1.5).resolve(1000, None, 10**9).guidance == 1.5  # an explicit weight wins
+    assert default_guidance(None) == default_guidance(Trained(None, 0.5)) == DEFAULT_GUIDANCE  # an import: training unknown
+    assert SamplerSpec().resolve(1000, None, Trained(GUIDANCE_AT[0])).guidance == GUIDANCE_AT[1]
+    assert SamplerSpec(guidance=1.5).resolve(1000, None, Trained(10**9)).guidance == 1.5  # an explicit weight wins
+
+
+def test_a_model_that_knows_its_labels_less_is_guided_as_if_it_had_seen_fewer_images():
+    """Images seen times (knowledge / KNOWLEDGE_FULL) ** KNOWLEDGE_POWER below KNOWLEDGE_FULL:
+    from there up, the images alone; at half of it, KNOWLEDGE_POWER doublings fewer; no
+    knowledge at all is the ceiling, never past it."""
+    from diffcli.spec import (GUIDANCE_AT, GUIDANCE_CEILING, GUIDANCE_PER_DOUBLING, KNOWLEDGE_FULL, KNOWLEDGE_POWER,
+                              Trained, default_guidance)
+
+    images, w = GUIDANCE_AT
+    for knowledge in (None, 1.0, KNOWLEDGE_FULL):
+        assert default_guidance(Trained(2 * images, knowledge)) == pytest.approx(w - GUIDANCE_PER_DOUBLING)
+    half = Trained(8 * images, KNOWLEDGE_FULL / 2)
+    assert default_guidance(half) == pytest.approx(w - (3 - KNOWLEDGE_POWER) * GUIDANCE_PER_DOUBLING)
+    assert default_guidance(Trained(10**9, 0.0)) == GUIDANCE_CEILING
+
+
+def test_training_measures_the_knowledge_only_where_it_can_change_the_weight():
+    from diffcli.spec import GUIDANCE_CEILING, Trained, default_guidance, knowledge_can_matter
+
+    for n in (1, 96, 10_000, 24_000, 25_000, 32_000, 77_000, 10**6):
+        if knowledge_can_matter(n):
+            assert default_guidance(Trained(n, 0.0)) > default_guidance(Trained(n)), n
+        else:
+            assert default_guidance(Trained(n, 0.0)) == default_guidance(Trained(n)) == GUIDANCE_CEILING, n
+    assert not knowledge_can_matter(96) and knowledge_can_matter(32_000)  # a test's run; the first checkpoint of `small`
 
 
 @pytest.mark.parametrize("interval", [(2.0, 1.0), (-1.0, 2.0), (float("nan"), 1.0), (0.0, float("nan")), (1.0, 1.0)])
@@ -160,7 +189,7 @@ def test_a_training_grid_is_guided_as_sample_would_guide_the_model_saved_at_that
     from diffcli.generate import generate
     from diffcli.images import grid
     from diffcli.schedules import make_schedule
-    from diffcli.spec import SamplerSpec, default_guidance
+    from diffcli.spec import SamplerSpec, Trained, default_guidance
     from diffcli.unet import UNet
 
     cfg = build_config("tiny", None, {})
@@ -172,10 +201,11 @@ def test_a_training_grid_is_guided_as_sample_would_guide_the_model_saved_at_that
             p.normal_(0, 0.3)
     schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
     early, late = 10, 10**6  # steps: the ceiling, then the floor
-    assert default_guidance(cfg.images_seen(early)) != default_guidance(cfg.images_seen(late))
+    assert default_guidance(Trained(cfg.images_seen(early))) != default_guidance(Trained(cfg.images_seen(late)))
     for step in (early, late):
-        path = sample_grid(model, cfg, ["a", "b"], tmp_path / f"{step}.png", seed=3, step=step)
-        w = default_guidance(cfg.images_seen(step))
+        trained = Trained(cfg.images_seen(step), 0.5)
+        path = sample_grid(model, cfg, ["a", "b"], tmp_path / f"{step}.png", seed=3, trained=trained)
+        w = default_guidance(trained)
         images = generate(model, schedule, cfg.diffusion.prediction, SamplerSpec("ddim", cfg.train.grid_steps, w),
                           labels=[r for r in (0, 1) for _ in range(GRID_COLUMNS)], seeds=[3 + i for _ in (0, 1) for i in range(GRID_COLUMNS)])
         assert Image.open(path).tobytes() == grid(images, GRID_COLUMNS).tobytes()

@@ -180,3 +180,26 @@ def test_what_diffusers_or_diffcli_cannot_express_is_refused(tiny_run, tmp_path)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({"beta_schedule": "scaled_linear"}))
     one_sentence_error(run("import", folder, "--out", tmp_path / "x.safetensors"), "this scheduler has 'scaled_linear'")
     one_sentence_error(run("import", tmp_path / "nothing", "--out", tmp_path / "x.safetensors"), "is not a folder")
+
+
+def test_a_damaged_import_is_one_sentence_naming_the_file_and_the_key(tmp_path):
+    """Truncated weights, a string where config.json wants a number, and a folder without
+    model_index.json (named as given, not as '.')."""
+    folder = tmp_path / "pipe"
+    assert run("export", "--ckpt", random_model(tmp_path, shallow=True), "--out", folder).exit_code == 0
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    one_sentence_error(run("import", folder, "--out", tmp_path / "a.safetensors"), f"'{weights}' could not be read: it looks truncated")
+    weights.write_bytes(data)
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    for key, bad in (("layers_per_block", "2"), ("block_out_channels", [128, "x"]), ("norm_eps", None)):
+        (folder / "unet" / "config.json").write_text(json.dumps({**config, key: bad}))
+        one_sentence_error(run("import", folder, "--out", tmp_path / "b.safetensors"),
+                           f"'{folder / 'unet' / 'config.json'}' has {bad!r} for \"{key}\"")
+    (folder / "unet" / "config.json").write_text(json.dumps(config))
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({"num_train_timesteps": "1000"}))
+    one_sentence_error(run("import", folder, "--out", tmp_path / "c.safetensors"), "'1000' for \"num_train_timesteps\"")
+    (folder / "model_index.json").unlink()
+    one_sentence_error(run("import", folder, "--out", tmp_path / "d.safetensors"), f"is '{folder}' a diffusers pipeline folder?")
+    assert not list(tmp_path.glob("[abcd].safetensors"))

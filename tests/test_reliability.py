@@ -163,6 +163,7 @@ def test_first_ctrl_c_saves_and_exits_130(tmp_path):
     assert "stopping after this step" in err and "Traceback" not in err
     assert saved_step(run) > 0, "the interrupted run saved no checkpoint"
     assert "stopped by interrupt" in out
+    assert f"next: diffcli train --out {run} --resume goes on from step {saved_step(run)}" in " ".join(out.split())
 
 
 def test_second_ctrl_c_exits_at_once(tmp_path):

@@ -16,8 +16,38 @@ from pathlib import Path
 
 from diffcli.errors import UserError
 from diffcli.files import atomic_write_bytes
+from diffcli.spec import Trained
 
 FORMAT = "diffcli"
+SNAPSHOT_FORMAT = "diffcli-ema-snapshot"  # posthoc.py
+CLASSIFIER_FORMAT = "diffcli-classifier"  # classifier.py
+# What each of diffcli's other files is, said where a model was expected.
+NOT_A_MODEL = {
+    "training state": "is a run's training state (weights, optimizer and random state, for `diffcli train --resume`), "
+                      "not a model; use the model.safetensors beside it",
+    "EMA snapshot": "is an EMA snapshot of a run, not a model; `diffcli ema --run RUN --length L` makes a model from "
+                    "a run's snapshots",
+    "classifier": "is a reference classifier (for `diffcli eval --classifier`), not a diffusion model",
+}
+
+
+def file_kind(header: dict) -> str:
+    """What a safetensors file is, from its metadata: "model", one of NOT_A_MODEL, or "foreign"."""
+    meta = header.get("__metadata__") or {}
+    kind = {SNAPSHOT_FORMAT: "EMA snapshot", CLASSIFIER_FORMAT: "classifier"}.get(meta.get("format"))
+    if kind is None and meta.get("format") == FORMAT:
+        kind = "training state" if "optimizer" in meta else "model"
+    return kind or "foreign"
+
+
+def model_header(path: str | Path) -> dict:
+    """The header of a diffcli model file, refused in one sentence when it is another of
+    diffcli's files (what it is, and what to use)."""
+    header = read_header(path)
+    kind = file_kind(header)
+    if kind in NOT_A_MODEL:
+        raise UserError(f"'{path}' {NOT_A_MODEL[kind]}.")
+    return header
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 
 
@@ -59,7 +89,8 @@ def read_header(path: str | Path) -> dict:
 
 
 def model_metadata(header: dict) -> dict:
-    """The diffcli metadata of a model file: config (dict), class_names (list), step, epoch, version."""
+    """The diffcli metadata of a model file: config (dict), class_names (list), step, epoch,
+    version, label_knowledge (float, or None where it was not measured)."""
     meta = header.get("__metadata__") or {}
     if meta.get("format") != FORMAT or "config" not in meta:
         raise UserError("this safetensors file was not written by diffcli (no diffcli config in its metadata).")
@@ -70,12 +101,19 @@ def model_metadata(header: dict) -> dict:
             "step": int(meta.get("step", 0)),
             "epoch": float(meta.get("epoch", 0)),
             "version": meta.get("version", "?"),
+            "label_knowledge": float(meta["label_knowledge"]) if "label_knowledge" in meta else None,
         }
     except (ValueError, TypeError):
         raise UserError("the diffcli metadata in this checkpoint is damaged.") from None
 
 
-def save_model(path: Path, state_dict: dict, cfg_dict: dict, class_names: list[str], step: int, epoch: float) -> None:
+def training(cfg, meta: dict) -> Trained:
+    """What the guidance rule reads of a model's training, from its metadata."""
+    return Trained(cfg.images_seen(meta["step"]), meta["label_knowledge"])
+
+
+def save_model(path: Path, state_dict: dict, cfg_dict: dict, class_names: list[str], step: int, epoch: float,
+               label_knowledge: float | None = None) -> None:
     from diffcli import __version__
 
     metadata = {
@@ -86,6 +124,8 @@ def save_model(path: Path, state_dict: dict, cfg_dict: dict, class_names: list[s
         "step": str(step),
         "epoch": f"{epoch:.4f}",
     }
+    if label_knowledge is not None:
+        metadata["label_knowledge"] = f"{label_knowledge:.4f}"
     save_tensors(path, state_dict, metadata)
 
 
@@ -99,7 +139,7 @@ def load_model(path: str | Path, device="cpu"):
     from diffcli.unet import UNet
 
     path = Path(path)
-    meta = model_metadata(read_header(path))
+    meta = model_metadata(model_header(path))
     cfg = from_dict(meta["config"])
     model = UNet(cfg.model)
     try:
@@ -116,7 +156,7 @@ def load_model(path: str | Path, device="cpu"):
         raise UserError(f"'{path}' does not match its own config: {what} weights.")
     model.load_state_dict(tensors)
     model.student = cfg.distill.student() if cfg.distill is not None else None
-    model.trained = cfg.images_seen(meta["step"])
+    model.trained = training(cfg, meta)
     # channels_last, as in training: oneDNN's convolutions run ~25% faster in it on the CPU
     # (benchmarks/sample_throughput.py), and CUDA's tensor cores want it.
     return model.to(device, memory_format=torch.channels_last).eval(), cfg, meta

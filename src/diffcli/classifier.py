@@ -31,7 +31,7 @@ from diffcli.data import ImageData, to_model_range
 from diffcli.devices import autocast, fused_adamw, precision_for
 from diffcli.errors import UserError
 
-FORMAT = "diffcli-classifier"
+FORMAT = checkpoint.CLASSIFIER_FORMAT
 SHIFT = 2  # random translation of up to ±2 px: the augmentation that gets MNIST past 99%
 # What a judge of generated images must not be fooled by: a sampler's grain, softness and
 # off colours. Trained on clean shapes, the classifier lost 38 points to noise of σ = 12/255

@@ -151,7 +151,8 @@ def load_torchvision(name: str, root: Path, split: str = "train") -> ImageData:
         where = root / folder if folder != "." else root
         raise UserError(
             f"{name} is not in '{where}' and could not be downloaded ({type(e).__name__}); "
-            f"put {' and '.join(files)} there (or pass --data-root to the folder holding {folder}) and run again."
+            f"put {' and '.join(files)} there (or pass --data-root to the folder holding "
+            f"{folder if folder != '.' else 'them' if len(files) > 1 else 'it'}) and run again."
         ) from None
     finally:
         socket.setdefaulttimeout(old_timeout)

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from diffcli import samplers
-from diffcli.checkpoint import load_model, model_metadata, read_header
+from diffcli.checkpoint import load_model, model_header, model_metadata, training
 from diffcli.config import DistillConfig, RunConfig, TrainConfig, apply_overrides, from_dict
 from diffcli.devices import pick_device, upload
 from diffcli.distributed import World, check_batch
@@ -32,7 +32,7 @@ from diffcli.files import sha256
 from diffcli.fitting import TrainResult, fit
 from diffcli.generate import denoiser
 from diffcli.schedules import Schedule, eps_from_x0, make_schedule
-from diffcli.spec import default_guidance
+from diffcli.spec import Trained, default_guidance
 
 # The optimiser settings of a distillation run (its `train` section), where they differ
 # from training's: the student starts from a trained model, so a learning rate 4x lower
@@ -117,6 +117,9 @@ class Pairs:
     def loss(self, model, batch: tuple) -> torch.Tensor:
         return distill_loss(model, self.schedule, self.prediction, *batch)
 
+    def knowledge(self, model) -> None:  # a student samples with its guidance folded in: the rule does not apply
+        return None
+
     def dry_batch(self) -> tuple:
         n = (self.mine.stop - self.mine.start) * self.steps
         x = torch.zeros((n, *self.shape[1:]), device=self.device).contiguous(memory_format=self.layout)
@@ -126,18 +129,18 @@ class Pairs:
 
 # --- the run ------------------------------------------------------------------------
 
-def teacher_config(path: Path) -> tuple[RunConfig, list[str], int | None]:
-    """The config, class names and training images seen of the model at `path`, refused in
+def teacher_config(path: Path) -> tuple[RunConfig, list[str], Trained]:
+    """The config, class names and training (for the guidance rule) of the model at `path`, refused in
     one sentence when it is not a diffcli model or is itself distilled."""
     try:
-        meta = model_metadata(read_header(path))
+        meta = model_metadata(model_header(path))
     except UserError as e:
         raise UserError(f"--teacher: {e}") from None
     cfg = from_dict(meta["config"])
     if cfg.distill is not None:
         raise UserError(f"--teacher '{path}' is itself a distilled student; distil from the model `diffcli train` made "
                         f"({cfg.distill.teacher}).")
-    return cfg, meta["class_names"], cfg.images_seen(meta["step"])
+    return cfg, meta["class_names"], training(cfg, meta)
 
 
 def configure(teacher: Path, d: dict, train: dict) -> RunConfig:

@@ -33,7 +33,7 @@ def is_archive(path: Path) -> bool:
 # --- which file is which ------------------------------------------------------------
 
 def _is_image_name(name: str) -> bool:
-    from diffcli.images import IMAGE_EXTENSIONS
+    from diffcli.files import IMAGE_EXTENSIONS
 
     parts = PurePosixPath(name).parts
     # hidden files and folders, and the resource forks macOS puts in zips (__MACOSX/, ._x.jpg)

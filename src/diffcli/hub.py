@@ -155,11 +155,12 @@ def write_json(path: Path, value: dict) -> None:
     atomic_write_bytes(path, (json.dumps(value, indent=2) + "\n").encode())
 
 
-def read_json(path: Path) -> dict:
+def read_json(path: Path, pipeline: Path) -> dict:
+    """A JSON object from a file of the pipeline folder `pipeline` (named when it is missing)."""
     try:
         value = json.loads(path.read_text())
     except FileNotFoundError:
-        raise UserError(f"'{path}' is missing: is '{path.parent.parent}' a diffusers pipeline folder?") from None
+        raise UserError(f"'{path}' is missing: is '{pipeline}' a diffusers pipeline folder?") from None
     except (ValueError, UnicodeDecodeError):
         raise UserError(f"'{path}' is not valid JSON.") from None
     if not isinstance(value, dict):
@@ -178,8 +179,31 @@ UNET2D_DEFAULTS = {  # UNet2DModel's defaults (diffusers 0.42), for keys an olde
     "in_channels": 3, "out_channels": 3}
 
 
+# The numbers in the configs read here, and what each must be: a value of another type is
+# refused naming its file and key, before any arithmetic on it.
+INT, NUMBER, INTS = (int,), (int, float), "a list of integers"
+UNET2D_NUMBERS = {"in_channels": INT, "out_channels": INT, "layers_per_block": INT, "norm_num_groups": INT,
+                  "downsample_padding": INT, "freq_shift": INT, "dropout": NUMBER, "norm_eps": NUMBER,
+                  "attention_head_dim": INT + (type(None),), "num_class_embeds": INT + (type(None),),
+                  "block_out_channels": INTS, "sample_size": INT + (list,)}
+SCHEDULER_NUMBERS = {"num_train_timesteps": INT, "beta_start": NUMBER, "beta_end": NUMBER}
+
+
+def check_numbers(values: dict, kinds: dict, path: Path) -> None:
+    for key, kind in kinds.items():
+        if key not in values:
+            continue
+        v = values[key]
+        ok = (isinstance(v, list) and v and all(type(x) is int for x in v)) if kind == INTS else \
+            (not isinstance(v, bool) and isinstance(v, kind) and (not isinstance(v, list) or all(type(x) is int for x in v)))
+        if not ok:
+            want = kind if kind == INTS else "an integer" if kind[0] is int and float not in kind else "a number"
+            raise UserError(f"'{path}' has {v!r} for \"{key}\", which must be {want}.")
+
+
 def model_config(unet: dict, num_classes: int) -> ModelConfig:
-    """diffcli's ModelConfig for a `UNet2DModel` config, or a UserError naming what diffcli cannot express."""
+    """diffcli's ModelConfig for a `UNet2DModel` config (its numbers checked: check_numbers),
+    or a UserError naming what diffcli cannot express."""
     c = {**UNET2D_DEFAULTS, **unet}
     down, up, widths = list(c["down_block_types"]), list(c["up_block_types"]), list(c["block_out_channels"])
     base = widths[0]

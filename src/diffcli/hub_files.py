@@ -10,8 +10,9 @@ import torch
 
 from diffcli.config import RunConfig
 from diffcli.errors import UserError
-from diffcli.hub import (DIFFUSERS_VERSION, PREDICTIONS, UNET_WEIGHTS, diffusion_config, from_diffusers, model_config,
-                         read_json, scheduler_config, to_diffusers, unet_config, write_json)
+from diffcli.hub import (DIFFUSERS_VERSION, PREDICTIONS, SCHEDULER_NUMBERS, UNET2D_NUMBERS, UNET_WEIGHTS, check_numbers,
+                         diffusion_config, from_diffusers, model_config, read_json, scheduler_config, to_diffusers,
+                         unet_config, write_json)
 
 
 # --- out ----------------------------------------------------------------------------
@@ -75,7 +76,11 @@ def unet_weights(folder: Path) -> dict:
     from safetensors.torch import load_file
 
     if (folder / UNET_WEIGHTS).is_file():
-        return load_file(str(folder / UNET_WEIGHTS))
+        try:
+            return load_file(str(folder / UNET_WEIGHTS))
+        except Exception as e:  # safetensors' own error types differ between its versions
+            raise UserError(f"'{folder / UNET_WEIGHTS}' could not be read: it looks truncated or damaged "
+                            f"({str(e).splitlines()[0]}).") from None
     if (folder / "diffusion_pytorch_model.bin").is_file():
         try:
             return torch.load(folder / "diffusion_pytorch_model.bin", map_location="cpu", weights_only=True)
@@ -91,9 +96,12 @@ def import_pipeline(folder: Path, out: Path) -> RunConfig:
     from diffcli.config import to_dict, validate
     from diffcli.unet import UNet
 
-    read_json(folder / "model_index.json")
-    unet, sched = read_json(folder / "unet" / "config.json"), read_json(folder / "scheduler" / "scheduler_config.json")
-    labels = read_json(folder / "class_names.json") if (folder / "class_names.json").is_file() else {}
+    read_json(folder / "model_index.json", folder)
+    unet_file, sched_file = folder / "unet" / "config.json", folder / "scheduler" / "scheduler_config.json"
+    unet, sched = read_json(unet_file, folder), read_json(sched_file, folder)
+    check_numbers(unet, UNET2D_NUMBERS, unet_file)
+    check_numbers(sched, SCHEDULER_NUMBERS, sched_file)
+    labels = read_json(folder / "class_names.json", folder) if (folder / "class_names.json").is_file() else {}
     if unet.get("num_class_embeds") and labels.get("null_label") != unet["num_class_embeds"] - 1:
         raise UserError("this UNet2DModel has class labels but no \"no label\" class (diffcli's exports name it in "
                         "class_names.json), so classifier-free guidance cannot run on it.")

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from diffcli.errors import UserError
+from diffcli.files import umask
 from diffcli.folders import contents, layout, names_in, source_digest
 
 log = logging.getLogger("diffcli")
@@ -100,7 +101,7 @@ def _decode_source(source: Path, image_size: int | None) -> tuple[dict, list[str
     """({split: (uint8 images, int64 labels)}, class names): every image decoded once."""
     names = names_in(source)
     if not names:
-        from diffcli.images import IMAGE_EXTENSIONS
+        from diffcli.files import IMAGE_EXTENSIONS
 
         raise UserError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in '{source}' or its sub-folders.")
     splits, classes = layout(names)
@@ -129,6 +130,7 @@ def _write(folder: Path, decoded: dict, classes: list[str], source: Path) -> Pat
             labels.numpy().tofile(tmp / f"{split}-labels.i64")
             meta["splits"][split] = {"shape": list(images.shape)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        tmp.chmod(0o777 & ~umask())  # mkdtemp makes 0700: a shared data root is for every user
         os.rename(tmp, folder)
     except OSError as e:
         if not (folder / "meta.json").is_file():  # unless another process finished it first

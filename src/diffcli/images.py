@@ -44,7 +44,6 @@ def save(img: Image.Image, path: str | Path) -> Path:
     return path
 
 
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 MAX_PIXELS = 64_000_000  # refuse larger images instead of exhausting memory (e.g. 10000x10000)
 
 
@@ -57,15 +56,17 @@ def open_image(path: str | Path) -> Image.Image:
     """
     from PIL import UnidentifiedImageError
 
-    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    # PIL's own guard would warn above its limit and refuse past twice it, as an unreadable
+    # file; diffcli checks the size itself below, from the header, before decoding anything.
+    Image.MAX_IMAGE_PIXELS = None
     try:
         with Image.open(path) as im:
             im.seek(0)
             if im.width * im.height > MAX_PIXELS:
-                raise ValueError(f"it is {im.width}x{im.height} pixels, more than the {MAX_PIXELS:,} diffcli reads")
+                raise ValueError(f"it has too many pixels ({im.width}x{im.height}, more than the {MAX_PIXELS:,} diffcli reads)")
             im.load()
             img = im.copy()
-    except (UnidentifiedImageError, Image.DecompressionBombError):
+    except UnidentifiedImageError:
         raise ValueError("it is not an image PIL can read") from None
     except (OSError, SyntaxError, EOFError) as e:
         raise ValueError(f"it could not be decoded ({e})") from None

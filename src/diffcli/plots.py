@@ -1,7 +1,7 @@
 """Line plots (schedules, training curves) with matplotlib, an optional extra.
 
 `pip install 'diffcli[plots]'` brings matplotlib; without it these functions raise a
-UserError that says so, and training simply skips its loss curve.
+UserError that says so, and training skips its loss curve without a word (fitting.py).
 """
 
 from __future__ import annotations
@@ -13,6 +13,16 @@ from pathlib import Path
 from diffcli.errors import UserError
 
 MISSING = "plots need matplotlib, an optional extra: pip install 'diffcli[plots]' (or pip install matplotlib)."
+
+
+def plotting() -> bool:
+    """Whether matplotlib can be imported, without importing it."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("matplotlib") is not None
+    except ValueError:  # in sys.modules as None (a test's way of removing it)
+        return False
 
 
 def _pyplot():

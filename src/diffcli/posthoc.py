@@ -21,14 +21,13 @@ from diffcli import checkpoint, ema
 from diffcli.errors import UserError, writing
 from diffcli.runs import MODEL_FILE, SNAPSHOT_DIR, snapshots
 
-SNAPSHOT_FORMAT = "diffcli-ema-snapshot"
 MADE_PREFIX = "ema-"  # the model files `diffcli ema` writes into a run folder: ema-0.1.safetensors
 
 
 def save_snapshot(out: Path, step: int, profiles: list[torch.nn.Module]) -> Path:
     tensors = {f"{i}.{name}": p for i, profile in enumerate(profiles) for name, p in profile.named_parameters()}
     path = out / SNAPSHOT_DIR / f"step_{step:07d}.safetensors"
-    checkpoint.save_tensors(path, tensors, {"format": SNAPSHOT_FORMAT, "step": str(step),
+    checkpoint.save_tensors(path, tensors, {"format": checkpoint.SNAPSHOT_FORMAT, "step": str(step),
                                             "sigma_rels": json.dumps(list(ema.PROFILES))})
     return path
 
@@ -86,15 +85,12 @@ def reconstruct(run: Path, targets: list[Callable[[int], torch.Tensor]]) -> tupl
             for total, (_, error) in zip(totals, solved)], meta
 
 
-def write_models(run: Path, sigma_rels: list[float], out: Path | None = None) -> list[tuple[Path, float]]:
+def write_models(run: Path, sigma_rels: list[float], paths: list[Path]) -> list[tuple[Path, float]]:
     """`reconstruct` the power-function EMAs of these lengths and save each as a normal
-    model file (`made_path`, or `out` for a single one); [(path, fit error)]."""
+    model file at its path (checked by the caller: outputs.check); [(path, fit error)]."""
     targets = [lambda steps, s=s: ema.power_betas(steps, s) for s in sigma_rels]
     made, meta = reconstruct(run, targets)
-    paths = [out] if out is not None else [made_path(run, s) for s in sigma_rels]
     for path, (state, _) in zip(paths, made):
-        if path.resolve() == (run / MODEL_FILE).resolve():
-            raise UserError(f"'{path}' is the run's own model; write the post-hoc EMA beside it.")
         with writing(path):
             checkpoint.save_model(path, state, meta["config"], meta["class_names"], meta["step"], meta["epoch"])
     return [(path, error) for path, (_, error) in zip(paths, made)]
@@ -103,7 +99,7 @@ def write_models(run: Path, sigma_rels: list[float], out: Path | None = None) ->
 def _sigma_rels(path: Path) -> list[float]:
     meta = checkpoint.read_header(path).get("__metadata__") or {}
     try:
-        sigma_rels = [float(s) for s in json.loads(meta["sigma_rels"])] if meta.get("format") == SNAPSHOT_FORMAT else []
+        sigma_rels = [float(s) for s in json.loads(meta["sigma_rels"])] if meta.get("format") == checkpoint.SNAPSHOT_FORMAT else []
     except (KeyError, TypeError, ValueError):
         sigma_rels = []
     if not sigma_rels or not all(0 < s < 0.29 for s in sigma_rels):

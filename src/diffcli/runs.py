@@ -12,13 +12,14 @@ and the summaries `diffcli inspect` prints of a run folder or a checkpoint file.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import re
 import shutil
 from pathlib import Path
 
-from diffcli import checkpoint
+from diffcli import checkpoint, outputs, runlock
 from diffcli.config import RunConfig, apply_overrides, from_dict, validate
 from diffcli.errors import UserError
 from diffcli.files import atomic_write_bytes
@@ -29,6 +30,24 @@ STATE_FILE = "train_state.safetensors"
 METRICS_FILE = "metrics.jsonl"
 SNAPSHOT_DIR = "ema_snapshots"
 _SNAPSHOT_NAME = re.compile(r"step_(\d+)\.safetensors")
+
+
+@contextlib.contextmanager
+def claimed(out: Path, resume: bool, overwrite: bool, command: str, reads: dict, notice=lambda message: None,
+            main: bool = True):
+    """The run folder, apart from what the run `reads` (outputs.check), locked for this run
+    until the body ends (runlock.py) and checked by `prepare_out` under the lock, so two
+    runs started together cannot both pass it. Only the `main` process (rank 0, the one
+    that writes) claims it."""
+    if not main:
+        yield
+        return
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out '{out}' is a file; give a folder for the run.")
+    outputs.check(reads, [outputs.Output("--out", out, outputs.FOLDER)])
+    with runlock.holding(out, command, notice):
+        prepare_out(out, resume, overwrite)
+        yield
 
 
 def prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
@@ -114,9 +133,19 @@ def truncate_metrics(out: Path, step: int) -> None:
 def describe_file(path: Path) -> dict:
     """What a .safetensors file written by diffcli holds, from its header alone."""
     header = checkpoint.read_header(path)
-    if (header.get("__metadata__") or {}).get("format") == "diffcli-classifier":
+    kind = checkpoint.file_kind(header)
+    if kind == "classifier":
         return classifier_summary(header)
-    return model_summary(header, checkpoint.model_metadata(header), path.stat().st_size)
+    meta = header.get("__metadata__") or {}
+    if kind == "EMA snapshot":
+        return {"kind": "EMA snapshot (post-hoc EMA, Karras et al. 2024)", "training_step": int(meta.get("step", 0)),
+                "ema_lengths": json.loads(meta.get("sigma_rels", "[]")), "file_size": f"{path.stat().st_size / 1e6:.1f} MB",
+                "use": "diffcli ema --run RUN --length L makes a model from a run's snapshots"}
+    info = model_summary(header, checkpoint.model_metadata(header), path.stat().st_size)
+    if kind == "training state":
+        info.update(kind="training state (the weights, their EMA, the optimizer and random state)",
+                    use="diffcli train --out RUN --resume continues from it; sample the model.safetensors beside it")
+    return info
 
 
 def describe(target: Path) -> dict:
@@ -195,8 +224,11 @@ def _guidance(cfg: dict, meta: dict) -> dict:
     """The weight `sample` uses by default for this model, and why (spec.default_guidance)."""
     if not meta["class_names"]:
         return {}
-    seen = from_dict(cfg).images_seen(meta["step"])
-    return {"default_guidance": f"{default_guidance(seen):g} " + (f"(for {seen:,} training images)" if seen else "(training unknown)")}
+    seen = checkpoint.training(from_dict(cfg), meta)
+    why = f"for {seen.images:,} training images" if seen.images else "training unknown"
+    if seen.images and seen.knowledge is not None:
+        why += f", label knowledge {seen.knowledge:.2f}"
+    return {"default_guidance": f"{default_guidance(seen):g} ({why})"}
 
 
 def _distilled(d: dict | None) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from diffcli.checks import AT_LEAST_ONE, NON_NEGATIVE, bounded, check_fields
 from diffcli.errors import UserError
@@ -37,15 +38,41 @@ GUIDANCE_AT = (77_000, 2.0)  # (images seen, w)
 GUIDANCE_PER_DOUBLING = 0.6
 GUIDANCE_FLOOR, GUIDANCE_CEILING = 1.25, 3.0
 DEFAULT_GUIDANCE = 2.0  # a model whose training is unknown (an import): the middle of the rule
+# The images seen count as fewer where the label steers the network little: times
+# (knowledge / KNOWLEDGE_FULL) ** KNOWLEDGE_POWER below KNOWLEDGE_FULL, with the label
+# knowledge `diffcli train` measures at each checkpoint (knowledge.py: 0 chance, 1 always
+# right). The rule above came from digits and shapes, which know their labels early (MNIST
+# 0.88 after 2,000 steps and 0.89 after 10 CPU-minutes, shapes 0.99-1.0), so their weights
+# do not move. CIFAR-10's photos are at 0.25 after 2,000 steps, 0.33 after 10 minutes and
+# 0.39 after 30, where their best weight is 4 or more, 3-4 and 2-2.5: as if they had seen
+# a tenth of their images ((0.33 / 0.8) ** 3 = 0.07, (0.39 / 0.8) ** 3 = 0.12; docs/results.md,
+# "What the model knows of its labels"). A model without the measure (trained before it,
+# imported, made by `diffcli ema`) follows the images alone.
+KNOWLEDGE_FULL, KNOWLEDGE_POWER = 0.8, 3
 
 
-def default_guidance(trained: int | None) -> float:
-    """The guidance weight for a model that has seen `trained` training images (None:
-    unknown), rounded to 0.05 so that the weight a command prints is the one used."""
-    if not trained:
+class Trained(NamedTuple):
+    """What the guidance rule reads about a model's training."""
+    images: int | None  # training images seen; None or 0: unknown (an import)
+    knowledge: float | None = None  # knowledge.label_knowledge; None: not measured
+
+
+def knowledge_can_matter(images: int | None) -> bool:
+    """Whether the label knowledge could change the weight of a model that has seen
+    `images`: not where the images alone already give the ceiling, since knowledge only
+    ever counts them as fewer. Training measures it only where it can (fitting.py)."""
+    return default_guidance(Trained(images)) < GUIDANCE_CEILING
+
+
+def default_guidance(trained: Trained | None) -> float:
+    """The guidance weight for a model with this training, rounded to 0.05 so that the
+    weight a command prints is the one used."""
+    if trained is None or not trained.images:
         return DEFAULT_GUIDANCE
+    known = 1.0 if trained.knowledge is None else min(1.0, max(trained.knowledge, 0.01) / KNOWLEDGE_FULL)
+    seen = trained.images * known ** KNOWLEDGE_POWER
     images, w = GUIDANCE_AT
-    w -= GUIDANCE_PER_DOUBLING * math.log2(trained / images)
+    w -= GUIDANCE_PER_DOUBLING * math.log2(seen / images)
     return min(GUIDANCE_CEILING, max(GUIDANCE_FLOOR, round(w * 20) / 20))
 
 # The defaults of `diffcli edit` (edit.py), here so that the command line reads them without torch.
@@ -103,9 +130,9 @@ class SamplerSpec:
             if not (math.isfinite(low) and 0 <= low < high):
                 raise UserError(f"--guidance-interval must be two noise levels 0 <= LOW < HIGH (HIGH may be inf), got {low:g},{high:g}.")
 
-    def resolve(self, T: int, student: Student | None = None, trained: int | None = None) -> SamplerSpec:
+    def resolve(self, T: int, student: Student | None = None, trained: Trained | None = None) -> SamplerSpec:
         """This spec with every default filled in for a model of T diffusion steps that has
-        seen `trained` training images (a distilled `student`: the sampler it was made for),
+        the training `trained` (a distilled `student`: the sampler it was made for),
         or a UserError naming the option that cannot be served. Resolving twice changes nothing."""
         if student is not None:
             return self._for_student(T, student)

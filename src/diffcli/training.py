@@ -15,9 +15,10 @@ import torch
 
 from diffcli.config import RunConfig
 from diffcli.data import ImageData, to_model_range
-from diffcli.devices import upload
+from diffcli.devices import sampling_autocast, upload
 from diffcli.distributed import World, check_batch
 from diffcli.fitting import TrainResult, fit
+from diffcli.knowledge import IMAGES, label_knowledge
 from diffcli.schedules import Schedule, make_schedule, q_sample, v_target
 
 
@@ -83,6 +84,17 @@ class Batches:
 
     def loss(self, model, batch: tuple) -> torch.Tensor:
         return diffusion_loss(model, self.schedule, self.prediction, *batch, self.min_snr_gamma)
+
+    def knowledge(self, model) -> float | None:
+        """The model's label knowledge on the same training images each time (knowledge.py);
+        None without two classes to tell apart."""
+        if self.null < 2:
+            return None
+        gen = torch.Generator().manual_seed(self.seed)
+        pick = torch.randperm(len(self.labels), generator=gen)[:IMAGES]
+        x0 = to_model_range(self.images[upload(pick, self.device)]).contiguous(memory_format=self.layout)
+        with sampling_autocast(self.device):
+            return label_knowledge(model, self.schedule, self.prediction, x0, self.labels[pick], self.null, gen)
 
     def dry_batch(self) -> tuple:
         """Zeros shaped like `get`'s, for compiling. t and y must be separate tensors: one for

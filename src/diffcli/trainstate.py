@@ -39,6 +39,7 @@ class TrainState:
     batch_gen: torch.Generator  # timesteps, noise, label dropout and flips (CPU)
     profiles: list[torch.nn.Module]  # power-function EMAs for post-hoc EMA (ema.PROFILES), or none
     step: int = 0
+    knowledge: float | None = None  # the EMA's label knowledge when last measured (fitting._checkpoint)
 
     @classmethod
     def create(cls, cfg: RunConfig, device: torch.device, layout: torch.memory_format) -> TrainState:
@@ -72,8 +73,11 @@ class TrainState:
         tensors["rng.torch"] = torch.get_rng_state()
         metadata = {"format": checkpoint.FORMAT, "config": json.dumps(to_dict(cfg)), "class_names": json.dumps(class_names),
                     "step": str(self.step), "epoch": repr(epoch), "optimizer": json.dumps({"param_groups": opt_sd["param_groups"]})}
+        if self.knowledge is not None:
+            metadata["label_knowledge"] = f"{self.knowledge:.4f}"
         checkpoint.save_tensors(out / STATE_FILE, tensors, metadata)
-        checkpoint.save_model(out / MODEL_FILE, self.ema.state_dict(), to_dict(cfg), class_names, self.step, epoch)
+        checkpoint.save_model(out / MODEL_FILE, self.ema.state_dict(), to_dict(cfg), class_names, self.step, epoch,
+                              self.knowledge)
 
     def load(self, out: Path) -> None:
         """Continue from the run in `out`: weights, moments, RNG states and step."""
@@ -105,7 +109,7 @@ class TrainState:
                     st[name] = torch.empty_like(param).copy_(value)
         self.batch_gen.set_state(tensors["rng.batch"])
         torch.set_rng_state(tensors["rng.torch"])
-        self.step = meta["step"]
+        self.step, self.knowledge = meta["step"], meta["label_knowledge"]
 
     # --- in memory (the rollback after a non-finite loss) -------------------------------
 

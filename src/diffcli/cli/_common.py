@@ -1,6 +1,6 @@
 """What the commands share: consoles, exit codes, the user-error wrapper with the one
 numeric check, the options several commands take (declared once), label and list
-parsing, the output-error context and the progress bar.
+parsing and the output-error context (the progress bar: _progress.py).
 
 torch is never imported here: `diffcli --help` must stay fast.
 """
@@ -82,22 +82,6 @@ def user_command(fn):
     return wrapper
 
 
-def progress(label: str):
-    """The progress bar every long command shows: label, bar, n/N, a free text field
-    (`info`), elapsed time and ETA."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
-
-
 def print_notice(message: str) -> None:
     err_console.print(f"[yellow]note:[/] {escape(message)}", highlight=False)
 
@@ -119,12 +103,13 @@ def safe_name(text: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in text)
 
 
-def parse_labels(text: str, class_names: list[str]) -> list[int]:
-    """'all', '3', 'cat', '1,cat,7' -> class indices; unconditional models take only 'all'."""
+def parse_labels(text: str, class_names: list[str], option: str = "--label") -> list[int]:
+    """'all', '3', 'cat', '1,cat,7' -> class indices; unconditional models take only 'all'.
+    `option` is how a refusal names the option the text came from."""
     k = len(class_names)
     if k == 0:
         if text.strip().lower() not in ("all", ""):
-            raise UserError("this model was trained without classes; use --label all.")
+            raise UserError(f"this model was trained without classes; use {option} all.")
         return [0]  # index num_classes (= 0) is the "no label" token
     if text.strip().lower() == "all":
         return list(range(k))
@@ -136,11 +121,11 @@ def parse_labels(text: str, class_names: list[str]) -> list[int]:
         elif part.lstrip("-").isdigit():
             i = int(part)
             if not 0 <= i < k:
-                raise UserError(f"--label {i} is out of range: this model has classes 0..{k - 1}.")
+                raise UserError(f"{option} {i} is out of range: this model has classes 0..{k - 1}.")
             out.append(i)
         else:
             shown = ", ".join(class_names[:12]) + (" ..." if k > 12 else "")
-            raise UserError(f"unknown class '{part}'; this model's classes are: {shown}.")
+            raise UserError(f"{option}: unknown class '{part}'; this model's classes are: {shown}.")
     return out
 
 
@@ -149,7 +134,8 @@ def parse_list(text: str, kind: type, option: str, bounds: Range | None = None) 
     try:
         values = [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise UserError(f"{option} must be a comma-separated list, got '{text}'.") from None
+        what = {int: "whole numbers", float: "numbers"}.get(kind, "values")
+        raise UserError(f"{option} must be a comma-separated list of {what}, got '{text}'.") from None
     if not values:
         raise UserError(f"{option} is empty.")
     return [check(v, bounds, option) for v in values]
@@ -191,5 +177,6 @@ def parse_interval(text: str | None) -> tuple[float, float] | None:
     return low, high
 
 
-LOG_HELP = "Experiment trackers: none, tensorboard, wandb, or tensorboard,wandb (each an extra: pip install 'diffcli[tensorboard]')."
+# Help is rich markup (cli/__init__.py), where a bare [tensorboard] would be read as a style and vanish.
+LOG_HELP = "Experiment trackers: none, tensorboard, wandb, or tensorboard,wandb (each an extra: pip install 'diffcli\\[tensorboard]')."
 WANDB_PROJECT_HELP = "The W&B project (default: $WANDB_PROJECT, else W&B's own)."

@@ -5,9 +5,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from diffcli.cli._common import DEVICE_HELP, LOG_HELP, WANDB_PROJECT_HELP, console
+from diffcli.cli._common import DEVICE_HELP, LOG_HELP, WANDB_PROJECT_HELP, console, print_notice
 from diffcli.cli._ranks import processes
-from diffcli.cli.train import _opt, config_values, with_progress
+from diffcli.cli._progress import with_progress
+from diffcli.cli.train import _opt, config_values
 from diffcli.config import DistillConfig, TrainConfig
 from diffcli.errors import UserError
 
@@ -47,11 +48,11 @@ def distill(
     from diffcli.trackers import check_installed, parse
 
     check_installed(parse(cfg.train.log))
-    from diffcli.runs import prepare_out
+    from diffcli.runs import claimed
 
-    with processes(cfg.train.device) as (world, dev):
-        if world.is_main:
-            prepare_out(out, resume, overwrite)
+    reads = {"--teacher": Path(cfg.distill.teacher), "--config": config}
+    with processes(cfg.train.device) as (world, dev), \
+            claimed(out, resume, overwrite, "diffcli distill", reads, print_notice, world.is_main):
         d = cfg.distill
         console.print(f"teacher: [cyan]{d.teacher}[/]; student: ddim, {d.steps} steps, guidance {d.guidance:g} built in, "
                       f"from the teacher's {d.teacher_steps}-step guided DDIM path", highlight=False)

@@ -24,7 +24,7 @@ def _load(ckpt: Path, device: str):
 
 
 def _one_label(text: str, class_names: list[str], option: str = "--label") -> int:
-    labels = parse_labels(text, class_names)
+    labels = parse_labels(text, class_names, option)
     if len(labels) != 1:
         raise UserError(f"{option} takes one class here, got '{text}'.")
     return labels[0]
@@ -63,14 +63,20 @@ def edit(
         raise UserError("--invert is deterministic, so every variation would be the same: drop --n.")
     n = n or (1 if invert else 4)
     spec = SamplerSpec(sampler, steps, guidance, eta)
+    from diffcli.outputs import FOLDER, IMAGE, Output, check
+
+    check({"IMAGES": images, "--mask": mask, "--ckpt": ckpt},
+          [Output("--out", out, IMAGE), Output("--save-individual", save_individual, FOLDER)])
     import torch
 
     from diffcli import edit as E
     from diffcli.data import fit_image, fit_mask, read_image
+    from diffcli.devices import describe, timed
     from diffcli.figures import edit_sheet
     from diffcli.images import save, to_pil
 
     model, schedule, cfg, class_names = _load(ckpt, device)
+    dev = next(model.parameters()).device
     c, size = cfg.model.in_channels, cfg.model.image_size
     inputs = torch.stack([fit_image(read_image(p), c, size) for p in images])
     target = _one_label(label, class_names)
@@ -79,16 +85,18 @@ def edit(
     labels, seeds = [target] * len(per_image), list(range(seed, seed + len(per_image)))
     common = dict(images=per_image, labels=labels, batch_size=batch_size)
     redraw = None if mask is None else fit_mask(read_image(mask), size)[None].expand(len(inputs), -1, -1, -1)
-    with console.status(f"editing {len(images)} image(s), {len(per_image)} result(s) with {spec.describe()} ..."):
-        if invert:
-            src = cfg.model.num_classes if source_label is None else _one_label(source_label, class_names, "--source-label")
-            results = E.invert(model, schedule, cfg.diffusion.prediction, spec, source_labels=[src] * len(labels), **common)
-        elif redraw is not None:
-            results = E.inpaint(model, schedule, cfg.diffusion.prediction, spec, redraw=redraw.repeat_interleave(n, dim=0),
-                                seeds=seeds, jumps=jumps, **common)
-        else:
-            results = E.img2img(model, schedule, cfg.diffusion.prediction, spec, seeds=seeds,
-                                strength=EDIT_STRENGTH if strength is None else strength, **common)
+    if invert:
+        src = cfg.model.num_classes if source_label is None else _one_label(source_label, class_names, "--source-label")
+        work = lambda: E.invert(model, schedule, cfg.diffusion.prediction, spec, source_labels=[src] * len(labels), **common)
+    elif redraw is not None:
+        work = lambda: E.inpaint(model, schedule, cfg.diffusion.prediction, spec, redraw=redraw.repeat_interleave(n, dim=0),
+                                 seeds=seeds, jumps=jumps, **common)
+    else:
+        work = lambda: E.img2img(model, schedule, cfg.diffusion.prediction, spec, seeds=seeds,
+                                 strength=EDIT_STRENGTH if strength is None else strength, **common)
+    with console.status(f"editing {len(images)} image(s), {len(per_image)} result(s) with {spec.describe()} on "
+                        f"{describe(dev)} ..."):
+        results, seconds = timed(work, dev)
     sheet = edit_sheet(inputs, results, redraw)
     with writing(out):
         save(sheet, out)
@@ -97,8 +105,8 @@ def edit(
             save(to_pil(img), path)
     mode = "inverted" if invert else "inpainted" if mask is not None else "edited"
     console.print(f"wrote [cyan]{out}[/]: {len(images)} image(s) {mode} toward "
-                  f"{class_names[target] if class_names else 'the model'}, {len(results)} result(s), {spec.describe()}",
-                  highlight=False)
+                  f"{class_names[target] if class_names else 'the model'}, {len(results)} result(s), {spec.describe()}, "
+                  f"{seconds:.1f} s on {describe(dev)}", highlight=False)
 
 
 def interpolate(
@@ -116,25 +124,30 @@ def interpolate(
     """Move between two seeds (slerp of their noise) or two labels, with a deterministic sampler."""
     if out.suffix.lower() not in (".png", ".gif"):
         raise UserError(f"--out must end in .png or .gif, got '{out.name}'.")
+    from diffcli.outputs import IMAGE, Output, check
+
+    check({"--ckpt": ckpt}, [Output("--out", out, IMAGE)])
     seed_list = parse_list(seeds, int, "--seeds", NON_NEGATIVE)
     spec = SamplerSpec(sampler, steps, guidance)
     from diffcli import edit as E
+    from diffcli.devices import describe, timed
     from diffcli.figures import animation
     from diffcli.images import grid, save
 
     model, schedule, cfg, class_names = _load(ckpt, device)
     labels = parse_labels(label, class_names)
-    args = (model, schedule, cfg.diffusion.prediction, spec)
+    args, dev = (model, schedule, cfg.diffusion.prediction, spec), next(model.parameters()).device
     if len(labels) == 1 and len(seed_list) == 2:
         what = f"seeds {seed_list[0]} -> {seed_list[1]}"
-        with console.status(f"sampling {frames} frames between {what} ..."):
-            images = E.between_seeds(*args, label=labels[0], seeds=tuple(seed_list), frames=frames, batch_size=batch_size)
+        work = lambda: E.between_seeds(*args, label=labels[0], seeds=tuple(seed_list), frames=frames, batch_size=batch_size)
     elif len(labels) == 2 and len(seed_list) == 1:
         what = f"{class_names[labels[0]]} -> {class_names[labels[1]]}, seed {seed_list[0]}"
-        with console.status(f"sampling {frames} frames between {what} ..."):
-            images = E.between_labels(*args, labels=tuple(labels), seed=seed_list[0], frames=frames, batch_size=batch_size)
+        work = lambda: E.between_labels(*args, labels=tuple(labels), seed=seed_list[0], frames=frames, batch_size=batch_size)
     else:
         raise UserError("give one --label with two --seeds, or two labels (--label a,b) with one seed.")
+    with console.status(f"sampling {frames} frames between {what} on {describe(dev)} ..."):
+        images, seconds = timed(work, dev)
     with writing(out):
         animation(images, out) if out.suffix.lower() == ".gif" else save(grid(images, frames), out)
-    console.print(f"wrote [cyan]{out}[/]: {frames} frames, {what}, {spec.resolve(schedule.T, model.student, model.trained).describe()}", highlight=False)
+    console.print(f"wrote [cyan]{out}[/]: {frames} frames, {what}, {spec.resolve(schedule.T, model.student, model.trained).describe()}, "
+                  f"{seconds:.1f} s on {describe(dev)}", highlight=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -9,7 +10,7 @@ import typer
 from rich.table import Table
 
 from diffcli.checks import Range
-from diffcli.cli._common import console, parse_list
+from diffcli.cli._common import console, parse_list, print_notice
 from diffcli.errors import UserError
 
 # Above 0.28 the power-function EMA (longest at γ = 0: 0.289) changes little with σ_rel.
@@ -22,19 +23,27 @@ def ema(
                                              "of the run (e.g. 0.05, 0.1, 0.2); comma-separated for several.")],
     out: Annotated[Optional[Path], typer.Option(help="The model file to write, for one length "
                                                      "(default: RUN/ema-LENGTH.safetensors).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace model files that exist.")] = False,
 ):
     """Make the model that an EMA of another length would have given, without retraining
     (post-hoc EMA, Karras et al. 2024); sample or eval it like model.safetensors."""
-    from diffcli import checkpoint, posthoc
+    from diffcli import checkpoint, outputs, posthoc
     from diffcli import ema as E
-    from diffcli.runs import MODEL_FILE
+    from diffcli.runlock import holding
+    from diffcli.runs import MODEL_FILE, SNAPSHOT_DIR, STATE_FILE
 
     lengths = parse_list(length, float, "--length", LENGTHS)
     if out is not None and len(lengths) > 1:
         raise UserError("--out names one file; give one --length with it, or leave --out out.")
     if not (run / MODEL_FILE).is_file():
         raise UserError(f"'{run}' is not a run folder (no {MODEL_FILE} in it).")
-    made = posthoc.write_models(run, lengths, out)
+    paths = [out] if out is not None else [posthoc.made_path(run, s) for s in lengths]
+    outputs.check({"run's model": run / MODEL_FILE, "run's training state": run / STATE_FILE,
+                   "run's EMA snapshots": run / SNAPSHOT_DIR}, [outputs.Output("--out", p, outputs.MODEL) for p in paths],
+                  overwrite)
+    inside = any(p.resolve().is_relative_to(run.resolve()) for p in paths)
+    with holding(run, "diffcli ema", print_notice) if inside else contextlib.nullcontext():  # not while a run writes it
+        made = posthoc.write_models(run, lengths, paths)
     meta = checkpoint.model_metadata(checkpoint.read_header(made[0][0]))
     found = list(posthoc.used(run, meta["step"]))
     decay = meta["config"]["train"]["ema_decay"]

@@ -11,7 +11,8 @@ from rich.table import Table
 
 from diffcli.checks import POSITIVE, Range
 from diffcli.cli._common import (AsJson, BatchSize, Ckpt, DataRoot, Device, Guidance, GuidanceInterval, ImageSeed, Sampler,
-                                 Spacing, Steps, console, parse_interval, print_notice, progress, safe_name, writing)
+                                 Spacing, Steps, console, parse_interval, print_notice, safe_name, writing)
+from diffcli.cli._progress import progress
 from diffcli.cli._ranks import processes, where
 from diffcli.errors import UserError
 from diffcli.spec import SamplerSpec, interval_text
@@ -45,6 +46,11 @@ def evaluate(
 
     trackers = parse(log)
     check_installed(trackers)  # before minutes of sampling
+    from diffcli.outputs import IMAGE, Output, check
+
+    data_path = Path(data) if data is not None and Path(data).exists() else None
+    check({"--ckpt": ckpt, "--classifier": classifier, "--inception-weights": inception_weights, "--data": data_path},
+          [Output("--pairs", pairs, IMAGE)])
 
     opts = EvalOptions(ckpt, SamplerSpec(sampler, steps, guidance, spacing=spacing, interval=parse_interval(guidance_interval)), n, seed, batch_size, classifier, fid, inception_weights,
                        memorisation, pairs, data, data_root, real_n)
@@ -112,9 +118,10 @@ def classifier_train(
     from diffcli.config import UNFLIPPED
     from diffcli.devices import describe, pick_device
 
+    from diffcli.outputs import MODEL, Output, check
+
     out = out or Path(f"{safe_name(Path(data).name if data not in D.NAMED else data)}-classifier.safetensors")
-    if out.exists() and not overwrite:
-        raise UserError(f"'{out}' already exists; pass --overwrite to replace it or choose another --out.")
+    check({"--data": Path(data) if data not in D.NAMED else None}, [Output("--out", out, MODEL)], overwrite)
     dev = pick_device(device)
     with console.status(f"loading {data} ..."):
         train_data, test_data, held = reference_splits(data, data_root, image_size, limit)

@@ -13,13 +13,15 @@ def export(
     ckpt: Ckpt,
     to: Annotated[str, typer.Option(help="The format to write: diffusers (UNet2DModel + DDIMScheduler folders).")] = "diffusers",
     out: Annotated[Path, typer.Option(help="The pipeline folder to write.")] = Path("diffusers-model"),
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into a folder that is not empty, replacing its files.")] = False,
 ):
     """Write a model as a diffusers pipeline folder (unet/, scheduler/, model_index.json, a model card)."""
     if to != "diffusers":
         raise UserError(f"--to takes diffusers, got '{to}'.")
-    if out.is_file() or (out.exists() and any(out.iterdir())):
-        raise UserError(f"'{out}' is not empty; give a new folder for the export.")
+    from diffcli import outputs
     from diffcli.hub_files import export as write
+
+    outputs.check({"--ckpt": ckpt}, [outputs.Output("--out", out, outputs.MODEL_FOLDER)], overwrite)
 
     with writing(out):
         unet = write(ckpt, out)
@@ -31,11 +33,15 @@ def export(
 def import_(
     folder: Annotated[Path, typer.Argument(help="A diffusers pipeline folder: model_index.json, unet/, scheduler/.")],
     out: Annotated[Path, typer.Option(help="The diffcli model file to write.")] = Path("imported.safetensors"),
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file.")] = False,
 ):
     """Read a diffusers pipeline folder whose UNet2DModel diffcli's U-Net can express into one model file."""
     if not folder.is_dir():
         raise UserError(f"'{folder}' is not a folder; give a diffusers pipeline folder (with model_index.json).")
+    from diffcli import outputs
     from diffcli.hub_files import import_pipeline
+
+    outputs.check({"FOLDER": folder}, [outputs.Output("--out", out, outputs.MODEL)], overwrite)
 
     with writing(out):
         cfg = import_pipeline(folder, out)

@@ -59,6 +59,9 @@ def noise_preview(
         ts = even_steps(timesteps, frames)
     if image is None and plot is None:
         raise UserError("give an image to noise, or --plot FILE.png for the schedule plot.")
+    from diffcli.outputs import IMAGE, Output, check
+
+    check({"IMAGE": image}, [Output("--out", out if image is not None else None, IMAGE), Output("--plot", plot, IMAGE)])
     if plot is not None:
         from diffcli.plots import schedule_plot
         from diffcli.schedules import make_schedule

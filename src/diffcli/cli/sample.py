@@ -41,6 +41,10 @@ def sample(
     """Generate images from a trained model."""
     if trajectory is not None and trajectory.suffix.lower() not in (".png", ".gif"):
         raise UserError(f"--trajectory must end in .png or .gif, got '{trajectory.name}'.")
+    from diffcli.outputs import FOLDER, IMAGE, Output, check
+
+    check({"--ckpt": ckpt}, [Output("--out", out, IMAGE), Output("--save-individual", save_individual, FOLDER),
+                             Output("--trajectory", trajectory, IMAGE)])
     spec = SamplerSpec(sampler, steps, guidance, eta, variance, clip, spacing, parse_interval(guidance_interval))
     with processes(device) as (world, dev):
         _sample(world, dev, ckpt, spec, label, n, seed, out, save_individual, batch_size, trajectory, frames, compile)
@@ -110,6 +114,9 @@ def compare(
     weights = parse_list(guidance, float, "--guidance") if guidance else [None]
     rows = [(s, w) for s in names for w in weights]
     specs = {(s, w): SamplerSpec(s, guidance=w) for s, w in rows}  # refuses a bad sampler or weight now
+    from diffcli.outputs import IMAGE, Output, check
+
+    check({"--ckpt": ckpt}, [Output("--out", out, IMAGE)])
 
     from diffcli.checkpoint import load_model
     from diffcli.devices import describe, pick_device

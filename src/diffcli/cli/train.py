@@ -1,17 +1,15 @@
 """`diffcli train`: options, the run's config, one call to the training loop, progress."""
 
-import signal
-import time
 import typing
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
-from diffcli.cli._common import (DATA_ROOT_HELP, DEVICE_HELP, EXIT_INTERRUPTED, LOG_HELP, WANDB_PROJECT_HELP, Sets,
-                                 console, err_console, progress, setup_logging)
+from diffcli.cli._common import (DATA_ROOT_HELP, DEVICE_HELP, LOG_HELP, WANDB_PROJECT_HELP, Sets, console, err_console,
+                                 print_notice, setup_logging)
+from diffcli.cli._progress import with_progress
 from diffcli.cli._ranks import processes
 from diffcli.config import DataConfig, DiffusionConfig, TrainConfig
 from diffcli.errors import UserError
@@ -77,7 +75,7 @@ def train(
     from diffcli.trackers import check_installed, parse
 
     check_installed(parse(cfg.train.log))  # before any data is read
-    _run(cfg, out, resume, overwrite)
+    _run(cfg, out, resume, overwrite, config)
 
 
 def config_values(fn, given: dict) -> dict:
@@ -93,15 +91,15 @@ def config_values(fn, given: dict) -> dict:
     return values
 
 
-def _run(cfg, out: Path, resume: bool, overwrite: bool) -> None:
+def _run(cfg, out: Path, resume: bool, overwrite: bool, config: Path | None) -> None:
     from diffcli import data as D
     from diffcli import distributed
     from diffcli.config import fit_to_data
-    from diffcli.runs import prepare_out
+    from diffcli.runs import claimed
 
-    with processes(cfg.train.device) as (world, device):
-        if world.is_main:
-            prepare_out(out, resume, overwrite)
+    reads = {"--data": Path(cfg.data.name) if cfg.data.name not in D.NAMED else None, "--config": config}
+    with processes(cfg.train.device) as (world, device), \
+            claimed(out, resume, overwrite, "diffcli train", reads, print_notice, world.is_main):
         # Rank 0 loads first (it may extract archives); the others then read what it left.
         for turn in (True, False):
             if world.is_main == turn:
@@ -114,68 +112,11 @@ def _run(cfg, out: Path, resume: bool, overwrite: bool) -> None:
         _train_with_progress(cfg, data, out, resume, world, device)
 
 
-class _Progress:
-    """Draws the training loop's reports: a bar by steps, or by seconds for a --minutes run."""
-
-    def __init__(self, bar):
-        self.bar, self.task, self.by_time, self.t0, self.notices = bar, None, False, 0.0, set()
-
-    def __call__(self, event: str, **info) -> None:
-        from diffcli.devices import describe
-
-        if event == "start":
-            ranks = f" over {info['world']} processes ({info['batch'] // info['world']} each)" if info["world"] > 1 else ""
-            console.print(f"device: [bold]{describe(info['device'])}[/], {info['precision']}; preset {info['preset']}, {info['params']:,} parameters; "
-                          f"global batch {info['batch']}{ranks}"
-                          + (f", {info['steps_per_epoch']} steps per epoch" if info["steps_per_epoch"] else "")
-                          + (f"; budget {info['budget_s'] / 60:g} min" if info["budget_s"] else ""), highlight=False)
-            self.by_time, self.t0 = not info["total_steps"], time.monotonic()
-            total = info["budget_s"] if self.by_time else info["total_steps"]
-            self.task = self.bar.add_task("train", total=total, completed=0 if self.by_time else info["step"], info="")
-        elif event == "step":
-            done = min(time.monotonic() - self.t0, self.bar.tasks[0].total) if self.by_time else info["step"]
-            self.bar.update(self.task, completed=done)
-        elif event == "log":
-            self.bar.update(self.task, info=f"step {info['step']} loss {info['loss']:.4f} {info['images_per_s']:.0f} img/s")
-        elif event == "notice" and info["message"] not in self.notices:
-            self.notices.add(info["message"])
-            self.bar.console.print(f"[yellow]note:[/] {escape(info['message'])}", highlight=False)
-        elif event == "grid":
-            self.bar.console.print(f"step {info['step']}: checkpoint and sample grid [cyan]{info['path']}[/]", highlight=False)
-
-
 def _train_with_progress(cfg, data, out, resume, world, device) -> None:
     from diffcli.training import train as train_loop
 
     with_progress("train", lambda report, should_stop: train_loop(cfg, data, out, resume, report, should_stop=should_stop,
                                                                   world=world, device=device))
-
-
-def with_progress(label: str, loop) -> None:
-    """Run `loop(report, should_stop)` (training or distillation) under a progress bar,
-    where the first Ctrl-C asks it to stop, save and sample, and the second quits at once."""
-    stops = {"count": 0}
-
-    def on_sigint(signum, frame):
-        stops["count"] += 1
-        if stops["count"] > 1:
-            raise KeyboardInterrupt
-        err_console.print("[yellow]stopping after this step and saving (Ctrl-C again to quit at once)...[/]")
-
-    old_handler = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        with progress(label) as bar:
-            result = loop(_Progress(bar), lambda: stops["count"] > 0)
-    finally:
-        signal.signal(signal.SIGINT, old_handler)
-    epochs = f" ({result.epoch:.2f} epochs)" if result.epoch else ""
-    console.print(f"[bold green]done[/]: {result.step} steps{epochs}, stopped by {result.stopped_by}.")
-    console.print(f"model: [cyan]{result.model_path}[/]")
-    if result.grid_path:
-        console.print(f"samples: [cyan]{result.grid_path}[/]")
-    console.print(f"next: diffcli sample --ckpt {result.model_path} --label all --out samples.png", highlight=False)
-    if result.stopped_by == "interrupt":
-        raise typer.Exit(EXIT_INTERRUPTED)
 
 
 def _print_dataset(data) -> None:

@@ -1,0 +1,94 @@
+"""What a command will write, checked against what it reads before any work starts: the
+one place for the rules every command follows (docs/reliability.md).
+
+1. An output never lands on an input: not the same file (by path, through links, or as a
+   hard link), not inside a folder the command reads, and an output folder never holds an
+   input. `--overwrite` does not change this.
+2. A model file or folder that exists is replaced only with `--overwrite`.
+3. Each output can be written where it is asked for: an image has an image extension, a
+   file is not a folder, a folder is not a file, and the nearest existing folder above it
+   is writable.
+
+Torch-free, so a refusal costs no start-up.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from diffcli.errors import UserError
+from diffcli.files import IMAGE_EXTENSIONS
+
+IMAGE, FILE, MODEL, FOLDER, MODEL_FOLDER = "image", "file", "model", "folder", "model folder"
+
+
+@dataclass(frozen=True)
+class Output:
+    option: str  # how the user named it: --out, --save-individual, ...
+    path: Path | None  # None: not asked for
+    kind: str = FILE  # IMAGE, FILE, MODEL (a file under the overwrite rule), FOLDER, MODEL_FOLDER
+
+
+def check(reads: dict[str, Path | Iterable[Path] | None], writes: Iterable[Output], overwrite: bool = False) -> None:
+    """Refuse, in one sentence naming the options, any write that breaks the rules above."""
+    inputs = [(name, Path(p)) for name, value in reads.items() for p in _many(value)]
+    for out in writes:
+        if out.path is None:
+            continue
+        for name, source in inputs:
+            _apart(out, name, source)
+        _writable(out, overwrite)
+
+
+def _many(value) -> list:
+    if value is None:
+        return []
+    return [value] if isinstance(value, (str, os.PathLike)) else list(value)
+
+
+def _same(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)  # a hard link, or a path the resolver could not see through
+    except OSError:
+        return False
+
+
+def _inside(inner: Path, outer: Path) -> bool:
+    return outer.is_dir() and inner.resolve().is_relative_to(outer.resolve())
+
+
+def _apart(out: Output, name: str, source: Path) -> None:
+    never = "; write somewhere else (--overwrite does not change this)."
+    if _same(out.path, source):
+        raise UserError(f"{out.option} '{out.path}' is the {name} this command reads{never}")
+    if _inside(out.path, source):
+        raise UserError(f"{out.option} '{out.path}' is inside {name} '{source}', which this command reads{never}")
+    if out.kind in (FOLDER, MODEL_FOLDER) and source.exists() and source.resolve().is_relative_to(out.path.resolve()):
+        raise UserError(f"{out.option} '{out.path}' holds the {name} this command reads ('{source}'){never}")
+
+
+def _writable(out: Output, overwrite: bool) -> None:
+    path, option = out.path, out.option
+    folder = out.kind in (FOLDER, MODEL_FOLDER)
+    if folder and path.exists() and not path.is_dir():
+        raise UserError(f"{option} '{path}' is a file; give a folder.")
+    if not folder and path.is_dir():
+        raise UserError(f"{option} '{path}' is a folder; give a file name.")
+    if out.kind == IMAGE and path.suffix.lower() not in IMAGE_EXTENSIONS:
+        raise UserError(f"{option} must end in an image extension ({', '.join(sorted(IMAGE_EXTENSIONS))}), got '{path.name}'.")
+    if out.kind == MODEL and path.exists() and not overwrite:
+        raise UserError(f"{option} '{path}' already exists; pass --overwrite to replace it, or give another {option}.")
+    if out.kind == MODEL_FOLDER and path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise UserError(f"{option} '{path}' is not empty; pass --overwrite to write into it, or give a new folder.")
+    above = path if folder and path.is_dir() else path.parent
+    while not above.exists():
+        above = above.parent
+    if not above.is_dir():
+        raise UserError(f"{option} '{path}' cannot be made: '{above}' is a file.")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise UserError(f"{option} '{path}' cannot be written: no permission to write in '{above}'.")

@@ -1,0 +1,129 @@
+"""The last rough edges a careful new user met (issue 35, parts 5 and 6): each refusal one
+sentence that names the right thing, and a long command neither silent nor noisy."""
+
+import json
+import struct
+import sys
+import warnings
+import zlib
+
+import pytest
+from typer.testing import CliRunner
+
+from diffcli.cli import app
+
+
+def cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def said(result) -> str:
+    return " ".join(result.output.split())
+
+
+def png_header(path, width, height):
+    """A PNG whose header claims width x height (PIL reads the size without decoding)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("side", [9_000, 20_000])  # past PIL's warning (89M), past its refusal (179M)
+def test_a_huge_image_gets_the_tools_own_sentence_and_no_pil_warning(tmp_path, side):
+    image = png_header(tmp_path / "big.png", side, side)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = cli("noise-preview", image, "--out", tmp_path / "o.png")
+    assert r.exit_code == 1 and f"too many pixels ({side}x{side}" in said(r), said(r)
+    assert not [w for w in caught if "DecompressionBomb" in str(w.category)] and "DecompressionBomb" not in r.output
+
+
+def test_the_option_a_bad_label_came_from_is_named(tiny_run, tmp_path):
+    from PIL import Image
+
+    image = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(image)
+    r = cli("edit", image, "--ckpt", tiny_run / "model.safetensors", "--label", "0", "--invert", "--source-label", "99")
+    assert r.exit_code == 1 and "--source-label 99 is out of range" in said(r), said(r)
+
+
+def test_seeds_that_are_not_whole_numbers_say_so(tiny_run):
+    r = cli("interpolate", "--ckpt", tiny_run / "model.safetensors", "--seeds", "a,b")
+    assert r.exit_code == 1 and "--seeds must be a comma-separated list of whole numbers" in said(r), said(r)
+
+
+def test_diffcli_s_other_files_are_told_apart_from_models(tiny_run, tmp_path):
+    """inspect says what a training state and an EMA snapshot are; commands that want a
+    model say what was given instead, not 'not written by diffcli' or 'missing weights'."""
+    from diffcli import checkpoint, posthoc
+    import torch
+
+    state = tiny_run / "train_state.safetensors"
+    snap = tmp_path / "snap.safetensors"
+    checkpoint.save_tensors(snap, {"0.w": torch.zeros(2)}, {"format": checkpoint.SNAPSHOT_FORMAT, "step": "12",
+                                                            "sigma_rels": json.dumps([0.05, 0.1])})
+    info = json.loads(cli("inspect", state, "--json").output)
+    assert info["kind"].startswith("training state") and "--resume" in info["use"] and info["training_step"] == 12
+    info = json.loads(cli("inspect", snap, "--json").output)
+    assert info["kind"].startswith("EMA snapshot") and info["ema_lengths"] == [0.05, 0.1] and "diffcli ema" in info["use"]
+    for args in (("export", "--ckpt", state, "--out", tmp_path / "e"), ("sample", "--ckpt", state, "--out", tmp_path / "s.png")):
+        r = cli(*args)
+        assert r.exit_code == 1 and "is a run's training state" in said(r) and "model.safetensors beside it" in said(r), said(r)
+    r = cli("sample", "--ckpt", snap, "--out", tmp_path / "s.png")
+    assert r.exit_code == 1 and "is an EMA snapshot of a run, not a model" in said(r), said(r)
+    r = cli("distill", "--teacher", state, "--out", tmp_path / "d")
+    assert r.exit_code == 1 and "is a run's training state" in said(r), said(r)
+    assert posthoc  # the snapshot format is the one posthoc writes (checkpoint.SNAPSHOT_FORMAT)
+
+
+def test_cifar10_without_its_files_names_a_folder_to_pass(tmp_path, monkeypatch):
+    import torchvision.datasets as tvd
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("no network")
+    monkeypatch.setattr(tvd, "CIFAR10", offline)
+    r = cli("train", "--data", "cifar10", "--data-root", tmp_path, "--max-steps", "1", "--out", tmp_path / "run")
+    assert r.exit_code == 1 and "could not be downloaded" in said(r), said(r)
+    assert "holding )" not in said(r) and "holding .)" not in said(r) and "pass --data-root to the folder holding it" in said(r)
+
+
+def test_help_names_the_extras_in_full():
+    r = cli("train", "--help")
+    assert "'diffcli[tensorboard]'" in said(r), said(r)  # rich markup once read it as a style and dropped it
+
+
+def test_a_time_budget_is_counted_as_times_not_seconds():
+    from rich.progress import Progress
+
+    from diffcli.cli._progress import Count
+
+    with Progress(Count(), auto_refresh=False) as bar:
+        timed = bar.add_task("train", total=180, completed=133, by_time=True)
+        counted = bar.add_task("train", total=5000, completed=1234)
+        long = bar.add_task("train", total=7200, completed=3725, by_time=True)
+        assert [str(Count().render(bar.tasks[t])) for t in (timed, counted, long)] == ["2:13/3:00", "1234/5000", "1:02:05/2:00:00"]
+
+
+def test_training_without_matplotlib_says_nothing_about_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    r = cli("train", "--data", "shapes", "--limit", "64", "--preset", "tiny", "--max-steps", "2", "--out", tmp_path / "run")
+    assert r.exit_code == 0, r.output
+    assert "matplotlib" not in r.output and "plots" not in r.output and not (tmp_path / "run" / "loss.png").exists()
+
+
+def test_edit_refuses_a_bad_output_before_it_samples_anything(tiny_run, tmp_path):
+    """--save-individual naming a file, or --out with no image extension, is refused at once:
+    no sheet is written first (it used to be, after all the sampling)."""
+    from PIL import Image
+
+    image, taken = tmp_path / "x.png", tmp_path / "taken.txt"
+    Image.new("RGB", (8, 8)).save(image)
+    taken.write_text("mine")
+    r = cli("edit", image, "--ckpt", tiny_run / "model.safetensors", "--label", "0", "--out", tmp_path / "sheet.png",
+            "--save-individual", taken)
+    assert r.exit_code == 1 and "--save-individual" in said(r) and "is a file; give a folder" in said(r), said(r)
+    assert not (tmp_path / "sheet.png").exists() and taken.read_text() == "mine"
+    r = cli("edit", image, "--ckpt", tiny_run / "model.safetensors", "--label", "0", "--out", tmp_path / "sheet.xyz")
+    assert r.exit_code == 1 and "--out must end in an image extension" in said(r), said(r)
