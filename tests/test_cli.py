@@ -101,16 +101,24 @@ def test_resume_continues_to_the_new_limit(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("precision", ["auto", "bf16"])  # bf16 on the CPU also trains in the contiguous layout
-def test_resume_is_exact_on_cpu(tmp_path, precision):
-    """4 steps, then 4 more after a resume, equals 8 steps in one go (weights, EMA, RNG, data order)."""
+def test_resume_is_exact_on_cpu(tmp_path, precision, monkeypatch):
+    """4 steps, then 4 more after a resume, equals 8 steps in one go (weights, EMA, RNG, data order),
+    with the label knowledge measured at every checkpoint (on 8 images, to stay cheap): the
+    measurement draws from its own generator, never training's."""
     from safetensors.torch import load_file
 
+    monkeypatch.setattr("diffcli.fitting.knowledge_can_matter", lambda images: True)
+    monkeypatch.setattr("diffcli.training.IMAGES", 8)
     common = ["--data", "shapes", "--limit", "64", "--preset", "tiny", "--sample-every", "4", "--precision", precision]
     assert run("train", *common, "--max-steps", "8", "--out", tmp_path / "straight").exit_code == 0
     assert run("train", *common, "--max-steps", "4", "--out", tmp_path / "split").exit_code == 0
     assert run("train", "--out", tmp_path / "split", "--resume", "--max-steps", "8").exit_code == 0
     a = load_file(str(tmp_path / "straight" / "train_state.safetensors"))
     b = load_file(str(tmp_path / "split" / "train_state.safetensors"))
+    from diffcli.checkpoint import model_metadata, read_header
+
+    known = [model_metadata(read_header(tmp_path / r / "model.safetensors"))["label_knowledge"] for r in ("straight", "split")]
+    assert known[0] is not None and known[0] == known[1]
     assert a.keys() == b.keys()
     for k in a:
         assert (a[k] == b[k]).all(), k

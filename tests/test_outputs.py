@@ -147,3 +147,24 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path):
         check({}, [Output("--out", tmp_path, FILE)])
     with pytest.raises(UserError, match="cannot be made: .* is a file"):
         check({}, [Output("--out", tmp_path / "file" / "x.png", IMAGE)])
+
+
+def test_two_outputs_may_not_name_one_file(tmp_path):
+    with pytest.raises(UserError, match="--out and --trajectory both name"):
+        check({}, [Output("--out", tmp_path / "x.png", IMAGE), Output("--trajectory", tmp_path / "./x.png", IMAGE)])
+    check({}, [Output("--out", tmp_path / "x.png", IMAGE), Output("--trajectory", tmp_path / "y.png", IMAGE)])
+
+
+def test_eval_without_data_keeps_its_pairs_out_of_the_models_own_training_folder(inputs, tmp_path):
+    from safetensors.torch import load_file
+
+    from diffcli.checkpoint import model_metadata, read_header, save_model
+
+    meta = model_metadata(read_header(inputs["model"]))
+    meta["config"]["data"]["name"] = str(inputs["data"])  # as if trained on the folder
+    model = tmp_path / "folder-model.safetensors"
+    save_model(model, load_file(str(inputs["model"])), meta["config"], meta["class_names"], meta["step"], meta["epoch"])
+    target = inputs["data"] / "c0" / "0.png"
+    before = sha256(target)
+    r = cli("eval", "--ckpt", model, "--pairs", target)
+    assert r.exit_code == 1 and "inside --data" in " ".join(r.output.split()) and sha256(target) == before, r.output

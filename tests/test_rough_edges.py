@@ -66,6 +66,7 @@ def test_diffcli_s_other_files_are_told_apart_from_models(tiny_run, tmp_path):
                                                             "sigma_rels": json.dumps([0.05, 0.1])})
     info = json.loads(cli("inspect", state, "--json").output)
     assert info["kind"].startswith("training state") and "--resume" in info["use"] and info["training_step"] == 12
+    assert info["parameters"] == json.loads(cli("inspect", tiny_run / "model.safetensors", "--json").output)["parameters"]
     info = json.loads(cli("inspect", snap, "--json").output)
     assert info["kind"].startswith("EMA snapshot") and info["ema_lengths"] == [0.05, 0.1] and "diffcli ema" in info["use"]
     for args in (("export", "--ckpt", state, "--out", tmp_path / "e"), ("sample", "--ckpt", state, "--out", tmp_path / "s.png")):

@@ -7,6 +7,7 @@ A leaf module: it imports nothing of diffcli, so anything may use it without a c
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -20,9 +21,13 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # mkstemp makes 0600; the file ends as open() would leave it: a new one 0666 less the
+    # umask, a replaced one with its own mode (best effort: some file systems refuse chmod).
+    mode = path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~umask()
     try:
-        os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes 0600; the file ends as open() would make it
         with os.fdopen(fd, "wb") as f:
+            with contextlib.suppress(OSError, AttributeError):  # AttributeError: no fchmod (Windows)
+                os.fchmod(f.fileno(), mode)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

@@ -163,10 +163,10 @@ def _loop(cfg: RunConfig, task: Task, state: TrainState, model, limits: Limits, 
 
     guard.check(state, out, report, world, final=True)
     meter.log(state.step)  # the tail since the last full interval, so short runs log too
-    unmeasured = not _doubled(state.step // tc.sample_every) and knowledge_can_matter(cfg.images_seen(state.step))
-    if state.step > 0 and world.is_main and (state.step % tc.sample_every or unmeasured):
-        # the last model is saved with its label knowledge measured, even where the last checkpoint was just taken
+    if state.step > 0 and world.is_main and state.step % tc.sample_every:
         grid_path = _checkpoint(out, cfg, state, task, report, final=True)
+    elif state.step > 0 and world.is_main and not _doubled(state.step // tc.sample_every):
+        _measure_and_save(out, cfg, state, task)  # the checkpoint was just taken; only its knowledge is missing
     barrier(world)  # nobody leaves before rank 0 has written the last checkpoint
     report("done", step=state.step, stopped_by=stopped_by)
     return TrainResult(state.step, epochs(state.step, task), out / MODEL_FILE, grid_path, stopped_by)
@@ -306,15 +306,16 @@ def _dry_step(fast, net, cfg: RunConfig, task: Task, device: torch.device, quiet
 
 
 def _checkpoint(out: Path, cfg: RunConfig, state: TrainState, task: Task, report, final: bool = False) -> Path:
-    if (final or _doubled(state.step // cfg.train.sample_every)) and knowledge_can_matter(cfg.images_seen(state.step)):
+    """Snapshot, state and model, then the grid. The label knowledge is measured before the
+    save inside the run, and after it at the end (a Ctrl-C or a spent budget should not wait
+    on it to keep the work: the model is saved again once it is known)."""
+    if _doubled(state.step // cfg.train.sample_every) and not final and knowledge_can_matter(cfg.images_seen(state.step)):
         state.knowledge = task.knowledge(state.ema)
     if state.profiles:  # first, so every checkpoint has its snapshot (one left past it is dropped on resume)
         _save_ema_snapshot(out, state)
-    try:
-        state.save(out, cfg, task.class_names, epochs(state.step, task))
-    except OSError as e:  # disk full, folder removed, permissions changed mid-run
-        raise UserError(f"could not write the checkpoint for step {state.step} to '{out}' ({e.strerror or e}); "
-                        f"the previous checkpoint there is intact.") from None
+    _save(out, cfg, state, task)
+    if final:
+        _measure_and_save(out, cfg, state, task)
     report("checkpoint", step=state.step, path=out / MODEL_FILE)
     path = sample_grid(state.ema, cfg, task.class_names, out / "samples" / f"step_{state.step:07d}.png", cfg.train.seed,
                        Trained(cfg.images_seen(state.step), state.knowledge))
@@ -322,6 +323,23 @@ def _checkpoint(out: Path, cfg: RunConfig, state: TrainState, task: Task, report
     report("grid", step=state.step, path=path)
     _plot_loss(out, report)
     return path
+
+
+def _save(out: Path, cfg: RunConfig, state: TrainState, task: Task) -> None:
+    try:
+        state.save(out, cfg, task.class_names, epochs(state.step, task))
+    except OSError as e:  # disk full, folder removed, permissions changed mid-run
+        raise UserError(f"could not write the checkpoint for step {state.step} to '{out}' ({e.strerror or e}); "
+                        f"the previous checkpoint there is intact.") from None
+
+
+def _measure_and_save(out: Path, cfg: RunConfig, state: TrainState, task: Task) -> None:
+    """The last model's label knowledge, where it can change its weight, saved with it."""
+    if knowledge_can_matter(cfg.images_seen(state.step)):
+        knowledge = task.knowledge(state.ema)
+        if knowledge is not None and knowledge != state.knowledge:
+            state.knowledge = knowledge
+            _save(out, cfg, state, task)
 
 
 def _doubled(n: int) -> bool:
@@ -342,8 +360,12 @@ def _save_ema_snapshot(out: Path, state: TrainState) -> None:
 def _plot_loss(out: Path, report) -> None:
     """Refresh loss.png beside the grids where matplotlib is installed (the plots extra).
     Without it nothing is said: a first run should not greet a new user with a missing
-    extra nobody asked for, and the losses are in metrics.jsonl and the trackers anyway."""
+    extra nobody asked for, and the losses are in metrics.jsonl and the trackers anyway.
+    One that is installed but will not import costs a notice, never the run."""
     from diffcli.plots import loss_curve, plotting
 
-    if plotting() and loss_curve(out / METRICS_FILE, out / "loss.png"):
-        report("loss_curve", path=out / "loss.png")
+    try:
+        if plotting() and loss_curve(out / METRICS_FILE, out / "loss.png"):
+            report("loss_curve", path=out / "loss.png")
+    except UserError as e:
+        report("notice", message=str(e))

@@ -6,8 +6,8 @@ one place for the rules every command follows (docs/reliability.md).
    input. `--overwrite` does not change this.
 2. A model file or folder that exists is replaced only with `--overwrite`.
 3. Each output can be written where it is asked for: an image has an image extension, a
-   file is not a folder, a folder is not a file, and the nearest existing folder above it
-   is writable.
+   file is not a folder, a folder is not a file, two outputs are not one file, and the
+   nearest existing folder above each is writable.
 
 Torch-free, so a refusal costs no start-up.
 """
@@ -35,11 +35,12 @@ class Output:
 def check(reads: dict[str, Path | Iterable[Path] | None], writes: Iterable[Output], overwrite: bool = False) -> None:
     """Refuse, in one sentence naming the options, any write that breaks the rules above."""
     inputs = [(name, Path(p)) for name, value in reads.items() for p in _many(value)]
-    for out in writes:
-        if out.path is None:
-            continue
+    outs = [out for out in writes if out.path is not None]
+    for i, out in enumerate(outs):
         for name, source in inputs:
             _apart(out, name, source)
+        if twin := next((o for o in outs[:i] if o.path.resolve() == out.path.resolve()), None):
+            raise UserError(f"{twin.option} and {out.option} both name '{out.path}'; give each its own file.")
         _writable(out, overwrite)
 
 

@@ -92,7 +92,8 @@ def write_models(run: Path, sigma_rels: list[float], paths: list[Path]) -> list[
     made, meta = reconstruct(run, targets)
     for path, (state, _) in zip(paths, made):
         with writing(path):
-            checkpoint.save_model(path, state, meta["config"], meta["class_names"], meta["step"], meta["epoch"])
+            checkpoint.save_model(path, state, meta["config"], meta["class_names"], meta["step"], meta["epoch"],
+                                  meta["label_knowledge"])  # the run's own EMA's: close, and far nearer than none
     return [(path, error) for path, (_, error) in zip(paths, made)]
 
 

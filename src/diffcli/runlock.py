@@ -41,7 +41,12 @@ def holding(folder: Path, command: str, notice: Callable[[str], None] = lambda m
     path = folder / LOCK_FILE
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        fd, mine = os.open(path, os.O_RDWR | os.O_CREAT, 0o666), True
+    except PermissionError:  # a teammate's lock file in a shared folder: flock works on a read-only one too
+        try:
+            fd, mine = os.open(path, os.O_RDONLY), False
+        except OSError as e:
+            raise UserError(f"cannot open the lock file '{path}' ({e.strerror}).") from None
     except OSError as e:
         raise UserError(f"cannot write to the output folder '{folder}' ({e.strerror}).") from None
     try:
@@ -50,12 +55,14 @@ def holding(folder: Path, command: str, notice: Callable[[str], None] = lambda m
                             f"end, or give another --out.")
         if left := _read(fd):  # read again under the lock: a holder that ended well has cleared it
             notice(f"took over the lock of '{folder}' from a run that ended without releasing it ({holder_text(left)}).")
-        _write(fd, {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "command": command})
+        if mine:
+            _write(fd, {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "command": command})
         try:
             yield
         finally:
             with contextlib.suppress(OSError):  # a full disk must not hide the error that ended the run
-                _write(fd, None)  # the file stays: removing it would let a run lock a file nobody else can see
+                if mine:
+                    _write(fd, None)  # the file stays: removing it would let a run lock a file nobody else can see
             _unlock(fd)
     finally:
         os.close(fd)
@@ -91,7 +98,10 @@ def _by_text(left: dict, path: Path, folder: Path) -> bool:
     if left.get("host") != socket.gethostname():
         raise UserError(f"'{folder}' is locked by a run on another machine ({holder_text(left)}), and this file system "
                         f"cannot tell whether it still runs; if it does not, remove '{path}'.")
-    return not _running(int(left.get("pid", -1)))
+    try:
+        return not _running(int(left.get("pid", -1)))
+    except (TypeError, ValueError):  # text nobody wrote as a holder: nothing runs under it
+        return True
 
 
 def _running(pid: int) -> bool:

@@ -138,14 +138,19 @@ def describe_file(path: Path) -> dict:
         return classifier_summary(header)
     meta = header.get("__metadata__") or {}
     if kind == "EMA snapshot":
-        return {"kind": "EMA snapshot (post-hoc EMA, Karras et al. 2024)", "training_step": int(meta.get("step", 0)),
-                "ema_lengths": json.loads(meta.get("sigma_rels", "[]")), "file_size": f"{path.stat().st_size / 1e6:.1f} MB",
+        try:
+            step, lengths = int(meta.get("step", 0)), json.loads(meta.get("sigma_rels", "[]"))
+        except (TypeError, ValueError):
+            raise UserError(f"'{path}' is a diffcli EMA snapshot whose metadata is damaged.") from None
+        return {"kind": "EMA snapshot (post-hoc EMA, Karras et al. 2024)", "training_step": step, "ema_lengths": lengths,
+                "file_size": f"{path.stat().st_size / 1e6:.1f} MB",
                 "use": "diffcli ema --run RUN --length L makes a model from a run's snapshots"}
-    info = model_summary(header, checkpoint.model_metadata(header), path.stat().st_size)
-    if kind == "training state":
-        info.update(kind="training state (the weights, their EMA, the optimizer and random state)",
-                    use="diffcli train --out RUN --resume continues from it; sample the model.safetensors beside it")
-    return info
+    if kind == "training state":  # described by the EMA weights it holds: what its model file holds too
+        weights = {k[4:]: v for k, v in header.items() if k.startswith("ema.")}
+        info = model_summary({**weights, "__metadata__": meta}, checkpoint.model_metadata(header), path.stat().st_size)
+        return {**info, "kind": "training state (the weights, their EMA, the optimizer and random state)",
+                "use": "diffcli train --out RUN --resume continues from it; sample the model.safetensors beside it"}
+    return model_summary(header, checkpoint.model_metadata(header), path.stat().st_size)
 
 
 def describe(target: Path) -> dict:

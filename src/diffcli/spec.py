@@ -46,8 +46,8 @@ DEFAULT_GUIDANCE = 2.0  # a model whose training is unknown (an import): the mid
 # do not move. CIFAR-10's photos are at 0.25 after 2,000 steps, 0.33 after 10 minutes and
 # 0.39 after 30, where their best weight is 4 or more, 3-4 and 2-2.5: as if they had seen
 # a tenth of their images ((0.33 / 0.8) ** 3 = 0.07, (0.39 / 0.8) ** 3 = 0.12; docs/results.md,
-# "What the model knows of its labels"). A model without the measure (trained before it,
-# imported, made by `diffcli ema`) follows the images alone.
+# "What the model knows of its labels"). `diffcli ema`'s models carry their run's value; a
+# model without the measure (trained before it, imported) follows the images alone.
 KNOWLEDGE_FULL, KNOWLEDGE_POWER = 0.8, 3
 
 

@@ -108,7 +108,7 @@ class UNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.student = None  # a spec.Student when distilled: how it must be sampled (checkpoint.load_model)
-        self.trained = None  # training images seen, when known: the default guidance follows it (spec.default_guidance)
+        self.trained = None  # a spec.Trained (images seen, label knowledge) when known: the default guidance follows it
         levels = len(cfg.channel_mult)
         # Any size halves: a stride-2 conv takes n pixels to ceil(n / 2), and each upsampling
         # goes back to its skip's exact size (diffusers' UNet2DConditionModel passes the same

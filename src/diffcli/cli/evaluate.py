@@ -48,7 +48,8 @@ def evaluate(
     check_installed(trackers)  # before minutes of sampling
     from diffcli.outputs import IMAGE, Output, check
 
-    data_path = Path(data) if data is not None and Path(data).exists() else None
+    source = data or _trained_on(ckpt)  # without --data the real images are the model's own training data
+    data_path = Path(source) if source and Path(source).exists() else None
     check({"--ckpt": ckpt, "--classifier": classifier, "--inception-weights": inception_weights, "--data": data_path},
           [Output("--pairs", pairs, IMAGE)])
 
@@ -91,6 +92,17 @@ def _print_report(report: dict) -> None:
         shown = ", ".join(f"{name} {'-' if acc is None else f'{acc:.0%}'}"
                           for name, acc in zip(report["class_names"], report["per_class_accuracy"]))
         console.print(f"class accuracy per class: {shown}", highlight=False)
+
+
+def _trained_on(ckpt: Path) -> str | None:
+    """The --data a model was trained with, from its header; None where it cannot be read
+    (the command then says why, in its own words)."""
+    from diffcli.checkpoint import model_metadata, read_header
+
+    try:
+        return model_metadata(read_header(ckpt))["config"]["data"]["name"]
+    except (UserError, KeyError, TypeError):
+        return None
 
 
 classifier_app = typer.Typer(help="Reference classifiers for `diffcli eval`.", no_args_is_help=True)

@@ -59,9 +59,10 @@ def noise_preview(
         ts = even_steps(timesteps, frames)
     if image is None and plot is None:
         raise UserError("give an image to noise, or --plot FILE.png for the schedule plot.")
-    from diffcli.outputs import IMAGE, Output, check
+    from diffcli.outputs import FILE, IMAGE, Output, check
 
-    check({"IMAGE": image}, [Output("--out", out if image is not None else None, IMAGE), Output("--plot", plot, IMAGE)])
+    # --plot is matplotlib's: .pdf and .svg too
+    check({"IMAGE": image}, [Output("--out", out if image is not None else None, IMAGE), Output("--plot", plot, FILE)])
     if plot is not None:
         from diffcli.plots import schedule_plot
         from diffcli.schedules import make_schedule
