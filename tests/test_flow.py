@@ -1,0 +1,129 @@
+"""Flow matching (flow.py) against closed forms, with no training: for Gaussian data
+x0 ~ N(μ_y, S² I) on the path x_s = (1 - s) x0 + s ε the exact velocity is
+v*(x, s) = (s - (1 - s) S²) / V_s (x - (1 - s) μ) - μ,  V_s = (1 - s)² S² + s²,
+its loss is the conditional variance of ε - x0 given x_s, and the flow ODE carries noise
+x1 to exactly μ + S x1. Each check is shown failing with its formula broken."""
+
+import pytest
+import torch
+
+from diffcli import flow, samplers
+
+MU = torch.tensor([[1.5, -0.5], [-1.0, 1.0]])  # per class, 2 dims (as test_samplers.py)
+S = 0.5
+T = 1000
+
+
+def exact_velocity(x, s, y, mu=MU, sd=S):
+    s = s.reshape(-1, 1)
+    m = mu[y]
+    var = (1 - s) ** 2 * sd**2 + s**2
+    return (s - (1 - s) * sd**2) / var * (x - (1 - s) * m) - m
+
+
+def as_network(field):
+    """The field as a network sees it: flow time in units of T (flow.denoiser)."""
+    return lambda x, t, y: field(x, t / T, y)
+
+
+def loss_minimum(s, sd=S):
+    """E|v* - (ε - x0)|² per dimension: Var(ε - x0) - Cov(ε - x0, x_s)² / Var(x_s)."""
+    return (1 + sd**2) - (s - (1 - s) * sd**2) ** 2 / ((1 - s) ** 2 * sd**2 + s**2)
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_the_exact_field_has_the_closed_form_loss_and_a_broken_one_does_not(broken):
+    g = torch.Generator().manual_seed(0)
+    n = 200_000
+    y = torch.randint(0, 2, (n,), generator=g)
+    x0 = MU[y] + S * torch.randn(n, 2, generator=g)
+    eps = torch.randn(n, 2, generator=g)
+    s = flow.training_times(n, "logit-normal", g)
+    x_s = flow.path(x0, eps, s)
+    v = exact_velocity(x_s, s, y, sd=S * (1.5 if broken else 1.0))  # broken: the field of wider data
+    loss = (v - flow.velocity(x0, eps)).square().mean(1)
+    expected = loss_minimum(s)
+    gap = (loss.mean() - expected.mean()).abs().item()
+    assert (gap > 0.01) if broken else (gap < 0.005), (loss.mean().item(), expected.mean().item())
+    assert (loss - expected).mean().abs() < 0.005 or broken
+
+
+def test_the_flow_schedule_is_the_gaussian_path_on_its_grid():
+    sched = flow.schedule(T)
+    s = flow.times(T)
+    abar = sched.alphas_cumprod.double()
+    # ᾱ and 1 - ᾱ are α² = (1 - s)² and σ² = s², rescaled to a unit total
+    total = (1 - s) ** 2 + s**2
+    assert torch.allclose(abar, (1 - s) ** 2 / total, atol=1e-6) and torch.allclose(1 - abar, s**2 / total, atol=1e-6)
+    assert torch.allclose(torch.cumprod(1 - sched.betas.double(), 0), abar, atol=1e-5)
+    assert abar[-1] == 0 and (abar[1:] < abar[:-1]).all()
+
+
+def euler_in_flow_time(field, x1, y, steps):
+    """The flow ODE dx/ds = v by Euler from s = 1 to 0 on the trailing grid, by hand."""
+    grid = flow.times(T)
+    ts = samplers.timesteps(T, steps)
+    x = x1.clone()
+    for i, t in enumerate(ts):
+        s, s_next = grid[t].item(), (grid[ts[i + 1]].item() if i + 1 < len(ts) else 0.0)
+        x = x + (s_next - s) * field(x, torch.full((len(x),), s), y)
+    return x
+
+
+@pytest.mark.parametrize("steps", [4, 25])
+def test_ddim_on_the_flow_schedule_is_euler_on_the_flow_ode(steps):
+    g = torch.Generator().manual_seed(1)
+    x1, y = torch.randn(500, 2, generator=g), torch.randint(0, 2, (500,), generator=g)
+    denoise = flow.denoiser(as_network(exact_velocity), T)
+    ddim = samplers.ddim(denoise, flow.schedule(T), x1, y, steps, clip_x0=False)
+    assert torch.allclose(ddim, euler_in_flow_time(exact_velocity, x1, y, steps), atol=1e-4)
+
+
+def sampled(sampler, steps, field=exact_velocity, n=2000):
+    g = torch.Generator().manual_seed(2)
+    x1, y = torch.randn(n, 2, generator=g), torch.randint(0, 2, (n,), generator=g)
+    denoise = flow.denoiser(as_network(field), T)
+    ts = samplers.timesteps(T, steps)
+    if sampler == "ddim":
+        x = samplers.ddim(denoise, flow.schedule(T), x1, y, ts, clip_x0=False)
+    else:
+        x = samplers.heun(denoise, flow.schedule(T), x1, y, ts, clip_x0=False)
+    return x, MU[y] + S * x1, y  # the exact ODE's end point for each noise
+
+
+@pytest.mark.parametrize("sampler,order", [("ddim", 1), ("heun", 2)])
+def test_euler_and_heun_reach_the_data_at_orders_one_and_two(sampler, order):
+    errors = []
+    for steps in (20, 40, 80):
+        x, exact, _ = sampled(sampler, steps)
+        errors.append((x - exact).norm(dim=1).mean().item())
+    ratios = [errors[i] / errors[i + 1] for i in range(2)]
+    assert all(2 ** order * 0.75 < r < 2 ** order * 1.35 for r in ratios), (errors, ratios)
+    x, _, y = sampled(sampler, 40, n=8000)
+    for label in (0, 1):
+        pick = x[y == label]
+        assert torch.allclose(pick.mean(0), MU[label], atol=0.05) and torch.allclose(pick.var(0), torch.full((2,), S**2), atol=0.03)
+
+
+def test_a_broken_velocity_misses_the_data():
+    def wrong(x, s, y):  # the mean term's sign flipped
+        return exact_velocity(x, s, y) + 2 * MU[y]
+    x, exact, _ = sampled("heun", 40, field=wrong)
+    assert (x - exact).norm(dim=1).mean() > 1.0
+
+
+def test_the_shift_moves_steps_toward_noise_and_keeps_the_ends():
+    s = torch.linspace(0, 1, 11)
+    assert torch.equal(flow.shifted(s, 1.0), s)
+    shifted = flow.shifted(s, 3.0)
+    assert shifted[0] == 0 and shifted[-1] == 1 and (shifted[1:-1] > s[1:-1]).all()
+    assert torch.allclose(flow.shifted(torch.tensor(0.5), 3.0), torch.tensor(0.75))  # 3·0.5 / (1 + 2·0.5)
+
+
+def test_dpm_solver_runs_a_flow_model_through_the_same_equivalence():
+    """DPM-Solver++(2M) starts at ᾱ = 0 (pure noise, λ = -inf): its first step is DDIM's, and
+    every point stays finite and lands on the exact end point."""
+    g = torch.Generator().manual_seed(3)
+    x1, y = torch.randn(2000, 2, generator=g), torch.randint(0, 2, (2000,), generator=g)
+    x = samplers.dpmpp_2m(flow.denoiser(as_network(exact_velocity), T), flow.schedule(T), x1, y, 20, clip_x0=False)
+    assert torch.isfinite(x).all() and (x - (MU[y] + S * x1)).norm(dim=1).mean() < 0.02
