@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -85,15 +86,14 @@ def edit(
     labels, seeds = [target] * len(per_image), list(range(seed, seed + len(per_image)))
     common = dict(images=per_image, labels=labels, batch_size=batch_size)
     redraw = None if mask is None else fit_mask(read_image(mask), size)[None].expand(len(inputs), -1, -1, -1)
+    args = (model, schedule, cfg.diffusion.prediction, spec)
     if invert:
         src = cfg.model.num_classes if source_label is None else _one_label(source_label, class_names, "--source-label")
-        work = lambda: E.invert(model, schedule, cfg.diffusion.prediction, spec, source_labels=[src] * len(labels), **common)
+        work = partial(E.invert, *args, source_labels=[src] * len(labels), **common)
     elif redraw is not None:
-        work = lambda: E.inpaint(model, schedule, cfg.diffusion.prediction, spec, redraw=redraw.repeat_interleave(n, dim=0),
-                                 seeds=seeds, jumps=jumps, **common)
+        work = partial(E.inpaint, *args, redraw=redraw.repeat_interleave(n, dim=0), seeds=seeds, jumps=jumps, **common)
     else:
-        work = lambda: E.img2img(model, schedule, cfg.diffusion.prediction, spec, seeds=seeds,
-                                 strength=EDIT_STRENGTH if strength is None else strength, **common)
+        work = partial(E.img2img, *args, seeds=seeds, strength=EDIT_STRENGTH if strength is None else strength, **common)
     with console.status(f"editing {len(images)} image(s), {len(per_image)} result(s) with {spec.describe()} on "
                         f"{describe(dev)} ..."):
         results, seconds = timed(work, dev)
@@ -139,10 +139,10 @@ def interpolate(
     args, dev = (model, schedule, cfg.diffusion.prediction, spec), next(model.parameters()).device
     if len(labels) == 1 and len(seed_list) == 2:
         what = f"seeds {seed_list[0]} -> {seed_list[1]}"
-        work = lambda: E.between_seeds(*args, label=labels[0], seeds=tuple(seed_list), frames=frames, batch_size=batch_size)
+        work = partial(E.between_seeds, *args, label=labels[0], seeds=tuple(seed_list), frames=frames, batch_size=batch_size)
     elif len(labels) == 2 and len(seed_list) == 1:
         what = f"{class_names[labels[0]]} -> {class_names[labels[1]]}, seed {seed_list[0]}"
-        work = lambda: E.between_labels(*args, labels=tuple(labels), seed=seed_list[0], frames=frames, batch_size=batch_size)
+        work = partial(E.between_labels, *args, labels=tuple(labels), seed=seed_list[0], frames=frames, batch_size=batch_size)
     else:
         raise UserError("give one --label with two --seeds, or two labels (--label a,b) with one seed.")
     with console.status(f"sampling {frames} frames between {what} on {describe(dev)} ..."):
