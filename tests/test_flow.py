@@ -127,3 +127,32 @@ def test_dpm_solver_runs_a_flow_model_through_the_same_equivalence():
     x1, y = torch.randn(2000, 2, generator=g), torch.randint(0, 2, (2000,), generator=g)
     x = samplers.dpmpp_2m(flow.denoiser(as_network(exact_velocity), T), flow.schedule(T), x1, y, 20, clip_x0=False)
     assert torch.isfinite(x).all() and (x - (MU[y] + S * x1)).norm(dim=1).mean() < 0.02
+
+
+def test_diffusers_flow_match_euler_takes_the_same_steps_and_the_same_shift():
+    """diffusers' FlowMatchEulerDiscreteScheduler, given diffcli's trailing grid of flow times,
+    steps the exact field to the same points as DDIM on flow.schedule, step for step; and
+    its shift is flow.shifted (on a grid it is given: its own default grid also shifts
+    its end point, so it is not compared)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    steps = 8
+    ts = samplers.timesteps(T, steps)
+    grid = flow.times(T)[ts].tolist()
+    g = torch.Generator().manual_seed(4)
+    x1, y = torch.randn(300, 2, generator=g), torch.randint(0, 2, (300,), generator=g)
+    ours = []
+    samplers.ddim(flow.denoiser(as_network(exact_velocity), T), flow.schedule(T), x1, y, ts, clip_x0=False,
+                  callback=lambda i, t, x, x0: ours.append(x.clone()))
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=T, shift=1.0)
+    sched.set_timesteps(sigmas=grid)
+    x = x1.clone()
+    for i, t in enumerate(sched.timesteps):
+        c = ((1 - sched.sigmas[i]) ** 2 + sched.sigmas[i] ** 2).sqrt()
+        assert torch.allclose(x / c, ours[i], atol=1e-4), i  # our x is the variance-preserving one
+        x = sched.step(exact_velocity(x, torch.full((len(x),), t.item() / T), y), t, x).prev_sample
+    end = samplers.ddim(flow.denoiser(as_network(exact_velocity), T), flow.schedule(T), x1, y, ts, clip_x0=False)
+    assert torch.allclose(x, end, atol=1e-4)
+    shifted = FlowMatchEulerDiscreteScheduler(num_train_timesteps=T, shift=3.0)
+    shifted.set_timesteps(sigmas=grid)
+    assert torch.allclose(shifted.sigmas[:-1].double(), flow.shifted(torch.tensor(grid, dtype=torch.float64), 3.0), atol=1e-6)
