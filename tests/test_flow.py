@@ -45,7 +45,6 @@ def test_the_exact_field_has_the_closed_form_loss_and_a_broken_one_does_not(brok
     expected = loss_minimum(s)
     gap = (loss.mean() - expected.mean()).abs().item()
     assert (gap > 0.01) if broken else (gap < 0.005), (loss.mean().item(), expected.mean().item())
-    assert (loss - expected).mean().abs() < 0.005 or broken
 
 
 def test_the_flow_schedule_is_the_gaussian_path_on_its_grid():

@@ -57,7 +57,7 @@ def test_seeds_that_are_not_whole_numbers_say_so(tiny_run):
 def test_diffcli_s_other_files_are_told_apart_from_models(tiny_run, tmp_path):
     """inspect says what a training state and an EMA snapshot are; commands that want a
     model say what was given instead, not 'not written by diffcli' or 'missing weights'."""
-    from diffcli import checkpoint, posthoc
+    from diffcli import checkpoint
     import torch
 
     state = tiny_run / "train_state.safetensors"
@@ -76,7 +76,6 @@ def test_diffcli_s_other_files_are_told_apart_from_models(tiny_run, tmp_path):
     assert r.exit_code == 1 and "is an EMA snapshot of a run, not a model" in said(r), said(r)
     r = cli("distill", "--teacher", state, "--out", tmp_path / "d")
     assert r.exit_code == 1 and "is a run's training state" in said(r), said(r)
-    assert posthoc  # the snapshot format is the one posthoc writes (checkpoint.SNAPSHOT_FORMAT)
 
 
 def test_cifar10_without_its_files_names_a_folder_to_pass(tmp_path, monkeypatch):

@@ -21,33 +21,6 @@ from diffcli.spec import Trained
 FORMAT = "diffcli"
 SNAPSHOT_FORMAT = "diffcli-ema-snapshot"  # posthoc.py
 CLASSIFIER_FORMAT = "diffcli-classifier"  # classifier.py
-# What each of diffcli's other files is, said where a model was expected.
-NOT_A_MODEL = {
-    "training state": "is a run's training state (weights, optimizer and random state, for `diffcli train --resume`), "
-                      "not a model; use the model.safetensors beside it",
-    "EMA snapshot": "is an EMA snapshot of a run, not a model; `diffcli ema --run RUN --length L` makes a model from "
-                    "a run's snapshots",
-    "classifier": "is a reference classifier (for `diffcli eval --classifier`), not a diffusion model",
-}
-
-
-def file_kind(header: dict) -> str:
-    """What a safetensors file is, from its metadata: "model", one of NOT_A_MODEL, or "foreign"."""
-    meta = header.get("__metadata__") or {}
-    kind = {SNAPSHOT_FORMAT: "EMA snapshot", CLASSIFIER_FORMAT: "classifier"}.get(meta.get("format"))
-    if kind is None and meta.get("format") == FORMAT:
-        kind = "training state" if "optimizer" in meta else "model"
-    return kind or "foreign"
-
-
-def model_header(path: str | Path) -> dict:
-    """The header of a diffcli model file, refused in one sentence when it is another of
-    diffcli's files (what it is, and what to use)."""
-    header = read_header(path)
-    kind = file_kind(header)
-    if kind in NOT_A_MODEL:
-        raise UserError(f"'{path}' {NOT_A_MODEL[kind]}.")
-    return header
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 
 
@@ -88,6 +61,33 @@ def read_header(path: str | Path) -> dict:
     return header
 
 
+# What each of diffcli's other files is, said where a model was expected.
+NOT_A_MODEL = {
+    "training state": "is a run's training state (weights, optimizer and random state, for `diffcli train --resume`), "
+                      "not a model; use the model.safetensors beside it",
+    "EMA snapshot": "is an EMA snapshot of a run, not a model; `diffcli ema --run RUN --length L` makes a model from "
+                    "a run's snapshots",
+    "classifier": "is a reference classifier (for `diffcli eval --classifier`), not a diffusion model",
+}
+
+
+def file_kind(header: dict) -> str:
+    """What a safetensors file is, from its metadata: "model", one of NOT_A_MODEL, or "foreign"."""
+    meta = header.get("__metadata__") or {}
+    kind = {SNAPSHOT_FORMAT: "EMA snapshot", CLASSIFIER_FORMAT: "classifier"}.get(meta.get("format"))
+    if kind is None and meta.get("format") == FORMAT:
+        kind = "training state" if "optimizer" in meta else "model"
+    return kind or "foreign"
+
+
+def model_header(path: str | Path) -> dict:
+    """The header of a diffcli model file, refused in one sentence when it is another of
+    diffcli's files (what it is, and what to use)."""
+    header = read_header(path)
+    kind = file_kind(header)
+    if kind in NOT_A_MODEL:
+        raise UserError(f"'{path}' {NOT_A_MODEL[kind]}.")
+    return header
 def model_metadata(header: dict) -> dict:
     """The diffcli metadata of a model file: config (dict), class_names (list), step, epoch,
     version, label_knowledge (float, or None where it was not measured)."""
@@ -107,6 +107,11 @@ def model_metadata(header: dict) -> dict:
         raise UserError("the diffcli metadata in this checkpoint is damaged.") from None
 
 
+def knowledge_entry(label_knowledge: float | None) -> dict:
+    """The metadata entry of a measured label knowledge (model_metadata reads it back)."""
+    return {} if label_knowledge is None else {"label_knowledge": f"{label_knowledge:.4f}"}
+
+
 def training(cfg, meta: dict) -> Trained:
     """What the guidance rule reads of a model's training, from its metadata."""
     return Trained(cfg.images_seen(meta["step"]), meta["label_knowledge"])
@@ -124,9 +129,7 @@ def save_model(path: Path, state_dict: dict, cfg_dict: dict, class_names: list[s
         "step": str(step),
         "epoch": f"{epoch:.4f}",
     }
-    if label_knowledge is not None:
-        metadata["label_knowledge"] = f"{label_knowledge:.4f}"
-    save_tensors(path, state_dict, metadata)
+    save_tensors(path, state_dict, {**metadata, **knowledge_entry(label_knowledge)})
 
 
 def load_model(path: str | Path, device="cpu"):

@@ -181,24 +181,27 @@ UNET2D_DEFAULTS = {  # UNet2DModel's defaults (diffusers 0.42), for keys an olde
 
 # The numbers in the configs read here, and what each must be: a value of another type is
 # refused naming its file and key, before any arithmetic on it.
-INT, NUMBER, INTS = (int,), (int, float), "a list of integers"
+def _int(v) -> bool:
+    return type(v) is int  # not bool, not a float that happens to be whole
+
+
+def _ints(v) -> bool:
+    return isinstance(v, list) and bool(v) and all(map(_int, v))
+
+
+INT, NUMBER, INTS = ("an integer", _int), ("a number", lambda v: type(v) in (int, float)), ("a list of integers", _ints)
+INT_OR_NULL = ("an integer or null", lambda v: v is None or _int(v))
 UNET2D_NUMBERS = {"in_channels": INT, "out_channels": INT, "layers_per_block": INT, "norm_num_groups": INT,
                   "downsample_padding": INT, "freq_shift": INT, "dropout": NUMBER, "norm_eps": NUMBER,
-                  "attention_head_dim": INT + (type(None),), "num_class_embeds": INT + (type(None),),
-                  "block_out_channels": INTS, "sample_size": INT + (list,)}
+                  "attention_head_dim": INT_OR_NULL, "num_class_embeds": INT_OR_NULL, "block_out_channels": INTS,
+                  "sample_size": ("an integer or a list of integers", lambda v: _int(v) or _ints(v))}
 SCHEDULER_NUMBERS = {"num_train_timesteps": INT, "beta_start": NUMBER, "beta_end": NUMBER}
 
 
 def check_numbers(values: dict, kinds: dict, path: Path) -> None:
-    for key, kind in kinds.items():
-        if key not in values:
-            continue
-        v = values[key]
-        ok = (isinstance(v, list) and v and all(type(x) is int for x in v)) if kind == INTS else \
-            (not isinstance(v, bool) and isinstance(v, kind) and (not isinstance(v, list) or all(type(x) is int for x in v)))
-        if not ok:
-            want = kind if kind == INTS else "an integer" if kind[0] is int and float not in kind else "a number"
-            raise UserError(f"'{path}' has {v!r} for \"{key}\", which must be {want}.")
+    for key, (want, fits) in kinds.items():
+        if key in values and not fits(values[key]):
+            raise UserError(f"'{path}' has {values[key]!r} for \"{key}\", which must be {want}.")
 
 
 def model_config(unet: dict, num_classes: int) -> ModelConfig:

@@ -59,7 +59,8 @@ def _same(a: Path, b: Path) -> bool:
         return False
 
 
-def _inside(inner: Path, outer: Path) -> bool:
+def inside(inner: Path, outer: Path) -> bool:
+    """Whether `inner` is `outer` or lies below it (an existing folder), links resolved."""
     return outer.is_dir() and inner.resolve().is_relative_to(outer.resolve())
 
 
@@ -67,7 +68,7 @@ def _apart(out: Output, name: str, source: Path) -> None:
     never = "; write somewhere else (--overwrite does not change this)."
     if _same(out.path, source):
         raise UserError(f"{out.option} '{out.path}' is the {name} this command reads{never}")
-    if _inside(out.path, source):
+    if inside(out.path, source):
         raise UserError(f"{out.option} '{out.path}' is inside {name} '{source}', which this command reads{never}")
     if out.kind in (FOLDER, MODEL_FOLDER) and source.exists() and source.resolve().is_relative_to(out.path.resolve()):
         raise UserError(f"{out.option} '{out.path}' holds the {name} this command reads ('{source}'){never}")

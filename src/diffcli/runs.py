@@ -42,8 +42,6 @@ def claimed(out: Path, resume: bool, overwrite: bool, command: str, reads: dict,
     if not main:
         yield
         return
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out '{out}' is a file; give a folder for the run.")
     outputs.check(reads, [outputs.Output("--out", out, outputs.FOLDER)])
     with runlock.holding(out, command, notice):
         prepare_out(out, resume, overwrite)

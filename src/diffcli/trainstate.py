@@ -72,9 +72,8 @@ class TrainState:
         tensors["rng.batch"] = self.batch_gen.get_state()
         tensors["rng.torch"] = torch.get_rng_state()
         metadata = {"format": checkpoint.FORMAT, "config": json.dumps(to_dict(cfg)), "class_names": json.dumps(class_names),
-                    "step": str(self.step), "epoch": repr(epoch), "optimizer": json.dumps({"param_groups": opt_sd["param_groups"]})}
-        if self.knowledge is not None:
-            metadata["label_knowledge"] = f"{self.knowledge:.4f}"
+                    "step": str(self.step), "epoch": repr(epoch), "optimizer": json.dumps({"param_groups": opt_sd["param_groups"]}),
+                    **checkpoint.knowledge_entry(self.knowledge)}
         checkpoint.save_tensors(out / STATE_FILE, tensors, metadata)
         checkpoint.save_model(out / MODEL_FILE, self.ema.state_dict(), to_dict(cfg), class_names, self.step, epoch,
                               self.knowledge)

@@ -41,8 +41,8 @@ def ema(
     outputs.check({"run's model": run / MODEL_FILE, "run's training state": run / STATE_FILE,
                    "run's EMA snapshots": run / SNAPSHOT_DIR}, [outputs.Output("--out", p, outputs.MODEL) for p in paths],
                   overwrite)
-    inside = any(p.resolve().is_relative_to(run.resolve()) for p in paths)
-    with holding(run, "diffcli ema", print_notice) if inside else contextlib.nullcontext():  # not while a run writes it
+    into_run = any(outputs.inside(p, run) for p in paths)
+    with holding(run, "diffcli ema", print_notice) if into_run else contextlib.nullcontext():  # not while a run writes it
         made = posthoc.write_models(run, lengths, paths)
     meta = checkpoint.model_metadata(checkpoint.read_header(made[0][0]))
     found = list(posthoc.used(run, meta["step"]))

@@ -129,7 +129,6 @@ def classifier_train(
     from diffcli.classifier import ClassifierConfig, reference_splits, save_classifier, train_classifier
     from diffcli.config import UNFLIPPED
     from diffcli.devices import describe, pick_device
-
     from diffcli.outputs import MODEL, Output, check
 
     out = out or Path(f"{safe_name(Path(data).name if data not in D.NAMED else data)}-classifier.safetensors")
