@@ -8,7 +8,7 @@ from pathlib import Path
 from diffcli.evaluation import EvalOptions, evaluate
 from diffcli.generate import generate
 from diffcli.images import grid, save
-from diffcli.schedules import make_schedule
+from diffcli.objective import of
 from diffcli.spec import SamplerSpec
 
 GRID_SEEDS = 8  # pictures: one row per class, these many seeds
@@ -23,8 +23,7 @@ def scored_row(name: str, net, cfg, class_names: list[str], ckpt: Path, spec: Sa
     shown = ""
     if picture is not None:
         labels = [c for c in range(cfg.model.num_classes) for _ in range(GRID_SEEDS)]
-        images = generate(net, make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps), cfg.diffusion.prediction,
-                          spec, labels=labels, seeds=list(range(GRID_SEEDS)) * cfg.model.num_classes)
+        images = generate(net, of(cfg.diffusion), spec, labels=labels, seeds=list(range(GRID_SEEDS)) * cfg.model.num_classes)
         picture.parent.mkdir(parents=True, exist_ok=True)
         shown = f"![{picture.stem}]({save(grid(images, GRID_SEEDS), picture)})"
     floor = report["classifier_fd_real_floor"]

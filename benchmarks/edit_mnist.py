@@ -29,7 +29,7 @@ from diffcli.classifier import load_classifier, predict
 from diffcli.devices import describe, pick_device
 from diffcli.figures import edit_sheet
 from diffcli.images import save
-from diffcli.schedules import make_schedule
+from diffcli.objective import of
 from diffcli.spec import SamplerSpec
 
 
@@ -48,10 +48,9 @@ def main() -> None:
     device = pick_device("auto")
     model, cfg, _ = load_model(args.ckpt, device)
     clf, _ = load_classifier(args.classifier, device)
-    schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
     test = D.load("mnist", args.data_root, split="test")
     spec = SamplerSpec("ddim", args.steps)
-    common = (model, schedule, cfg.diffusion.prediction, spec)
+    common = (model, of(cfg.diffusion), spec)
     print(f"{args.ckpt} (step {_step(args.ckpt)}), {describe(device)}, ddim {args.steps} steps, default guidance")
 
     threes = test.images[test.labels == 3][:args.n]

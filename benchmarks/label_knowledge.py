@@ -16,7 +16,7 @@ import torch
 from diffcli import data as D
 from diffcli.checkpoint import load_model
 from diffcli.knowledge import label_knowledge
-from diffcli.schedules import make_schedule
+from diffcli.objective import of
 
 
 def main() -> None:
@@ -36,11 +36,11 @@ def main() -> None:
         test = D.test_split(name, args.data_root, cfg.model.image_size)
         if test is None:
             raise SystemExit(f"{name} has no test split")
-        schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
+        objective = of(cfg.diffusion)
         gen = torch.Generator().manual_seed(0)
         pick = torch.randperm(len(test.labels), generator=gen)[:args.n]
         x0 = D.to_model_range(test.images[pick])
-        known = [label_knowledge(model, schedule, cfg.diffusion.prediction, x0, test.labels[pick], cfg.model.num_classes,
+        known = [label_knowledge(model, objective, x0, test.labels[pick], cfg.model.num_classes,
                                  gen, args.draws, t) for t in ts]
         stored = "-" if meta["label_knowledge"] is None else f"{meta['label_knowledge']:.2f}"
         print(f"| {path} | {meta['step']:,} | {stored} | " + " | ".join(f"{k:.2f}" for k in known) + " |", flush=True)

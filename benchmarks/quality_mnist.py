@@ -68,7 +68,7 @@ def train_for(budget_s: float, step) -> int:
 def diffcli_contender(args, data, device):
     from diffcli.checkpoint import load_model
     from diffcli.generate import generate
-    from diffcli.schedules import make_schedule
+    from diffcli.objective import of
     from diffcli.spec import SamplerSpec
 
     with tempfile.TemporaryDirectory(prefix="quality-diffcli-") as tmp:
@@ -79,10 +79,10 @@ def diffcli_contender(args, data, device):
             cmd += ["--limit", str(args.limit)]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         model, cfg, meta = load_model(out / "model.safetensors", device)
-    schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
+    objective = of(cfg.diffusion)
 
     def sample(labels, seed):
-        return generate(model, schedule, cfg.diffusion.prediction, SamplerSpec("ddim", args.sample_steps),  # default guidance
+        return generate(model, objective, SamplerSpec("ddim", args.sample_steps),  # default guidance
                         labels=labels, seeds=list(range(seed, seed + len(labels))), batch_size=250)
 
     return meta["step"], cfg.train.batch_size, sample

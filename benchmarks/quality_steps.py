@@ -27,7 +27,7 @@ from diffcli.classifier import load_classifier
 from diffcli.devices import describe, pick_device
 from diffcli.evaluation import EvalOptions, evaluate, real_images
 from diffcli.samplers import HEUN_SIGMA_MAX
-from diffcli.schedules import make_schedule
+from diffcli.objective import of
 from diffcli.spec import SamplerSpec
 
 BUDGETS = (1, 2, 4, 8, 16, 32, 50, 100)  # network evaluations per image
@@ -85,8 +85,8 @@ def main() -> None:
     real = real_images(cfg.data.name, args.data_root or cfg.data.root, cfg.model.image_size)
     base = SamplerSpec(guidance=args.guidance).resolve(cfg.diffusion.timesteps, model.student, model.trained)
     guided = base.guidance != 1.0 and cfg.model.num_classes > 0
-    abar_top = float(make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps).alphas_cumprod[-1])
-    top_sigma = ((1 - abar_top) / abar_top) ** 0.5  # above HEUN_SIGMA_MAX heun's first step is Euler
+    abar_top = float(of(cfg.diffusion).schedule.alphas_cumprod[-1])  # 0 for a flow model: pure noise
+    top_sigma = ((1 - abar_top) / abar_top) ** 0.5 if abar_top else float("inf")  # above HEUN_SIGMA_MAX heun's first step is Euler
     counter = Counter(model)
     rows = []
     for sampler in args.samplers.split(","):

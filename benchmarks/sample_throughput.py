@@ -27,6 +27,7 @@ from _peers import diffcli_unet, diffusers_unet, in_fresh_process  # noqa: E402
 
 from diffcli.devices import describe, pick_device, sampling_autocast, timed  # noqa: E402
 from diffcli.generate import generate  # noqa: E402
+from diffcli.objective import Objective  # noqa: E402
 from diffcli.schedules import make_schedule  # noqa: E402
 from diffcli.spec import SamplerSpec  # noqa: E402
 
@@ -71,7 +72,7 @@ def worker(name: str, args) -> float:
             model = torch.compile(model, dynamic=False)
         labels, seeds = [i % 10 for i in range(n)], list(range(n))
         spec = SamplerSpec("ddim", args.steps, args.guidance)
-        run = lambda: generate(model, make_schedule("cosine", 1000), "eps", spec, labels=labels, seeds=seeds,  # noqa: E731
+        run = lambda: generate(model, Objective("ddpm", make_schedule("cosine", 1000), "eps"), spec, labels=labels, seeds=seeds,  # noqa: E731
                                batch_size=n)
     else:
         unet = diffusers_unet(args.preset).to(device).eval()

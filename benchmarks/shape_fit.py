@@ -116,7 +116,7 @@ def fit(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch
 def main() -> None:
     from diffcli.checkpoint import load_model
     from diffcli.generate import generate
-    from diffcli.schedules import make_schedule
+    from diffcli.objective import of
     from diffcli.spec import SamplerSpec, default_guidance
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -132,8 +132,7 @@ def main() -> None:
     for path in args.models.split(","):
         model, cfg, _ = load_model(path, torch.device("cpu"))
         guidance = args.guidance if args.guidance is not None else default_guidance(model.trained)
-        sets.append(generate(model, make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps),
-                             cfg.diffusion.prediction, SamplerSpec(steps=args.steps, guidance=guidance), labels=labels.tolist(),
+        sets.append(generate(model, of(cfg.diffusion), SamplerSpec(steps=args.steps, guidance=guidance), labels=labels.tolist(),
                              seeds=list(range(len(labels)))))
         names.append(f"{path} (guidance {guidance:g})")
     overlap = fit(torch.cat(sets), torch.cat([real.labels] + [labels] * (len(sets) - 1)))[1].split(len(labels))

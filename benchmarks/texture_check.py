@@ -19,7 +19,7 @@ from diffcli import data as D
 from diffcli.checkpoint import load_model
 from diffcli.classifier import load_classifier, predict
 from diffcli.generate import generate
-from diffcli.schedules import make_schedule
+from diffcli.objective import of
 from diffcli.spec import SamplerSpec
 
 
@@ -57,7 +57,7 @@ def main() -> None:
     for path in args.models.split(","):
         model, cfg, _ = load_model(path, torch.device("cpu"))
         labels = torch.arange(args.n) % cfg.model.num_classes
-        imgs = generate(model, make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps), cfg.diffusion.prediction,
+        imgs = generate(model, of(cfg.diffusion),
                         SamplerSpec("ddim", 50, args.guidance), labels=labels.tolist(), seeds=list(range(args.n)))
         print(f"{path} ({cfg.diffusion.prediction}, guidance {args.guidance:g}): raw {accuracy(imgs, labels):.1%}, "
               f"blurred {accuracy(blur(imgs), labels):.1%}")

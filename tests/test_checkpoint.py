@@ -7,6 +7,7 @@ from diffcli.checkpoint import load_model, model_metadata, read_header, save_mod
 from diffcli.config import preset_config, to_dict
 from diffcli.errors import UserError
 from diffcli.generate import generate
+from diffcli.objective import Objective
 from diffcli.schedules import make_schedule
 from diffcli.spec import SamplerSpec
 from diffcli.unet import UNet
@@ -28,15 +29,15 @@ def test_round_trip_gives_bit_identical_samples(tmp_path):
     model, cfg, path = small_model(tmp_path)
     loaded, cfg2, meta = load_model(path)
     assert cfg2 == cfg and meta["class_names"] == ["a", "b", "c"] and meta["step"] == 7
-    schedule = make_schedule("cosine", 1000)
+    objective = Objective("ddpm", make_schedule("cosine", 1000), "eps")
     spec = SamplerSpec("ddim", 5, 2.0)
     args = dict(labels=[0, 1, 2, 3], seeds=[5, 6, 7, 8])
-    a = generate(model.eval(), schedule, "eps", spec, **args)
-    b = generate(loaded, schedule, "eps", spec, **args)
+    a = generate(model.eval(), objective, spec, **args)
+    b = generate(loaded, objective, spec, **args)
     assert torch.equal(a, b)
     assert a.shape == (4, 1, 16, 16) and a.dtype == torch.uint8
     # and batching does not change image 2
-    c = generate(loaded, schedule, "eps", spec, **{**args, "labels": [2], "seeds": [7]})
+    c = generate(loaded, objective, spec, **{**args, "labels": [2], "seeds": [7]})
     assert torch.equal(a[2], c[0])
 
 

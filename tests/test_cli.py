@@ -134,7 +134,7 @@ def test_sample_errors_are_one_sentence(tiny_run, tmp_path):
     assert_one_sentence_error(run("sample", "--ckpt", ckpt, "--steps", "1001"), "--steps must be between 1 and T=1000")
     assert_one_sentence_error(run("sample", "--ckpt", ckpt, "--n", "0"), "--n must be at least 1")
     assert_one_sentence_error(run("sample", "--ckpt", ckpt, "--guidance", "-1"), "--guidance must be 0 or more")
-    assert_one_sentence_error(run("sample", "--ckpt", ckpt, "--sampler", "euler"), "unknown sampler")
+    assert_one_sentence_error(run("sample", "--ckpt", ckpt, "--sampler", "lms"), "unknown sampler")
     assert_one_sentence_error(run("sample", "--ckpt", ckpt, "--sampler", "ddpm", "--steps", "10"), "ddpm runs all")
     pt = tmp_path / "model.pt"
     import torch
@@ -240,7 +240,7 @@ def test_cli_sample_makes_the_pixels_of_the_core_call(tiny_run, tmp_path, sample
 
     from diffcli.checkpoint import load_model
     from diffcli.generate import generate
-    from diffcli.schedules import make_schedule
+    from diffcli.objective import of
     from diffcli.spec import SamplerSpec
 
     ckpt = tiny_run / "model.safetensors"
@@ -248,7 +248,7 @@ def test_cli_sample_makes_the_pixels_of_the_core_call(tiny_run, tmp_path, sample
             "--out", tmp_path / "grid.png", "--save-individual", tmp_path / "each", "--device", "cpu")
     assert r.exit_code == 0, r.output
     model, cfg, _ = load_model(ckpt)
-    expected = generate(model, make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps), cfg.diffusion.prediction,
+    expected = generate(model, of(cfg.diffusion),
                         SamplerSpec(*spec_args), labels=[1, 1, 1, 5, 5, 5], seeds=list(range(5, 11)))
     files = sorted((tmp_path / "each").glob("*.png"))
     assert [f.name.split("_seed")[1] for f in files] == [f"{s}.png" for s in range(5, 11)]

@@ -98,7 +98,7 @@ def test_eval_refuses_a_classifier_for_other_images(tiny_run, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--n", "1"], "--n must be at least 2"),
-    (["--sampler", "euler"], "unknown sampler"),
+    (["--sampler", "lms"], "unknown sampler"),
     (["--steps", "5000"], "--steps must be between"),
     (["--no-memorisation"], "nothing to measure"),
     (["--real-n", "1"], "--real-n must be at least 2"),

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from diffcli import flow, samplers
+from diffcli.objective import Objective
 
 MU = torch.tensor([[1.5, -0.5], [-1.0, 1.0]])  # per class, 2 dims (as test_samplers.py)
 S = 0.5
@@ -22,8 +23,14 @@ def exact_velocity(x, s, y, mu=MU, sd=S):
 
 
 def as_network(field):
-    """The field as a network sees it: flow time in units of T (flow.denoiser)."""
+    """The field as a network sees it: flow time in units of T (Objective.inputs)."""
     return lambda x, t, y: field(x, t / T, y)
+
+
+def denoiser(network):
+    """The samplers' (ε̂, x̂0) from a velocity network, through the flow objective."""
+    objective = Objective("flow", flow.schedule(T), "v")
+    return samplers.predictions(objective.network(network), objective.schedule, objective.prediction)
 
 
 def loss_minimum(s, sd=S):
@@ -73,7 +80,7 @@ def euler_in_flow_time(field, x1, y, steps):
 def test_ddim_on_the_flow_schedule_is_euler_on_the_flow_ode(steps):
     g = torch.Generator().manual_seed(1)
     x1, y = torch.randn(500, 2, generator=g), torch.randint(0, 2, (500,), generator=g)
-    denoise = flow.denoiser(as_network(exact_velocity), T)
+    denoise = denoiser(as_network(exact_velocity))
     ddim = samplers.ddim(denoise, flow.schedule(T), x1, y, steps, clip_x0=False)
     assert torch.allclose(ddim, euler_in_flow_time(exact_velocity, x1, y, steps), atol=1e-4)
 
@@ -81,7 +88,7 @@ def test_ddim_on_the_flow_schedule_is_euler_on_the_flow_ode(steps):
 def sampled(sampler, steps, field=exact_velocity, n=2000):
     g = torch.Generator().manual_seed(2)
     x1, y = torch.randn(n, 2, generator=g), torch.randint(0, 2, (n,), generator=g)
-    denoise = flow.denoiser(as_network(field), T)
+    denoise = denoiser(as_network(field))
     ts = samplers.timesteps(T, steps)
     if sampler == "ddim":
         x = samplers.ddim(denoise, flow.schedule(T), x1, y, ts, clip_x0=False)
@@ -124,7 +131,7 @@ def test_dpm_solver_runs_a_flow_model_through_the_same_equivalence():
     every point stays finite and lands on the exact end point."""
     g = torch.Generator().manual_seed(3)
     x1, y = torch.randn(2000, 2, generator=g), torch.randint(0, 2, (2000,), generator=g)
-    x = samplers.dpmpp_2m(flow.denoiser(as_network(exact_velocity), T), flow.schedule(T), x1, y, 20, clip_x0=False)
+    x = samplers.dpmpp_2m(denoiser(as_network(exact_velocity)), flow.schedule(T), x1, y, 20, clip_x0=False)
     assert torch.isfinite(x).all() and (x - (MU[y] + S * x1)).norm(dim=1).mean() < 0.02
 
 
@@ -141,7 +148,7 @@ def test_diffusers_flow_match_euler_takes_the_same_steps_and_the_same_shift():
     g = torch.Generator().manual_seed(4)
     x1, y = torch.randn(300, 2, generator=g), torch.randint(0, 2, (300,), generator=g)
     ours = []
-    samplers.ddim(flow.denoiser(as_network(exact_velocity), T), flow.schedule(T), x1, y, ts, clip_x0=False,
+    samplers.ddim(denoiser(as_network(exact_velocity)), flow.schedule(T), x1, y, ts, clip_x0=False,
                   callback=lambda i, t, x, x0: ours.append(x.clone()))
     sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=T, shift=1.0)
     sched.set_timesteps(sigmas=grid)
@@ -150,7 +157,7 @@ def test_diffusers_flow_match_euler_takes_the_same_steps_and_the_same_shift():
         c = ((1 - sched.sigmas[i]) ** 2 + sched.sigmas[i] ** 2).sqrt()
         assert torch.allclose(x / c, ours[i], atol=1e-4), i  # our x is the variance-preserving one
         x = sched.step(exact_velocity(x, torch.full((len(x),), t.item() / T), y), t, x).prev_sample
-    end = samplers.ddim(flow.denoiser(as_network(exact_velocity), T), flow.schedule(T), x1, y, ts, clip_x0=False)
+    end = samplers.ddim(denoiser(as_network(exact_velocity)), flow.schedule(T), x1, y, ts, clip_x0=False)
     assert torch.allclose(x, end, atol=1e-4)
     shifted = FlowMatchEulerDiscreteScheduler(num_train_timesteps=T, shift=3.0)
     shifted.set_timesteps(sigmas=grid)

@@ -188,7 +188,7 @@ def test_a_training_grid_is_guided_as_sample_would_guide_the_model_saved_at_that
     from diffcli.fitting import GRID_COLUMNS, sample_grid
     from diffcli.generate import generate
     from diffcli.images import grid
-    from diffcli.schedules import make_schedule
+    from diffcli.objective import of
     from diffcli.spec import SamplerSpec, Trained, default_guidance
     from diffcli.unet import UNet
 
@@ -199,13 +199,12 @@ def test_a_training_grid_is_guided_as_sample_would_guide_the_model_saved_at_that
     with torch.no_grad():  # an untrained U-Net's zero output layer ignores the label; these weights do not
         for p in model.parameters():
             p.normal_(0, 0.3)
-    schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
     early, late = 10, 10**6  # steps: the ceiling, then the floor
     assert default_guidance(Trained(cfg.images_seen(early))) != default_guidance(Trained(cfg.images_seen(late)))
     for step in (early, late):
         trained = Trained(cfg.images_seen(step), 0.5)
         path = sample_grid(model, cfg, ["a", "b"], tmp_path / f"{step}.png", seed=3, trained=trained)
         w = default_guidance(trained)
-        images = generate(model, schedule, cfg.diffusion.prediction, SamplerSpec("ddim", cfg.train.grid_steps, w),
+        images = generate(model, of(cfg.diffusion), SamplerSpec("ddim", cfg.train.grid_steps, w),
                           labels=[r for r in (0, 1) for _ in range(GRID_COLUMNS)], seeds=[3 + i for _ in (0, 1) for i in range(GRID_COLUMNS)])
         assert Image.open(path).tobytes() == grid(images, GRID_COLUMNS).tobytes()

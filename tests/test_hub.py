@@ -31,12 +31,14 @@ def one_sentence_error(result, fragment):
     assert result.exit_code == 1 and "Traceback" not in text and fragment in text, (result.exit_code, result.output)
 
 
-def random_model(tmp_path, classes=10, scale_shift=None, shallow=False, preset="base", norm_groups=None, size=16):
+def random_model(tmp_path, classes=10, scale_shift=None, shallow=False, preset="base", norm_groups=None, size=16,
+                 objective="ddpm"):
     """A diffcli model file of `preset` (two levels of one block each where `shallow`, for
     speed: still 32 groups throughout), random weights; without patches, which diffusers lacks."""
     cfg = preset_config(preset)
     cfg.model.norm_groups, cfg.model.patch_size = norm_groups, 1
     cfg.model.num_classes, cfg.model.image_size, cfg.model.in_channels = classes, size, 3
+    cfg.diffusion.objective = objective
     if scale_shift is not None:
         cfg.model.scale_shift = scale_shift
     if shallow:
@@ -87,6 +89,43 @@ def test_an_exported_model_gives_diffcli_s_output_in_diffusers(tmp_path, classes
     with torch.no_grad():
         assert (back(x, t, y) - want).abs().max() < 1e-5
     assert back_meta["class_names"] == [f"c{i}" for i in range(classes)] and back_cfg.diffusion == cfg.diffusion
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_a_flow_model_exports_to_flow_match_euler_whose_own_steps_draw_diffcli_s_images(tmp_path, broken):
+    """Export, then diffusers' UNet2DModel stepped by its FlowMatchEulerDiscreteScheduler on diffcli's
+    grid of flow times, guided as diffcli guides: the same images as `diffcli sample --sampler euler`
+    (broken: the network fed the flow time s instead of s·T)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DModel
+
+    from diffcli.generate import generate
+    from diffcli.objective import of
+    from diffcli.samplers import PerImageNoise
+    from diffcli.spec import SamplerSpec
+
+    ckpt = random_model(tmp_path, 10, None, True, "base", None, size=8, objective="flow")
+    assert run("export", "--ckpt", ckpt, "--out", tmp_path / "out").exit_code == 0
+    unet = UNet2DModel.from_pretrained(str(tmp_path / "out"), subfolder="unet").eval()
+    sched = FlowMatchEulerDiscreteScheduler.from_pretrained(str(tmp_path / "out"), subfolder="scheduler")
+    model, cfg, _ = load_model(ckpt)
+    steps, w, seeds, y = 6, 2.0, [3, 4], torch.tensor([1, 7])
+    ours = generate(model, of(cfg.diffusion), SamplerSpec("euler", steps, w, clip=False), labels=y.tolist(), seeds=seeds)
+    sched.set_timesteps(sigmas=[1 - i / steps for i in range(steps)])
+    x = PerImageNoise(seeds)(torch.empty(2, 3, 8, 8))
+    with torch.no_grad():
+        for t in sched.timesteps:
+            both = unet(torch.cat([x, x]), t / 1000 if broken else t, class_labels=torch.cat([y, torch.full_like(y, 10)])).sample
+            cond, uncond = both.chunk(2)
+            x = sched.step(uncond + w * (cond - uncond), t, x).prev_sample
+    theirs = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    gap = (theirs.int() - ours.int()).abs().max().item()
+    assert (gap > 1) if broken else (gap <= 1), gap  # uint8 rounding of a float difference near 1e-5
+    assert run("import", tmp_path / "out", "--out", tmp_path / "back.safetensors").exit_code == 0
+    back, back_cfg, _ = load_model(tmp_path / "back.safetensors")
+    assert back_cfg.diffusion.objective == "flow" and back_cfg.diffusion.timesteps == cfg.diffusion.timesteps
+    x, t, y = inputs(10, size=8)
+    with torch.no_grad():
+        assert (back(x, t.float() / 3, y) - model(x, t.float() / 3, y)).abs().max() < 1e-5
 
 
 def test_a_wrong_schedule_mapping_breaks_the_comparison(monkeypatch):

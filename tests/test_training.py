@@ -8,14 +8,20 @@ import torch
 from diffcli import ema
 from diffcli.config import preset_config
 from diffcli.fitting import lr_at
+from diffcli.objective import Objective
+from diffcli.schedules import make_schedule
 from diffcli.training import batch_inputs
+
+
+def ddpm(T: int) -> Objective:
+    return Objective("ddpm", make_schedule("cosine", T), "v")
 
 
 def test_timesteps_are_uniform_chi_square():
     g = torch.Generator().manual_seed(0)
     T, n = 50, 50_000
     x0 = torch.zeros(n, 1)
-    t, _, _ = batch_inputs(x0, torch.zeros(n, dtype=torch.long), T, 10, 0.1, g)
+    t, _, _ = batch_inputs(x0, torch.zeros(n, dtype=torch.long), ddpm(T), 10, 0.1, g)
     counts = torch.bincount(t, minlength=T).double()
     assert t.min() == 0 and t.max() == T - 1
     chi2 = ((counts - n / T) ** 2 / (n / T)).sum().item()
@@ -26,7 +32,7 @@ def test_timesteps_are_uniform_chi_square():
 def test_noise_is_standard_normal_not_uniform():
     g = torch.Generator().manual_seed(1)
     n = 200_000
-    _, noise, _ = batch_inputs(torch.zeros(n, 1), torch.zeros(n, dtype=torch.long), 1000, 10, 0.1, g)
+    _, noise, _ = batch_inputs(torch.zeros(n, 1), torch.zeros(n, dtype=torch.long), ddpm(1000), 10, 0.1, g)
     assert abs(noise.mean().item()) < 5 / math.sqrt(n), "noise mean"
     assert abs(noise.var().item() - 1) < 5 * math.sqrt(2 / n), "noise variance"
     kurtosis = (noise**4).mean().item()  # 3 for a normal, 1.8 for a uniform
@@ -37,7 +43,7 @@ def test_label_dropout_rate_within_binomial_bounds():
     g = torch.Generator().manual_seed(2)
     n, p = 100_000, 0.1
     labels = torch.randint(0, 10, (n,), generator=torch.Generator().manual_seed(3))
-    _, _, y = batch_inputs(torch.zeros(n, 1), labels, 1000, 10, p, g)
+    _, _, y = batch_inputs(torch.zeros(n, 1), labels, ddpm(1000), 10, p, g)
     dropped = (y == 10).sum().item()
     sd = math.sqrt(n * p * (1 - p))
     assert abs(dropped - n * p) < 5 * sd, f"dropped {dropped} of {n}"
@@ -74,10 +80,11 @@ def test_tiny_run_writes_everything(tiny_run):
     assert (tiny_run / "samples" / "step_0000012.png").exists() and (tiny_run / "samples" / "latest.png").exists()
 
 
-def test_training_reduces_the_loss():
-    """Forty steps on one repeated batch: the ε-MSE must fall well below its starting value of ~1."""
+@pytest.mark.parametrize("kind", ["ddpm", "flow"])
+def test_training_reduces_the_loss(kind):
+    """Forty steps on one repeated batch: the ε-MSE (or the flow's velocity MSE) must fall well
+    below its starting value of ~1 (~1 + the images' variance)."""
     from diffcli.data import make_shapes, to_model_range
-    from diffcli.schedules import make_schedule
     from diffcli.training import diffusion_loss
     from diffcli.unet import UNet
 
@@ -87,14 +94,17 @@ def test_training_reduces_the_loss():
     model = UNet(cfg)
     data = make_shapes(size=16, per_class=2)
     x0 = to_model_range(data.images)
-    schedule = make_schedule("cosine", 100)
+    from diffcli import flow
+
+    objective = Objective("ddpm", make_schedule("cosine", 100), "eps") if kind == "ddpm" else Objective("flow", flow.schedule(100), "v")
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
     t = torch.randint(20, 100, (20,), generator=g)
+    t = t if kind == "ddpm" else t / 100  # flow: times in (0, 1)
     noise = torch.randn(x0.shape, generator=g)
     losses = []
     for _ in range(40):
-        loss = diffusion_loss(model, schedule, "eps", x0, t, noise, data.labels)
+        loss = diffusion_loss(model, objective, x0, t, noise, data.labels)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -56,6 +56,8 @@ class DiffusionConfig:
     # vs 2.36 at each one's best guidance (2,400 steps). On shapes, scored by a classifier grain does not
     # fool, eps is 7 points more accurate at an equal best FD (4.48 vs 4.49): v loses less, so it stays (results.md).
     prediction: str = "v"
+    objective: str = "ddpm"  # or "flow": the straight path's velocity (objective.py); then schedule and prediction are unused
+    time_sampling: str = "logit-normal"  # flow's training times: logit-normal (SD3, m 0, s 1) or uniform
 
 
 @dataclass
@@ -238,6 +240,7 @@ def build_config(preset: str | None, config_file: str | None, cli: dict,
 def validate(cfg: RunConfig) -> None:
     """Every value checked once: the ranges declared on the fields (NaN and infinity
     refused), then what a single field cannot say; each message names the key."""
+    from diffcli import flow, objective
     from diffcli.schedules import SCHEDULES
 
     for section in SECTIONS:
@@ -250,6 +253,8 @@ def validate(cfg: RunConfig) -> None:
         (not m.norm_groups or m.base_channels % m.norm_groups == 0, "model.norm_groups must divide model.base_channels"),
         (d.schedule in SCHEDULES, f"diffusion.schedule must be one of {', '.join(SCHEDULES)}"),
         (d.prediction in ("eps", "v"), "diffusion.prediction must be 'eps' or 'v'"),
+        (d.objective in objective.OBJECTIVES, f"diffusion.objective must be one of {', '.join(objective.OBJECTIVES)}"),
+        (d.time_sampling in flow.TIME_SAMPLINGS, f"diffusion.time_sampling must be one of {', '.join(flow.TIME_SAMPLINGS)}"),
         (t.lr_schedule in ("constant", "cosine"), "train.lr_schedule must be 'constant' or 'cosine'"),
         (t.on_nonfinite in ("stop", "rollback"), "train.on_nonfinite must be 'stop' or 'rollback'"),
         (t.precision in ("auto", "fp32", "bf16"), "train.precision must be auto, fp32 or bf16"),

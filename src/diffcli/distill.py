@@ -31,7 +31,8 @@ from diffcli.errors import UserError
 from diffcli.files import sha256
 from diffcli.fitting import TrainResult, fit
 from diffcli.generate import denoiser
-from diffcli.schedules import Schedule, eps_from_x0, make_schedule
+from diffcli.objective import Objective, of
+from diffcli.schedules import Schedule
 from diffcli.spec import Trained, default_guidance
 
 # The optimiser settings of a distillation run (its `train` section), where they differ
@@ -76,14 +77,12 @@ def pairs(schedule: Schedule, states: list[torch.Tensor], student: list[int]) ->
     return torch.cat(states[:-1]), t, torch.cat(targets)
 
 
-def distill_loss(model, schedule: Schedule, prediction: str, x_t, t, y, target) -> torch.Tensor:
-    """The MSE on what the network predicts, with the target x̂0 put in those terms (ε or v
-    at this x_t). For v this is (1 + SNR_t) |x̂0 - x̃|², Salimans & Ho's "SNR+1" weighting,
-    which keeps the noisiest step, where x̂0 is hardest, in the loss."""
-    abar = schedule.alphas_cumprod.to(x_t.device)[t].reshape(-1, *([1] * (x_t.ndim - 1)))
-    eps = eps_from_x0(x_t, target, abar)
-    wanted = eps if prediction == "eps" else abar.sqrt() * eps - (1 - abar).sqrt() * target
-    return (model(x_t, t, y).float() - wanted).square().mean()
+def distill_loss(model, objective: Objective, x_t, t, y, target) -> torch.Tensor:
+    """The MSE on what the network predicts, with the target x̂0 put in those terms (ε, v
+    or a flow's velocity at this x_t: `Objective.wanted`). For v this is (1 + SNR_t) |x̂0 - x̃|²,
+    Salimans & Ho's "SNR+1" weighting, which keeps the noisiest step, where x̂0 is hardest, in the loss."""
+    x, time, wanted = objective.wanted(x_t, t, target)
+    return (model(x, time, y).float() - wanted).square().mean()
 
 
 class Pairs:
@@ -93,8 +92,8 @@ class Pairs:
     def __init__(self, teacher: torch.nn.Module, class_names: list[str], cfg: RunConfig, world: World,
                  device: torch.device, layout: torch.memory_format):
         d, m = cfg.distill, cfg.model
-        self.schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
-        self.prediction, self.steps, self.class_names = cfg.diffusion.prediction, d.steps, class_names
+        self.objective = of(cfg.diffusion)
+        self.schedule, self.steps, self.class_names = self.objective.schedule, d.steps, class_names
         self.student, self.fine = plan(self.schedule.T, d.steps, d.teacher_steps)
         self.paths = max(1, cfg.train.batch_size // d.steps)
         self.size, self.per_epoch = self.paths * d.steps, None  # no data, so no epochs
@@ -102,7 +101,7 @@ class Pairs:
         self.mine = slice(world.rank * local, (world.rank + 1) * local)
         self.shape = (self.paths, m.in_channels, m.image_size, m.image_size)
         self.num_classes, self.device, self.layout = m.num_classes, device, layout
-        self.teacher = denoiser(teacher, self.schedule, self.prediction, d.student().guidance)
+        self.teacher = denoiser(teacher, self.objective, d.student().guidance)
 
     def get(self, step: int, gen: torch.Generator) -> tuple:
         noise = torch.randn(self.shape, generator=gen)
@@ -115,7 +114,7 @@ class Pairs:
         return x_t.contiguous(memory_format=self.layout), t, y.repeat(self.steps), target
 
     def loss(self, model, batch: tuple) -> torch.Tensor:
-        return distill_loss(model, self.schedule, self.prediction, *batch)
+        return distill_loss(model, self.objective, *batch)
 
     def knowledge(self, model) -> None:  # a student samples with its guidance folded in: the rule does not apply
         return None

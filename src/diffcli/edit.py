@@ -17,8 +17,8 @@ import torch
 from diffcli import image_samplers, samplers
 from diffcli.data import to_model_range
 from diffcli.errors import UserError
-from diffcli.generate import denoiser, generate, per_batch
-from diffcli.devices import sampling_autocast
+from diffcli.generate import denoiser, generate, network, per_batch
+from diffcli.objective import Objective
 from diffcli.schedules import Schedule, q_sample
 from diffcli.spec import EDIT_GUIDANCE, SamplerSpec
 
@@ -38,17 +38,18 @@ def first_step(spec: SamplerSpec, schedule: Schedule, strength: float) -> int:
 
 
 @torch.no_grad()
-def img2img(model, schedule: Schedule, prediction: str, spec: SamplerSpec, *, images: torch.Tensor, labels: list[int],
+def img2img(model, objective: Objective, spec: SamplerSpec, *, images: torch.Tensor, labels: list[int],
             seeds: list[int], strength: float, batch_size: int = 64) -> torch.Tensor:
     """Noise each image to the timestep `strength` of the way to T with its seed's noise,
     then sample it back under its label. Strength 0 returns the images; strength 1 starts
     from the noise alone and is `generate` with the same seeds and labels. Guidance
     defaults to EDIT_GUIDANCE."""
+    schedule = objective.schedule
     spec = for_edit(spec, model).resolve(schedule.T, model.student, model.trained)
     plan, first = samplers.plan(spec, schedule), first_step(spec, schedule, strength)
     if first == len(plan):
         return images.clone()
-    denoise = denoiser(model, schedule, prediction, spec.guidance, spec.interval)
+    denoise = denoiser(model, objective, spec.guidance, spec.interval)
 
     def run(chunk: slice, randn_like) -> torch.Tensor:
         x0 = to_model_range(images[chunk].to(randn_like.device))
@@ -62,15 +63,16 @@ def img2img(model, schedule: Schedule, prediction: str, spec: SamplerSpec, *, im
 
 
 @torch.no_grad()
-def inpaint(model, schedule: Schedule, prediction: str, spec: SamplerSpec, *, images: torch.Tensor, redraw: torch.Tensor,
+def inpaint(model, objective: Objective, spec: SamplerSpec, *, images: torch.Tensor, redraw: torch.Tensor,
             labels: list[int], seeds: list[int], jumps: int, batch_size: int = 64) -> torch.Tensor:
     """Redraw where `redraw` (N, 1, H, W) is True under each label, keeping the rest of
     each image exactly (RePaint, `image_samplers.repaint`, with `jumps` tries of every step)."""
+    schedule = objective.schedule
     spec = spec.resolve(schedule.T, model.student, model.trained)
-    if spec.sampler not in ("ddim", "ddpm"):
-        raise UserError("inpainting runs --sampler ddim or ddpm: dpm++ carries each step into the next, "
-                        "and replacing the kept region between steps breaks that.")
-    denoise = denoiser(model, schedule, prediction, spec.guidance, spec.interval)
+    if spec.sampler not in ("ddim", "euler", "ddpm"):
+        raise UserError(f"inpainting runs --sampler ddim, euler or ddpm, whose steps each start afresh from the image "
+                        f"with its kept region put back; {spec.sampler}'s do not.")
+    denoise = denoiser(model, objective, spec.guidance, spec.interval)
 
     def run(chunk: slice, randn_like) -> torch.Tensor:
         known = to_model_range(images[chunk].to(randn_like.device))
@@ -82,18 +84,20 @@ def inpaint(model, schedule: Schedule, prediction: str, spec: SamplerSpec, *, im
 
 
 @torch.no_grad()
-def invert(model, schedule: Schedule, prediction: str, spec: SamplerSpec, *, images: torch.Tensor,
+def invert(model, objective: Objective, spec: SamplerSpec, *, images: torch.Tensor,
            source_labels: list[int], labels: list[int], batch_size: int = 64) -> torch.Tensor:
     """A deterministic edit: DDIM-invert each image under its source label with the plain
     conditional model (guidance 1: inversion under stronger guidance drifts, Mokady et al.
     2023, §3), then run DDIM back down under its label with the spec's guidance. With the
     same label and guidance 1 the image comes back, up to the ODE's discretisation.
     Guidance defaults to EDIT_GUIDANCE."""
+    schedule = objective.schedule
     spec = for_edit(spec, model).resolve(schedule.T, model.student, model.trained)
-    if spec.sampler != "ddim" or spec.eta != 0 or spec.spacing != "trailing":
-        raise UserError("--invert runs DDIM with --eta 0 both ways: use --sampler ddim.")
-    there = denoiser(model, schedule, prediction, 1.0)
-    back = denoiser(model, schedule, prediction, spec.guidance, spec.interval)
+    if spec.sampler not in ("ddim", "euler") or spec.eta != 0 or spec.spacing != "trailing" or spec.shift != 1:
+        raise UserError("--invert runs DDIM (Euler) both ways on trailing steps: use --sampler ddim or euler, "
+                        "without --eta, --spacing or --shift.")
+    there = denoiser(model, objective, 1.0)
+    back = denoiser(model, objective, spec.guidance, spec.interval)
 
     def run(chunk: slice, randn_like) -> torch.Tensor:
         x0 = to_model_range(images[chunk].to(randn_like.device))
@@ -128,16 +132,17 @@ def _deterministic(spec: SamplerSpec, model, T: int) -> SamplerSpec:
 
 
 @torch.no_grad()
-def between_seeds(model, schedule: Schedule, prediction: str, spec: SamplerSpec, *, label: int, seeds: tuple[int, int],
+def between_seeds(model, objective: Objective, spec: SamplerSpec, *, label: int, seeds: tuple[int, int],
                   frames: int, batch_size: int = 64) -> torch.Tensor:
     """`frames` images under one label whose starting noise moves along the great circle
     from seed a's noise to seed b's; the first and last are `generate` for a and b."""
+    schedule = objective.schedule
     spec = _deterministic(spec, model, schedule.T)
     cfg, device = model.cfg, next(model.parameters()).device
     shape = (1, cfg.in_channels, cfg.image_size, cfg.image_size)
     ends = [samplers.PerImageNoise([s], device)(torch.empty(shape, device=device)) for s in seeds]
     noise = torch.cat([slerp(*ends, alpha) for alpha in _alphas(frames)])
-    denoise = denoiser(model, schedule, prediction, spec.guidance, spec.interval)
+    denoise = denoiser(model, objective, spec.guidance, spec.interval)
 
     def run(chunk: slice, randn_like) -> torch.Tensor:
         y = torch.full((len(noise[chunk]),), label, device=device)
@@ -147,27 +152,28 @@ def between_seeds(model, schedule: Schedule, prediction: str, spec: SamplerSpec,
 
 
 @torch.no_grad()
-def between_labels(model, schedule: Schedule, prediction: str, spec: SamplerSpec, *, labels: tuple[int, int], seed: int,
+def between_labels(model, objective: Objective, spec: SamplerSpec, *, labels: tuple[int, int], seed: int,
                    frames: int, batch_size: int = 64) -> torch.Tensor:
     """`frames` images from one seed's noise whose condition moves from label a to label b
     by guidance toward the mixed condition (`mixed_guidance`); the end frames are `generate`
     for a and for b, the frames between share their starting noise."""
+    schedule = objective.schedule
     spec = _deterministic(spec, model, schedule.T)
     cfg, device = model.cfg, next(model.parameters()).device
     alphas = _alphas(frames)[1:-1]
 
     def run(chunk: slice, randn_like) -> torch.Tensor:
         alpha = torch.tensor(alphas[chunk], device=device)
-        denoise = samplers.predictions(mixed_guidance(model, labels, alpha, spec.guidance), schedule, prediction)
+        denoise = samplers.predictions(mixed_guidance(model, objective, labels, alpha, spec.guidance), schedule, objective.prediction)
         noise = randn_like(torch.empty(len(alpha), cfg.in_channels, cfg.image_size, cfg.image_size, device=device))
         return samplers.sample(spec, denoise, schedule, noise, torch.zeros(len(alpha), dtype=torch.long), randn_like)
 
-    ends = generate(model, schedule, prediction, spec, labels=list(labels), seeds=[seed, seed])
+    ends = generate(model, objective, spec, labels=list(labels), seeds=[seed, seed])
     middle = per_batch(model, [seed] * len(alphas), batch_size, run) if alphas else ends[:0]
     return torch.cat([ends[:1], middle, ends[1:]])
 
 
-def mixed_guidance(model, labels: tuple[int, int], alpha: torch.Tensor, w: float) -> samplers.Network:
+def mixed_guidance(model, objective: Objective, labels: tuple[int, int], alpha: torch.Tensor, w: float) -> samplers.Network:
     """A network for the condition α of the way from label a to label b (one α per image):
     out = out(∅) + w ((1-α) out(a) + α out(b) - out(∅)), classifier-free guidance toward the
     product p(x|a)^(1-α) p(x|b)^α of the two conditionals. The labels it is called with are
@@ -175,15 +181,15 @@ def mixed_guidance(model, labels: tuple[int, int], alpha: torch.Tensor, w: float
     average of two embeddings is a point the network never saw in training."""
     device, null = next(model.parameters()).device, model.cfg.num_classes
     a = alpha.float().reshape(-1, 1, 1, 1)
+    net = network(model, objective)
 
-    def network(x, t, _y):
+    def mixed(x, t, _y):
         n = x.shape[0]
         ys = torch.tensor([labels[0]] * n + [labels[1]] * n + [null] * n, device=device)
-        with sampling_autocast(device):
-            cond_a, cond_b, uncond = model(torch.cat([x] * 3), torch.cat([t] * 3), ys).chunk(3)
+        cond_a, cond_b, uncond = net(torch.cat([x] * 3), torch.cat([t] * 3), ys).float().chunk(3)
         return uncond + w * ((1 - a) * cond_a + a * cond_b - uncond)
 
-    return network
+    return mixed
 
 
 def _alphas(frames: int) -> list[float]:

@@ -140,21 +140,20 @@ def evaluate(model, cfg, class_names: list[str], opts: EvalOptions, real: RealIm
     `status(text)` gives a context manager shown while each stage runs; `world`: see `run`."""
     from diffcli.devices import timed
     from diffcli.generate import generate
-    from diffcli.schedules import make_schedule
+    from diffcli.objective import of
 
     spec = opts.spec.resolve(cfg.diffusion.timesteps, model.student, model.trained)
     labels = torch.tensor([k for k in (range(len(class_names)) or [0]) for _ in range(opts.n_per_class)])
-    schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
     device = next(model.parameters()).device
     with status(f"sampling {len(labels)} images with {spec.sampler}, {spec.steps} steps ..."):
-        images, seconds = timed(lambda: generate(model, schedule, cfg.diffusion.prediction, spec, labels=labels.tolist(),
+        images, seconds = timed(lambda: generate(model, of(cfg.diffusion), spec, labels=labels.tolist(),
                                                  seeds=list(range(opts.seed, opts.seed + len(labels))), batch_size=opts.batch_size,
                                                  world=world),
                                 device)
     if not world.is_main:  # rank 0 measures
         return {}, images, None
     report = {"images": len(labels), "sampler": spec.sampler, "steps": spec.steps, "guidance": spec.guidance,
-              "guidance_interval": spec.interval, "seed": opts.seed, "sampling_s": round(seconds, 2)}
+              "guidance_interval": spec.interval, "shift": spec.shift, "seed": opts.seed, "sampling_s": round(seconds, 2)}
     if clf is not None:
         # The floor: real images the reference does not hold, as many as generated.
         source = real.pool if real.pool is not None else real.train

@@ -35,7 +35,7 @@ from diffcli.errors import UserError
 from diffcli.generate import generate
 from diffcli.images import grid, save
 from diffcli.runs import METRICS_FILE, MODEL_FILE, check_free_space, truncate_metrics
-from diffcli.schedules import make_schedule
+from diffcli.objective import of
 from diffcli.spec import SamplerSpec, Trained, default_guidance, knowledge_can_matter
 from diffcli.trackers import tracking
 from diffcli.trainstate import NonFiniteGuard, TrainState
@@ -89,8 +89,7 @@ def sample_grid(ema, cfg: RunConfig, class_names: list[str], path: Path, seed: i
     rows = list(range(min(len(class_names), GRID_MAX_ROWS))) or [cfg.model.num_classes]  # unconditional: null
     labels = [r for r in rows for _ in range(GRID_COLUMNS)]
     seeds = [seed + i for _ in rows for i in range(GRID_COLUMNS)]
-    schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
-    images = generate(ema, schedule, cfg.diffusion.prediction, grid_spec(cfg, trained), labels=labels, seeds=seeds)
+    images = generate(ema, of(cfg.diffusion), grid_spec(cfg, trained), labels=labels, seeds=seeds)
     return save(grid(images, GRID_COLUMNS), path)
 
 
@@ -123,7 +122,7 @@ def fit(cfg: RunConfig, make_task: Callable[[torch.device, torch.memory_format],
     params = sum(p.numel() for p in state.net.parameters())
     report("start", device=device, precision=_precision(cfg, device), preset=tc.preset, steps_per_epoch=task.per_epoch,
            total_steps=limits.total_steps, batch=task.size, budget_s=limits.budget_s, step=state.step, params=params,
-           world=world.size)
+           world=world.size, objective=of(cfg.diffusion).describe())
     if world.is_main:
         check_free_space(out, params, len(state.profiles))
     model = _prepared(state.net, cfg, task, world, device, report)

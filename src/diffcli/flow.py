@@ -4,18 +4,14 @@
 Training times s are drawn logit-normal (Esser et al. 2024, SD3, §3.1: m = 0, s = 1) or
 uniform, and a few-step sampler spreads its steps with SD3's shift (§5.3.2).
 
-Issue 36, first step: this module is the objective's mathematics and how the samplers
-serve it; `train --objective flow` and the commands are not wired to it yet
-(docs/architecture.md says where the work stands).
-
 One set of samplers serves both objectives, through the Gaussian-path equivalence: the
 flow path is a Gaussian path with α = 1 - s and σ = s, so x_s / sqrt(α² + σ²) is a
 variance-preserving sample with ᾱ = α² / (α² + σ²) (Kingma et al. 2021, VDM, §3; Lipman et
-al. 2023, §4.1). `schedule(T)` is that ᾱ on a grid of T flow times, and `denoiser` turns a
-velocity into the (ε̂, x̂0) every sampler in samplers.py steps with: from
-x_s = (1 - s) x0 + s ε and v = ε - x0, x0 = x_s - s v and ε = x_s + (1 - s) v. DDIM on this
-schedule is then exactly Euler on the flow ODE dx/ds = v (tested), and EDM's Heun a
-second-order method on the same ODE.
+al. 2023, §4.1). `schedule(T)` is that ᾱ on a grid of T flow times, and
+`objective.Objective.network` reads a velocity as the v-prediction of that schedule, so that
+from x_s = (1 - s) x0 + s ε and v = ε - x0 the samplers step with x0 = x_s - s v and
+ε = x_s + (1 - s) v. DDIM on this schedule is then exactly Euler on the flow ODE
+dx/ds = v (tested), and EDM's Heun a second-order method on the same ODE.
 """
 
 from __future__ import annotations
@@ -68,17 +64,3 @@ def schedule(T: int) -> Schedule:
     previous = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
     return Schedule("flow", (1 - abar / previous).float(), abar.float())
 
-
-def denoiser(network, T: int):
-    """The velocity network as samplers.py's denoiser: (x, index, y) -> (ε̂, x̂0), where x is
-    the variance-preserving sample at grid index t. The network sees the flow sample and
-    the flow time in the units it was trained with, s·T (as it sees a step index)."""
-    grid = times(T)
-
-    def denoise(x, t, y):
-        s = grid.to(x.device)[t].float().reshape(-1, *([1] * (x.ndim - 1)))
-        x_s = x * ((1 - s) ** 2 + s ** 2).sqrt()
-        v = network(x_s, s.flatten() * T, y).float()
-        return x_s + (1 - s) * v, x_s - s * v
-
-    return denoise

@@ -13,24 +13,30 @@ from diffcli.data import from_model_range
 from diffcli.devices import sampling_autocast, timed
 from diffcli.distributed import World, gather_shares, share
 from diffcli.guidance import guided, interval as guidance_interval
-from diffcli.schedules import Schedule
+from diffcli.objective import Objective
 from diffcli.spec import SamplerSpec
 
 
-def denoiser(model: torch.nn.Module, schedule: Schedule, prediction: str, guidance: float,
-             interval: tuple[float, float] | None = None) -> samplers.Denoiser:
-    """The model as the samplers see it: under autocast, guided at weight `guidance` when
-    it has classes (only for noise levels in `interval`, if given), returning (ε̂, x̂0)."""
+def network(model: torch.nn.Module, objective: Objective) -> samplers.Network:
+    """The model under sampling autocast, seen through its objective: (x, grid index, y) -> ε or v."""
     device = next(model.parameters()).device
 
-    def network(x, t, y):
+    def run(x, t, y):
         with sampling_autocast(device):
             return model(x, t, y)
 
+    return objective.network(run)
+
+
+def denoiser(model: torch.nn.Module, objective: Objective, guidance: float,
+             interval: tuple[float, float] | None = None) -> samplers.Denoiser:
+    """The model as the samplers see it: guided at weight `guidance` when it has classes
+    (only for noise levels in `interval`, if given), returning (ε̂, x̂0)."""
+    net = network(model, objective)
     if model.cfg.num_classes > 0:
-        active = None if interval is None else guidance_interval(schedule, *interval)
-        network = guided(network, guidance, model.cfg.num_classes, active)
-    return samplers.predictions(network, schedule, prediction)
+        active = None if interval is None else guidance_interval(objective.schedule, *interval)
+        net = guided(net, guidance, model.cfg.num_classes, active)
+    return samplers.predictions(net, objective.schedule, objective.prediction)
 
 
 def per_batch(model: torch.nn.Module, seeds: list[int], batch_size: int, run, world: World = World()) -> torch.Tensor:
@@ -48,7 +54,7 @@ def per_batch(model: torch.nn.Module, seeds: list[int], batch_size: int, run, wo
 
 
 @torch.no_grad()
-def generate(model: torch.nn.Module, schedule: Schedule, prediction: str, spec: SamplerSpec, *,
+def generate(model: torch.nn.Module, objective: Objective, spec: SamplerSpec, *,
              labels: list[int], seeds: list[int], batch_size: int = 64, callback=None, world: World = World()) -> torch.Tensor:
     """Images (N, C, H, W) uint8, image i made from seed seeds[i] and label labels[i].
 
@@ -57,9 +63,10 @@ def generate(model: torch.nn.Module, schedule: Schedule, prediction: str, spec: 
     `callback(first_image, step, t, x_t, x0_hat)` sees every step of every batch (of this
     rank's share, under torchrun: `world`).
     """
+    schedule = objective.schedule
     spec = spec.resolve(schedule.T, model.student, model.trained)
     cfg = model.cfg
-    denoise = denoiser(model, schedule, prediction, spec.guidance, spec.interval)
+    denoise = denoiser(model, objective, spec.guidance, spec.interval)
 
     def run(chunk: slice, randn_like) -> torch.Tensor:
         device = randn_like.device
@@ -71,16 +78,16 @@ def generate(model: torch.nn.Module, schedule: Schedule, prediction: str, spec: 
     return per_batch(model, seeds, batch_size, run, world)
 
 
-def compiled_for_sampling(model: torch.nn.Module, schedule: Schedule, prediction: str, spec: SamplerSpec, *,
+def compiled_for_sampling(model: torch.nn.Module, objective: Objective, spec: SamplerSpec, *,
                           labels: list[int], seeds: list[int], batch_size: int, report) -> torch.nn.Module:
     """`model` under torch.compile, checked with one DDIM step of the first batch (the shapes
     sampling will use), or `model` itself with a notice through `report` when that fails."""
     from diffcli import compiling
 
     first = slice(0, min(batch_size, len(seeds)))
-    spec = spec.resolve(schedule.T, model.student, model.trained)
+    spec = spec.resolve(objective.T, model.student, model.trained)
     short = spec if model.student else SamplerSpec("ddim", 1, spec.guidance)  # a student runs only its few steps
-    check = lambda fast: generate(fast, schedule, prediction, short, labels=labels[first], seeds=seeds[first],  # noqa: E731
+    check = lambda fast: generate(fast, objective, short, labels=labels[first], seeds=seeds[first],  # noqa: E731
                                   batch_size=batch_size)
     return compiling.compiled(model, check, report, next(model.parameters()).device)
 
@@ -123,10 +130,10 @@ class Trajectory:
         return torch.stack([torch.cat(self._x0[i]) for i in self.steps])
 
 
-def sweep(model: torch.nn.Module, schedule: Schedule, prediction: str, specs: list[SamplerSpec], *,
+def sweep(model: torch.nn.Module, objective: Objective, specs: list[SamplerSpec], *,
           label: int, seeds: list[int]) -> list[tuple[torch.Tensor, float]]:
     """Sample the same seeds (so the same starting noise) once per spec; returns (images,
     seconds) for each, timed with the device synchronised."""
     device = next(model.parameters()).device
-    return [timed(lambda s=spec: generate(model, schedule, prediction, s, labels=[label] * len(seeds), seeds=seeds), device)
+    return [timed(lambda s=spec: generate(model, objective, s, labels=[label] * len(seeds), seeds=seeds), device)
             for spec in specs]

@@ -139,9 +139,18 @@ def unet_config(net: torch.nn.Module, m: ModelConfig) -> dict:
             "add_attention": True, "class_embed_type": None, "num_class_embeds": m.num_classes + 1 if m.num_classes else None}
 
 
+FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
+FLOW_PLAIN = {"use_dynamic_shifting": False, "invert_sigmas": False, "shift_terminal": None, "use_karras_sigmas": False,
+              "use_exponential_sigmas": False, "use_beta_sigmas": False, "stochastic_sampling": False}  # what diffcli's flow is
+
+
 def scheduler_config(cfg: RunConfig) -> dict:
-    """A `DDIMScheduler` config with diffcli's schedule, T, prediction, clipping and trailing spacing."""
+    """A `DDIMScheduler` config with diffcli's schedule, T, prediction, clipping and trailing spacing;
+    for a flow model a `FlowMatchEulerDiscreteScheduler`, whose timesteps s·T are the network's time input."""
     d = cfg.diffusion
+    if d.objective == "flow":
+        return {"_class_name": FLOW_SCHEDULER, "_diffusers_version": DIFFUSERS_VERSION, "num_train_timesteps": d.timesteps,
+                "shift": 1.0, **FLOW_PLAIN}
     scale = 1000 / d.timesteps  # diffcli's linear schedule keeps DDPM's total noise at any T (schedules.py)
     return {"_class_name": "DDIMScheduler", "_diffusers_version": DIFFUSERS_VERSION, "num_train_timesteps": d.timesteps,
             "beta_schedule": BETA_SCHEDULES[d.schedule], "beta_start": 1e-4 * scale, "beta_end": 0.02 * scale,
@@ -242,6 +251,11 @@ def diffusion_config(sched: dict):
     from diffcli.config import DiffusionConfig
 
     T = int(sched.get("num_train_timesteps", 1000))
+    if sched.get("_class_name") == FLOW_SCHEDULER:
+        odd = [key for key, plain in FLOW_PLAIN.items() if sched.get(key, plain) != plain]
+        if odd:
+            raise UserError(f"diffcli's flow models sample on plain flow times; this scheduler sets {', '.join(odd)}.")
+        return DiffusionConfig(objective="flow", timesteps=T)  # its shift is a sampling choice: `--shift`
     kind = {v: k for k, v in BETA_SCHEDULES.items()}.get(sched.get("beta_schedule", "linear"))
     linear_ok = all(abs(float(sched.get(key, dflt)) - dflt * 1000 / T) <= 1e-9 for key, dflt in (("beta_start", 1e-4), ("beta_end", 0.02)))
     prediction = {v: k for k, v in PREDICTIONS.items()}.get(sched.get("prediction_type", "epsilon"))

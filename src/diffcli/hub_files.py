@@ -17,8 +17,9 @@ from diffcli.hub import (DIFFUSERS_VERSION, PREDICTIONS, SCHEDULER_NUMBERS, UNET
 
 # --- out ----------------------------------------------------------------------------
 
-def export(ckpt: Path, out: Path) -> dict:
-    """Write the diffusers pipeline folder `out` for the diffcli model `ckpt`; returns the UNet config."""
+def export(ckpt: Path, out: Path) -> tuple[dict, str]:
+    """Write the diffusers pipeline folder `out` for the diffcli model `ckpt`; returns the UNet
+    config and the scheduler's class."""
     from diffcli.checkpoint import load_model, save_tensors
 
     model, cfg, meta = load_model(ckpt)
@@ -32,11 +33,13 @@ def export(ckpt: Path, out: Path) -> dict:
     write_json(out / "unet" / "config.json", unet)
     save_tensors(out / "unet" / UNET_WEIGHTS, to_diffusers(model.state_dict(), cfg.model), {"format": "pt"})
     write_json(out / "scheduler" / "scheduler_config.json", scheduler_config(cfg))
-    write_json(out / "model_index.json", {"_class_name": "DDIMPipeline", "_diffusers_version": DIFFUSERS_VERSION,
-                                          "scheduler": ["diffusers", "DDIMScheduler"], "unet": ["diffusers", "UNet2DModel"]})
+    scheduler = scheduler_config(cfg)["_class_name"]
+    pipeline = "DDPMPipeline" if cfg.diffusion.objective == "flow" else "DDIMPipeline"  # DDIM's passes eta, which flow's step lacks
+    write_json(out / "model_index.json", {"_class_name": pipeline, "_diffusers_version": DIFFUSERS_VERSION,
+                                          "scheduler": ["diffusers", scheduler], "unet": ["diffusers", "UNet2DModel"]})
     write_json(out / "class_names.json", {"class_names": names, "null_label": k if k else None})
     (out / "README.md").write_text(model_card(cfg, names, ckpt))
-    return unet
+    return unet, scheduler
 
 
 def model_card(cfg: RunConfig, names: list[str], ckpt: Path) -> str:
@@ -46,27 +49,33 @@ def model_card(cfg: RunConfig, names: list[str], ckpt: Path) -> str:
     guided = ("        both = unet(torch.cat([x, x]), t, class_labels=torch.cat([y, torch.full_like(y, %d)])).sample\n"
               "        cond, uncond = both.chunk(2)\n        out = uncond + 2.0 * (cond - uncond)  # guidance 2, diffcli's default\n" % k
               if k else "        out = unet(x, t).sample\n")
+    flow = cfg.diffusion.objective == "flow"
+    learned = ("flow matching (the UNet predicts the velocity noise - image at timestep t = s·T)" if flow else
+               f"{cfg.diffusion.schedule} schedule, T = {cfg.diffusion.timesteps}, {PREDICTIONS[cfg.diffusion.prediction]} prediction")
+    scheduler, pipeline = ("FlowMatchEulerDiscreteScheduler", "DDPMPipeline") if flow else ("DDIMScheduler", "DDIMPipeline")
+    steps = ("scheduler.set_timesteps(sigmas=[1 - i / 50 for i in range(50)])  # diffcli's 50 Euler steps" if flow
+             else "scheduler.set_timesteps(50)")
+    step = "scheduler.step(out, t, x).prev_sample" if flow else "scheduler.step(out, t, x, use_clipped_model_output=True).prev_sample"
     return f"""# {ckpt.parent.name or ckpt.stem}: a diffcli model in the diffusers format
 
 Trained with [diffcli](https://github.com/) on `{cfg.data.name}` ({cfg.model.image_size}x{cfg.model.image_size},
-{cfg.model.in_channels} channel(s)); {cfg.diffusion.schedule} schedule, T = {cfg.diffusion.timesteps},
-{PREDICTIONS[cfg.diffusion.prediction]} prediction. {labels}
+{cfg.model.in_channels} channel(s)); {learned}. {labels}
 
 ```python
 import torch
-from diffusers import DDIMScheduler, UNet2DModel
+from diffusers import {scheduler}, UNet2DModel
 
 unet = UNet2DModel.from_pretrained("THIS_FOLDER", subfolder="unet").eval()
-scheduler = DDIMScheduler.from_pretrained("THIS_FOLDER", subfolder="scheduler")
-scheduler.set_timesteps(50)
+scheduler = {scheduler}.from_pretrained("THIS_FOLDER", subfolder="scheduler")
+{steps}
 x = torch.randn(8, {cfg.model.in_channels}, {cfg.model.image_size}, {cfg.model.image_size}, generator=torch.Generator().manual_seed(0))
 y = torch.arange(8) % {max(k, 1)}
 with torch.no_grad():
     for t in scheduler.timesteps:
-{guided}        x = scheduler.step(out, t, x, use_clipped_model_output=True).prev_sample  # as diffcli
+{guided}        x = {step}  # as diffcli
 images = (x.clamp(-1, 1) + 1) / 2  # pixels in [0, 1]
 ```
-{"" if k else "An unconditional model also runs in `DDIMPipeline.from_pretrained('THIS_FOLDER')`."}
+{"" if k else f"An unconditional model also runs in `{pipeline}.from_pretrained('THIS_FOLDER')`."}
 """
 
 

@@ -37,8 +37,8 @@ def repaint(spec: SamplerSpec, denoise: Denoiser, schedule: Schedule, noise: tor
     resampling, jump length 1) so that the redrawn region comes to agree with what is kept.
     At the end the kept region is `known` itself."""
     spec = spec.resolve(schedule.T)
-    if spec.sampler not in ("ddim", "ddpm"):
-        raise ValueError("repaint steps with ddim or ddpm")
+    if spec.sampler not in ("ddim", "euler", "ddpm"):
+        raise ValueError("repaint steps with ddim (euler) or ddpm")
     ts = plan(spec, schedule)
 
     def noised(x0, t):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from diffcli.schedules import Schedule, q_sample, v_target
+from diffcli.schedules import Schedule
 
 # The noise level it is read at: SNR 0.25 (σ twice the signal; t = 701 of the cosine
 # schedule). With less noise the picture gives the class away, the label barely matters,
@@ -43,22 +43,23 @@ def candidates(labels: torch.Tensor, num_classes: int, gen: torch.Generator) -> 
 
 
 @torch.no_grad()
-def label_knowledge(network, schedule: Schedule, prediction: str, x0: torch.Tensor, labels: torch.Tensor,
+def label_knowledge(network, objective, x0: torch.Tensor, labels: torch.Tensor,
                     num_classes: int, gen: torch.Generator, draws: int = DRAWS, step: int | None = None) -> float:
-    """Accuracy of the own-label pick at timestep `step` (None: snr_step), rescaled so that
-    chance is 0 and always right is 1. `x0` in model range [-1, 1] on the network's device;
-    ties count as misses."""
+    """Accuracy of the own-label pick at grid index `step` of the objective's schedule
+    (None: snr_step), rescaled so that chance is 0 and always right is 1. `x0` in model
+    range [-1, 1] on the network's device; ties count as misses."""
     tries = candidates(labels.cpu(), num_classes, gen)
     n, w = tries.shape
-    t = torch.full((n,), snr_step(schedule) if step is None else step, device=x0.device)
+    index = torch.full((n,), snr_step(objective.schedule) if step is None else step, device=x0.device)
+    t = objective.at(index)  # in the units the network was trained with
     flat, err = tries.flatten(), torch.zeros(n * w)
     for _ in range(draws):  # the errors summed over draws: one draw alone leaves the pick mostly to its noise
         noise = torch.randn(x0.shape, generator=gen).to(x0)
-        x_t = q_sample(schedule, x0, t, noise)  # each image's noise shared by its candidates
-        target = noise if prediction == "eps" else v_target(schedule, x0, t, noise)
+        x_t, time = objective.inputs(x0, t, noise)  # each image's noise shared by its candidates
+        target = objective.target(x0, t, noise)
         for i in range(0, n * w, BATCH):
             rows = torch.arange(i, min(i + BATCH, n * w)) // w
-            out = network(x_t[rows], t[rows], flat[i:i + BATCH].to(x0.device)).float()
+            out = network(x_t[rows], time[rows], flat[i:i + BATCH].to(x0.device)).float()
             err[i:i + BATCH] += (out - target[rows]).square().flatten(1).mean(1).cpu()
     err = err.view(n, w)
     right = (err[:, 0] < err[:, 1:].min(1).values).float().mean().item()

@@ -210,9 +210,8 @@ def model_summary(header: dict, meta: dict, file_size: int) -> dict:
         "image_size": m.get("image_size"),
         "channels": m.get("in_channels"),
         "classes": meta["class_names"] or "none (unconditional)",
-        "schedule": d.get("schedule"),
+        **_objective(d),
         "timesteps": d.get("timesteps"),
-        "prediction": d.get("prediction"),
         "training_step": meta["step"],
         **({} if cfg.get("distill") else {"epochs": meta["epoch"]}),  # a distillation sees no data
         "ema_decay": t.get("ema_decay"),
@@ -221,6 +220,13 @@ def model_summary(header: dict, meta: dict, file_size: int) -> dict:
         "diffcli_version": meta["version"],
         "file_size": f"{file_size / 1e6:.1f} MB",
     }
+
+
+def _objective(d: dict) -> dict:
+    """What the model learned: flow matching's time sampling, or ddpm's schedule and target."""
+    if d.get("objective") == "flow":
+        return {"objective": "flow matching (predicts the velocity)", "time_sampling": d.get("time_sampling")}
+    return {"objective": "ddpm", "schedule": d.get("schedule"), "prediction": d.get("prediction")}
 
 
 def _guidance(cfg: dict, meta: dict) -> dict:

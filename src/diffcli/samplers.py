@@ -14,6 +14,7 @@ sees every step (for trajectories).
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
@@ -245,12 +246,25 @@ def karras_timesteps(schedule: Schedule, steps: int, rho: float = 7.0) -> list[i
     return sorted(set(picked) | ({schedule.T - 1} if top > hi else set()), reverse=True)
 
 
+def shifted(schedule: Schedule, ts: list[int], shift: float) -> list[int]:
+    """SD3's time shift (Esser et al. 2024, eq. 23) on any schedule: each step's noise-to-signal
+    ratio σ/α times `shift`, taken to the timestep nearest in log(σ/α). On a flow schedule
+    that is s -> shift·s / (1 + (shift - 1) s) (flow.shifted); above 1 it moves the steps
+    toward the noise, where few-step sampling needs them. The first, noisiest step stays;
+    where two steps fall on one timestep it is visited once."""
+    abar = schedule.alphas_cumprod.double()
+    log_ratio = 0.5 * ((1 - abar).log() - abar.log())  # +inf where ᾱ = 0 (a flow's pure noise)
+    moved = [ts[0]] + [int((log_ratio - (log_ratio[t] + math.log(shift))).abs().argmin()) for t in ts[1:]]
+    return list(dict.fromkeys(moved))
+
+
 def plan(spec: SamplerSpec, schedule: Schedule) -> list[int]:
     """The timesteps `spec` visits on `schedule`, noisiest first."""
     spec = spec.resolve(schedule.T)
     if spec.sampler == "ddpm":
         return list(range(schedule.T - 1, -1, -1))
-    return karras_timesteps(schedule, spec.steps) if spec.spacing == "karras" else timesteps(schedule.T, spec.steps)
+    ts = karras_timesteps(schedule, spec.steps) if spec.spacing == "karras" else timesteps(schedule.T, spec.steps)
+    return ts if spec.shift == 1 else shifted(schedule, ts, spec.shift)
 
 
 def sample(spec: SamplerSpec, denoise: Denoiser, schedule: Schedule, noise: torch.Tensor, labels: torch.Tensor,
@@ -262,7 +276,7 @@ def sample(spec: SamplerSpec, denoise: Denoiser, schedule: Schedule, noise: torc
     if spec.sampler == "ddpm":
         return ddpm(denoise, schedule, noise, labels, randn_like, spec.variance, spec.clip, callback, first)
     ts = plan(spec, schedule)
-    if spec.sampler == "ddim":
+    if spec.sampler in ("ddim", "euler"):  # euler: spec.resolve refused its eta > 0
         return ddim(denoise, schedule, noise, labels, ts, spec.eta, randn_like, spec.clip, callback, first)
     if spec.sampler == "heun":
         return heun(denoise, schedule, noise, labels, ts, spec.clip, callback, first)

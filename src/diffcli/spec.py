@@ -13,12 +13,14 @@ import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from diffcli.checks import AT_LEAST_ONE, NON_NEGATIVE, bounded, check_fields
+from diffcli.checks import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, bounded, check_fields
 from diffcli.errors import UserError
 
-SAMPLERS = ("ddpm", "ddim", "dpm++", "heun")
+# euler is deterministic DDIM by the name flow matching knows it: DDIM is Euler's method on the
+# probability-flow ODE in σ (Karras et al. 2022, §3), and on a flow model it is Euler on dx/ds = v.
+SAMPLERS = ("ddpm", "ddim", "euler", "dpm++", "heun")
 # ddpm always runs all T steps; heun evaluates the network twice a step (2 x steps - 1 in all)
-DEFAULT_STEPS = {"ddim": 50, "dpm++": 20, "heun": 25}
+DEFAULT_STEPS = {"ddim": 50, "euler": 50, "dpm++": 20, "heun": 25}
 SPACINGS = ("trailing", "karras")  # how the steps are spread over 0..T-1 (samplers.plan)
 VARIANCES = ("beta_tilde", "beta")  # DDPM's step variance: the posterior's β̃_t, or β_t
 
@@ -113,6 +115,7 @@ class SamplerSpec:
     clip: bool = True  # clip x̂0 to the data range at every step
     spacing: str = "trailing"
     interval: tuple[float, float] | None = None  # guide only where low < σ_t <= high (guidance.interval); None: at every step
+    shift: float = bounded(1.0, POSITIVE)  # SD3's time shift of the steps (samplers.shifted); 1: none
 
     def __post_init__(self):
         """What needs no model is refused at once, before any file is read."""
@@ -122,8 +125,10 @@ class SamplerSpec:
             raise UserError(f"--variance must be one of {', '.join(VARIANCES)}, got '{self.variance}'.")
         if self.spacing not in SPACINGS:
             raise UserError(f"--spacing must be one of {', '.join(SPACINGS)}, got '{self.spacing}'.")
-        if self.sampler == "ddpm" and self.spacing != "trailing":
-            raise UserError("ddpm runs all T steps, so there is no spacing to choose; drop --spacing.")
+        if self.sampler == "ddpm" and (self.spacing != "trailing" or self.shift != 1):
+            raise UserError("ddpm runs all T steps, so there is no spacing to choose; drop --spacing and --shift.")
+        if self.sampler == "euler" and self.eta > 0:
+            raise UserError("euler is deterministic; for DDIM's noise use --sampler ddim with --eta.")
         check_fields(self, lambda name: f"--{name}", skip=("steps",))  # steps: by `resolve`, which knows T
         if self.interval is not None:
             low, high = self.interval
@@ -146,15 +151,15 @@ class SamplerSpec:
 
     def _for_student(self, T: int, student: Student) -> SamplerSpec:
         made = f"this model was distilled for ddim with {student.steps} steps"
-        if self.sampler != "ddim":
+        if self.sampler not in ("ddim", "euler"):
             raise UserError(f"{made}; --sampler {self.sampler} cannot run it (drop --sampler).")
         if self.steps not in (None, student.steps):
             raise UserError(f"{made}; its steps are not an approximation that more or fewer of them refine, "
                             f"so --steps {self.steps} cannot serve it (drop --steps, or distil again with --steps {self.steps}).")
         if self.guidance not in (None, 1.0):
             raise UserError(f"{made} and the teacher's guidance {student.guidance:g} built in; drop --guidance.")
-        if self.eta > 0 or self.spacing != "trailing":
-            raise UserError(f"{made} on trailing timesteps without noise; drop --eta and --spacing.")
+        if self.eta > 0 or self.spacing != "trailing" or self.shift != 1:
+            raise UserError(f"{made} on trailing timesteps without noise; drop --eta, --spacing and --shift.")
         if self.interval is not None:
             raise UserError(f"{made} and the teacher's guidance {student.guidance:g} built in; drop --guidance-interval.")
         return dataclasses.replace(self, steps=student.steps, guidance=1.0)
@@ -162,7 +167,8 @@ class SamplerSpec:
     def describe(self) -> str:
         steps = "default steps" if self.steps is None else f"{self.steps} steps"
         guidance = "auto" if self.guidance is None else f"{self.guidance:g}"
-        return f"{self.sampler} {steps}, guidance {guidance}{interval_text(self.interval)}"
+        shift = "" if self.shift == 1 else f", shift {self.shift:g}"
+        return f"{self.sampler} {steps}{shift}, guidance {guidance}{interval_text(self.interval)}"
 
 
 def interval_text(interval: tuple[float, float] | None) -> str:

@@ -1,5 +1,5 @@
-"""Training a diffusion model: the ε- or v-prediction loss on real images, as a `Task`
-for the shared loop (`fitting.fit`: AdamW, warm-up, EMA, checkpoints, grids).
+"""Training a diffusion or flow model: its objective's loss on real images (objective.py),
+as a `Task` for the shared loop (`fitting.fit`: AdamW, warm-up, EMA, checkpoints, grids).
 
 Randomness: the run's batch generator (`TrainState.batch_gen`) draws timesteps, noise,
 label dropout and flips; each epoch's data order comes from a generator seeded with
@@ -19,36 +19,32 @@ from diffcli.devices import sampling_autocast, upload
 from diffcli.distributed import World, check_batch
 from diffcli.fitting import TrainResult, fit
 from diffcli.knowledge import IMAGES, label_knowledge
-from diffcli.schedules import Schedule, make_schedule, q_sample, v_target
+from diffcli.objective import Objective, of
 
 
-def batch_inputs(x0: torch.Tensor, labels: torch.Tensor, T: int, null_label: int, label_dropout: float,
+def batch_inputs(x0: torch.Tensor, labels: torch.Tensor, objective: Objective, null_label: int, label_dropout: float,
                  gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Training inputs for one batch: t ~ U{0..T-1}, ε ~ N(0, I), and labels replaced by
-    the "no label" index with probability `label_dropout` (Ho & Salimans 2022, Alg. 1)."""
+    """Training inputs for one batch: the objective's times, ε ~ N(0, I), and labels replaced
+    by the "no label" index with probability `label_dropout` (Ho & Salimans 2022, Alg. 1)."""
     b = x0.shape[0]
-    t = torch.randint(0, T, (b,), generator=gen)
+    t = objective.times(b, gen)
     noise = torch.randn(x0.shape, generator=gen)
     drop = torch.rand(b, generator=gen) < label_dropout
     return t, noise, torch.where(drop, torch.full_like(labels, null_label), labels)
 
 
-def diffusion_loss(model, schedule: Schedule, prediction: str, x0, t, noise, y, min_snr_gamma: float = 0.0) -> torch.Tensor:
-    """Ho et al. 2020, eq. 14 (L_simple) for ε; the same MSE on v for v-prediction.
+def diffusion_loss(model, objective: Objective, x0, t, noise, y, min_snr_gamma: float = 0.0) -> torch.Tensor:
+    """Ho et al. 2020, eq. 14 (L_simple) for ε; the same MSE on v for v-prediction and on the
+    velocity for flow matching (Lipman et al. 2023, eq. 23).
 
-    With min_snr_gamma > 0, each timestep is weighted by min(SNR_t, γ) / SNR_t for ε
-    (÷ (SNR_t + 1) for v), the Min-SNR-γ weighting of Hang et al. 2023 (eq. 9): it stops
-    the nearly noise-free timesteps from dominating the gradient, so the global layout
-    is learned sooner.
+    With min_snr_gamma > 0, a ddpm model's timesteps are weighted by Min-SNR-γ (Hang et al.
+    2023, `Objective.weights`): it stops the nearly noise-free timesteps from dominating the
+    gradient, so the global layout is learned sooner.
     """
-    x_t = q_sample(schedule, x0, t, noise)
-    target = noise if prediction == "eps" else v_target(schedule, x0, t, noise)
-    per_image = (model(x_t, t, y).float() - target).square().mean(dim=tuple(range(1, x0.ndim)))
-    if min_snr_gamma > 0:
-        abar = schedule.alphas_cumprod.to(x0.device)[t]
-        snr = abar / (1 - abar)
-        per_image = per_image * snr.clamp(max=min_snr_gamma) / (snr if prediction == "eps" else snr + 1)
-    return per_image.mean()
+    x_t, time = objective.inputs(x0, t, noise)
+    per_image = (model(x_t, time, y).float() - objective.target(x0, t, noise)).square().mean(dim=tuple(range(1, x0.ndim)))
+    weights = objective.weights(t, min_snr_gamma)
+    return (per_image if weights is None else per_image * weights).mean()
 
 
 def train(cfg: RunConfig, data: ImageData, out: Path, resume: bool = False,
@@ -75,15 +71,14 @@ class Batches:
         self.per_epoch = n // self.size  # drop the ragged last batch: every step sees `size` images
         self.images, self.labels = data.images.to(device), data.labels
         self.device, self.layout, self.seed = device, layout, cfg.train.seed
-        self.T, self.null, self.flip = cfg.diffusion.timesteps, cfg.model.num_classes, bool(cfg.data.flip)
+        self.null, self.flip = cfg.model.num_classes, bool(cfg.data.flip)
         self.label_dropout = cfg.train.label_dropout if self.null else 0.0
         self.class_names = data.class_names
-        self.schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
-        self.prediction, self.min_snr_gamma = cfg.diffusion.prediction, cfg.train.min_snr_gamma
+        self.objective, self.min_snr_gamma = of(cfg.diffusion), cfg.train.min_snr_gamma
         self._order, self._epoch = None, -1
 
     def loss(self, model, batch: tuple) -> torch.Tensor:
-        return diffusion_loss(model, self.schedule, self.prediction, *batch, self.min_snr_gamma)
+        return diffusion_loss(model, self.objective, *batch, self.min_snr_gamma)
 
     def knowledge(self, model) -> float | None:
         """The model's label knowledge on the same training images each time (knowledge.py);
@@ -94,14 +89,15 @@ class Batches:
         pick = torch.randperm(len(self.labels), generator=gen)[:IMAGES]
         x0 = to_model_range(self.images[upload(pick, self.device)]).contiguous(memory_format=self.layout)
         with sampling_autocast(self.device):
-            return label_knowledge(model, self.schedule, self.prediction, x0, self.labels[pick], self.null, gen)
+            return label_knowledge(model, self.objective, x0, self.labels[pick], self.null, gen)
 
     def dry_batch(self) -> tuple:
         """Zeros shaped like `get`'s, for compiling. t and y must be separate tensors: one for
         both makes dynamo guard on `t is y`, and the first real step would compile it all again."""
         x = torch.zeros(self.local_shape, device=self.device).contiguous(memory_format=self.layout)
-        t, y = (torch.zeros(self.local_shape[0], dtype=torch.long, device=self.device) for _ in range(2))
-        return x, t, torch.zeros_like(x), y
+        n = self.local_shape[0]
+        t = self.objective.times(n, torch.Generator()).zero_().to(self.device)  # the dtype the objective's times have
+        return x, t, torch.zeros_like(x), torch.zeros(n, dtype=torch.long, device=self.device)
 
     def get(self, step: int, gen: torch.Generator) -> tuple:
         """(x0, t, noise, y) for this rank; every draw is made for the whole global batch."""
@@ -111,7 +107,7 @@ class Batches:
             self._epoch = epoch
         idx = self._order[pos * self.size:(pos + 1) * self.size]
         x0 = to_model_range(self.images[upload(idx, self.device)]).contiguous(memory_format=self.layout)
-        t, noise, y = batch_inputs(x0, self.labels[idx], self.T, self.null, self.label_dropout, gen)
+        t, noise, y = batch_inputs(x0, self.labels[idx], self.objective, self.null, self.label_dropout, gen)
         if self.flip:
             mirrored = upload(torch.rand(self.size, generator=gen) < 0.5, self.device)
             x0 = torch.where(mirrored[:, None, None, None], x0.flip(-1), x0)

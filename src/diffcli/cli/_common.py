@@ -151,8 +151,10 @@ BatchSize = Annotated[int, typer.Option(help="Images per forward pass."), AT_LEA
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 DATA_ROOT_HELP = "Where named datasets live or are downloaded to (default: $DIFFCLI_DATA_ROOT, else ~/.cache/diffcli/datasets)."
 DataRoot = Annotated[Optional[str], typer.Option(help=DATA_ROOT_HELP)]
-Sampler = Annotated[str, typer.Option(help="ddpm (stochastic, all T steps), ddim, dpm++ (DPM-Solver++ 2M) or heun "
-                                           "(EDM's 2nd order: two network passes a step).")]
+Sampler = Annotated[str, typer.Option(help="ddpm (stochastic, all T steps), ddim, euler (deterministic DDIM: Euler on the ODE), "
+                                           "dpm++ (DPM-Solver++ 2M) or heun (EDM's 2nd order: two network passes a step).")]
+Shift = Annotated[float, typer.Option(help="SD3's time shift: above 1 moves the steps toward the noise, which helps few-step "
+                                           "sampling of flow models (1: none)."), Sets(SamplerSpec, "shift")]
 Spacing = Annotated[str, typer.Option(help="How the steps spread over the timesteps: trailing (even, from T-1) or karras "
                                            "(EDM's rho=7, denser at low noise).")]
 Steps = Annotated[Optional[int], typer.Option(help="Sampling steps (default: " + ", ".join(

@@ -50,8 +50,8 @@ class _Progress:
 
         if event == "start":
             ranks = f" over {info['world']} processes ({info['batch'] // info['world']} each)" if info["world"] > 1 else ""
-            console.print(f"device: [bold]{describe(info['device'])}[/], {info['precision']}; preset {info['preset']}, {info['params']:,} parameters; "
-                          f"global batch {info['batch']}{ranks}"
+            console.print(f"device: [bold]{describe(info['device'])}[/], {info['precision']}; preset {info['preset']}, {info['params']:,} parameters, "
+                          f"{info['objective']}; global batch {info['batch']}{ranks}"
                           + (f", {info['steps_per_epoch']} steps per epoch" if info["steps_per_epoch"] else "")
                           + (f"; budget {info['budget_s'] / 60:g} min" if info["budget_s"] else ""), highlight=False)
             self.by_time, self.t0 = not info["total_steps"], time.monotonic()

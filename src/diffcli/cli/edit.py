@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from diffcli.checks import NON_NEGATIVE, Range
-from diffcli.cli._common import (BatchSize, Ckpt, Device, Eta, Guidance, ImageSeed, Sampler, Sets, Steps, console,
+from diffcli.cli._common import (BatchSize, Ckpt, Device, Eta, Guidance, ImageSeed, Sampler, Sets, Shift, Steps, console,
                                  parse_labels, parse_list, safe_name, writing)
 from diffcli.errors import UserError
 from diffcli.spec import EDIT_GUIDANCE, EDIT_STRENGTH, JUMPS, SamplerSpec
@@ -18,10 +18,10 @@ from diffcli.spec import EDIT_GUIDANCE, EDIT_STRENGTH, JUMPS, SamplerSpec
 def _load(ckpt: Path, device: str):
     from diffcli.checkpoint import load_model
     from diffcli.devices import pick_device
-    from diffcli.schedules import make_schedule
+    from diffcli.objective import of
 
     model, cfg, meta = load_model(ckpt, pick_device(device))
-    return model, make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps), cfg, meta["class_names"]
+    return model, of(cfg.diffusion), cfg, meta["class_names"]
 
 
 def _one_label(text: str, class_names: list[str], option: str = "--label") -> int:
@@ -46,6 +46,7 @@ def edit(
                                                            f"enough to change the class; with --mask, sample's)."),
                         Sets(SamplerSpec, "guidance")] = None,
     eta: Eta = 0.0,
+    shift: Shift = 1.0,
     n: Annotated[Optional[int], typer.Option(help="Variations per image, each from its own seed (default: 4; 1 with --invert)."), Range(1, 64)] = None,
     seed: ImageSeed = 0,
     out: Annotated[Path, typer.Option(help="The sheet to write: one row per image (input, mask, results).")] = Path("edited.png"),
@@ -63,7 +64,7 @@ def edit(
     if invert and n not in (None, 1):
         raise UserError("--invert is deterministic, so every variation would be the same: drop --n.")
     n = n or (1 if invert else 4)
-    spec = SamplerSpec(sampler, steps, guidance, eta)
+    spec = SamplerSpec(sampler, steps, guidance, eta, shift=shift)
     from diffcli.outputs import FOLDER, IMAGE, Output, check
 
     check({"IMAGES": images, "--mask": mask, "--ckpt": ckpt},
@@ -76,17 +77,17 @@ def edit(
     from diffcli.figures import edit_sheet
     from diffcli.images import save, to_pil
 
-    model, schedule, cfg, class_names = _load(ckpt, device)
+    model, objective, cfg, class_names = _load(ckpt, device)
     dev = next(model.parameters()).device
     c, size = cfg.model.in_channels, cfg.model.image_size
     inputs = torch.stack([fit_image(read_image(p), c, size) for p in images])
     target = _one_label(label, class_names)
-    spec = (spec if mask is not None else E.for_edit(spec, model)).resolve(schedule.T, model.student, model.trained)  # inpainting: sample's guidance
+    spec = (spec if mask is not None else E.for_edit(spec, model)).resolve(objective.T, model.student, model.trained)  # inpainting: sample's guidance
     per_image = inputs.repeat_interleave(n, dim=0)
     labels, seeds = [target] * len(per_image), list(range(seed, seed + len(per_image)))
     common = dict(images=per_image, labels=labels, batch_size=batch_size)
     redraw = None if mask is None else fit_mask(read_image(mask), size)[None].expand(len(inputs), -1, -1, -1)
-    args = (model, schedule, cfg.diffusion.prediction, spec)
+    args = (model, objective, spec)
     if invert:
         src = cfg.model.num_classes if source_label is None else _one_label(source_label, class_names, "--source-label")
         work = partial(E.invert, *args, source_labels=[src] * len(labels), **common)
@@ -117,6 +118,7 @@ def interpolate(
     sampler: Sampler = "ddim",
     steps: Steps = None,
     guidance: Guidance = None,
+    shift: Shift = 1.0,
     out: Annotated[Path, typer.Option(help="A .png strip or a .gif animation.")] = Path("interp.png"),
     batch_size: BatchSize = 64,
     device: Device = "auto",
@@ -128,15 +130,15 @@ def interpolate(
 
     check({"--ckpt": ckpt}, [Output("--out", out, IMAGE)])
     seed_list = parse_list(seeds, int, "--seeds", NON_NEGATIVE)
-    spec = SamplerSpec(sampler, steps, guidance)
+    spec = SamplerSpec(sampler, steps, guidance, shift=shift)
     from diffcli import edit as E
     from diffcli.devices import describe, timed
     from diffcli.figures import animation
     from diffcli.images import grid, save
 
-    model, schedule, cfg, class_names = _load(ckpt, device)
+    model, objective, cfg, class_names = _load(ckpt, device)
     labels = parse_labels(label, class_names)
-    args, dev = (model, schedule, cfg.diffusion.prediction, spec), next(model.parameters()).device
+    args, dev = (model, objective, spec), next(model.parameters()).device
     if len(labels) == 1 and len(seed_list) == 2:
         what = f"seeds {seed_list[0]} -> {seed_list[1]}"
         work = partial(E.between_seeds, *args, label=labels[0], seeds=tuple(seed_list), frames=frames, batch_size=batch_size)
@@ -149,5 +151,5 @@ def interpolate(
         images, seconds = timed(work, dev)
     with writing(out):
         animation(images, out) if out.suffix.lower() == ".gif" else save(grid(images, frames), out)
-    console.print(f"wrote [cyan]{out}[/]: {frames} frames, {what}, {spec.resolve(schedule.T, model.student, model.trained).describe()}, "
+    console.print(f"wrote [cyan]{out}[/]: {frames} frames, {what}, {spec.resolve(objective.T, model.student, model.trained).describe()}, "
                   f"{seconds:.1f} s on {describe(dev)}", highlight=False)

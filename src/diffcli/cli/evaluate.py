@@ -11,7 +11,7 @@ from rich.table import Table
 
 from diffcli.checks import POSITIVE, Range
 from diffcli.cli._common import (AsJson, BatchSize, Ckpt, DataRoot, Device, Guidance, GuidanceInterval, ImageSeed, Sampler,
-                                 Spacing, Steps, console, parse_interval, print_notice, safe_name, writing)
+                                 Shift, Spacing, Steps, console, parse_interval, print_notice, safe_name, writing)
 from diffcli.cli._progress import progress
 from diffcli.cli._ranks import processes, where
 from diffcli.errors import UserError
@@ -29,6 +29,7 @@ def evaluate(
     sampler: Sampler = "ddim",
     steps: Steps = None,
     spacing: Spacing = "trailing",
+    shift: Shift = 1.0,
     guidance: Guidance = None,
     guidance_interval: GuidanceInterval = None,
     seed: ImageSeed = 0,
@@ -53,7 +54,7 @@ def evaluate(
     check({"--ckpt": ckpt, "--classifier": classifier, "--inception-weights": inception_weights, "--data": data_path},
           [Output("--pairs", pairs, IMAGE)])
 
-    opts = EvalOptions(ckpt, SamplerSpec(sampler, steps, guidance, spacing=spacing, interval=parse_interval(guidance_interval)), n, seed, batch_size, classifier, fid, inception_weights,
+    opts = EvalOptions(ckpt, SamplerSpec(sampler, steps, guidance, spacing=spacing, interval=parse_interval(guidance_interval), shift=shift), n, seed, batch_size, classifier, fid, inception_weights,
                        memorisation, pairs, data, data_root, real_n)
     with processes(device) as (world, dev):  # under torchrun: the images drawn by every rank, measured by rank 0
         report = run(opts, dev, console.status, world)

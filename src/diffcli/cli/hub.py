@@ -11,7 +11,7 @@ from diffcli.errors import UserError
 
 def export(
     ckpt: Ckpt,
-    to: Annotated[str, typer.Option(help="The format to write: diffusers (UNet2DModel + DDIMScheduler folders).")] = "diffusers",
+    to: Annotated[str, typer.Option(help="The format to write: diffusers (UNet2DModel + DDIMScheduler, or FlowMatchEulerDiscreteScheduler for a flow model).")] = "diffusers",
     out: Annotated[Path, typer.Option(help="The pipeline folder to write.")] = Path("diffusers-model"),
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into a folder that is not empty, replacing its files.")] = False,
 ):
@@ -24,9 +24,9 @@ def export(
     outputs.check({"--ckpt": ckpt}, [outputs.Output("--out", out, outputs.MODEL_FOLDER)], overwrite)
 
     with writing(out):
-        unet = write(ckpt, out)
+        unet, scheduler = write(ckpt, out)
     console.print(f"wrote [cyan]{out}[/]: UNet2DModel ({', '.join(unet['down_block_types'])}; "
-                  f"{unet['block_out_channels']}) and DDIMScheduler; see {out / 'README.md'} to sample it with diffusers",
+                  f"{unet['block_out_channels']}) and {scheduler}; see {out / 'README.md'} to sample it with diffusers",
                   highlight=False)
 
 
@@ -47,6 +47,6 @@ def import_(
         cfg = import_pipeline(folder, out)
     m, d = cfg.model, cfg.diffusion
     kind = f"{m.num_classes} classes" if m.num_classes else "unconditional"
-    console.print(f"wrote [cyan]{out}[/]: {m.base_channels} channels x {list(m.channel_mult)}, {kind}, {d.schedule} "
-                  f"schedule, T={d.timesteps}, {d.prediction} prediction; next: diffcli sample --ckpt {out} --label all",
-                  highlight=False)
+    learned = "flow matching" if d.objective == "flow" else f"{d.schedule} schedule, {d.prediction} prediction"
+    console.print(f"wrote [cyan]{out}[/]: {m.base_channels} channels x {list(m.channel_mult)}, {kind}, {learned}, "
+                  f"T={d.timesteps}; next: diffcli sample --ckpt {out} --label all", highlight=False)

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from diffcli.checks import AT_LEAST_ONE, NON_NEGATIVE, Range
-from diffcli.cli._common import (BatchSize, Ckpt, Device, Eta, Guidance, GuidanceInterval, ImageSeed, Sampler, Spacing, Steps,
+from diffcli.cli._common import (BatchSize, Ckpt, Device, Eta, Guidance, GuidanceInterval, ImageSeed, Sampler, Shift, Spacing, Steps,
                                  console, parse_interval, parse_labels, parse_list, print_notice, safe_name, writing)
 from diffcli.cli._ranks import processes, where
 from diffcli.errors import UserError
@@ -28,6 +28,7 @@ def sample(
     guidance_interval: GuidanceInterval = None,
     variance: Annotated[str, typer.Option(help="DDPM step variance: beta_tilde (posterior) or beta.")] = "beta_tilde",
     spacing: Spacing = "trailing",
+    shift: Shift = 1.0,
     clip: Annotated[bool, typer.Option("--clip/--no-clip", help="Clip the predicted x0 to the data range at every step.")] = True,
     seed: ImageSeed = 0,
     out: Annotated[Path, typer.Option(help="The grid image to write (one row per label).")] = Path("samples.png"),
@@ -45,7 +46,7 @@ def sample(
 
     check({"--ckpt": ckpt}, [Output("--out", out, IMAGE), Output("--save-individual", save_individual, FOLDER),
                              Output("--trajectory", trajectory, IMAGE)])
-    spec = SamplerSpec(sampler, steps, guidance, eta, variance, clip, spacing, parse_interval(guidance_interval))
+    spec = SamplerSpec(sampler, steps, guidance, eta, variance, clip, spacing, parse_interval(guidance_interval), shift)
     with processes(device) as (world, dev):
         _sample(world, dev, ckpt, spec, label, n, seed, out, save_individual, batch_size, trajectory, frames, compile)
 
@@ -58,24 +59,23 @@ def _sample(world, dev, ckpt, spec, label, n, seed, out, save_individual, batch_
     from diffcli.figures import enlargement, trajectory_gif, trajectory_strip
     from diffcli.generate import Trajectory, compiled_for_sampling, generate
     from diffcli.images import grid, save, to_pil
-    from diffcli.schedules import make_schedule
+    from diffcli.objective import of
 
     if trajectory is not None and world.active:
         raise UserError("--trajectory is drawn by one process; run it without torchrun.")
     model, cfg, meta = load_model(ckpt, dev)
-    schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
-    spec = spec.resolve(schedule.T, model.student, model.trained)
+    objective = of(cfg.diffusion)
+    spec = spec.resolve(objective.T, model.student, model.trained)
     labels = parse_labels(label, meta["class_names"])
     per_image = [lab for lab in labels for _ in range(n)]
     seeds = list(range(seed, seed + len(per_image)))
-    prediction = cfg.diffusion.prediction
     if compile:
         with console.status(f"compiling the U-Net for {describe(dev)} ..."):
-            model = compiled_for_sampling(model, schedule, prediction, spec, labels=per_image, seeds=seeds,
+            model = compiled_for_sampling(model, objective, spec, labels=per_image, seeds=seeds,
                                           batch_size=batch_size, report=lambda event, message: print_notice(message))
     recorder = Trajectory(spec.steps, frames) if trajectory else None
     with console.status(f"sampling {len(per_image)} images with {spec.sampler}, {spec.steps} steps on {describe(dev)} ..."):
-        imgs, seconds = timed(lambda: generate(model, schedule, prediction, spec, labels=per_image, seeds=seeds,
+        imgs, seconds = timed(lambda: generate(model, objective, spec, labels=per_image, seeds=seeds,
                                                batch_size=batch_size, callback=recorder, world=world), dev)
     if not world.is_main:
         return
@@ -123,7 +123,7 @@ def compare(
     from diffcli.figures import sweep_sheet
     from diffcli.generate import sweep
     from diffcli.images import save
-    from diffcli.schedules import make_schedule
+    from diffcli.objective import of
 
     dev = pick_device(device)
     model, cfg, meta = load_model(ckpt, dev)
@@ -138,8 +138,7 @@ def compare(
     lab = parse_labels(label, meta["class_names"])[0]
     seeds = list(range(seed, seed + n))
     with console.status(f"sampling {len(cells)} cells of {n} images on {describe(dev)} ..."):
-        results = dict(zip(cells, sweep(model, make_schedule(cfg.diffusion.schedule, T), cfg.diffusion.prediction,
-                                        list(cells.values()), label=lab, seeds=seeds)))
+        results = dict(zip(cells, sweep(model, of(cfg.diffusion), list(cells.values()), label=lab, seeds=seeds)))
     sheet = sweep_sheet([[results.get((s, w, k)) for k in columns] for s, w in rows],
                         [[f"{s} {k} steps w={auto if w is None else w:g}" for k in columns] for s, w in rows],
                         ["ddpm runs all T steps" if s == "ddpm" else "" for s, _ in rows])

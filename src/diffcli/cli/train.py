@@ -44,6 +44,8 @@ def train(
     timesteps: _opt(int, DiffusionConfig, "timesteps", f"Diffusion steps T (default: {DiffusionConfig.timesteps}).") = None,
     schedule: _opt(str, DiffusionConfig, "schedule", f"Noise schedule: linear or cosine (default: {DiffusionConfig.schedule}).") = None,
     prediction: _opt(str, DiffusionConfig, "prediction", f"What the network predicts: v or eps (default: {DiffusionConfig.prediction}).") = None,
+    objective: _opt(str, DiffusionConfig, "objective", f"What is learned: ddpm (eps or v on T noise steps) or flow (flow matching: the velocity of the straight path from data to noise) (default: {DiffusionConfig.objective}).") = None,
+    time_sampling: _opt(str, DiffusionConfig, "time_sampling", f"Flow matching's training times: logit-normal (SD3) or uniform (default: {DiffusionConfig.time_sampling}).") = None,
     flip: _opt(bool, DataConfig, "flip", "Random horizontal flips (default: on for cifar10 and folders).", "--flip/--no-flip") = None,
     on_nonfinite: _opt(str, TrainConfig, "on_nonfinite", "When the loss becomes NaN/inf: stop (keep the last checkpoint) or rollback (to the last good state, halving the LR) (default: stop).") = None,
     sample_every: _opt(int, TrainConfig, "sample_every", "Steps between checkpoints and sample grids (default: preset).") = None,
