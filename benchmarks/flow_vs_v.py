@@ -45,10 +45,11 @@ def curve(path: Path, label: str, args, device, clf, real) -> list[dict]:
     abar_top = float(of(cfg.diffusion).schedule.alphas_cumprod[-1])  # 0 for flow: pure noise, σ infinite
     heun_first_euler = abar_top == 0 or (1 - abar_top) / abar_top > HEUN_SIGMA_MAX**2
     counter, rows = Counter(model), []
+    extra = [item.split(":") for item in filter(None, args.extra.split(","))]
     for sampler in args.samplers.split(","):
-        for budget in map(int, args.budgets.split(",")):
+        for budget in [*map(int, args.budgets.split(",")), *(int(b) for name, b in extra if name == sampler)]:
             k = steps_for(sampler, budget, guided, heun_first_euler)
-            if k is None or any(r["sampler"] == sampler and r["steps"] == k for r in rows):
+            if k is None or any(r["sampler"] == f"{label} {sampler}" and r["steps"] == k for r in rows):
                 continue
             opts = EvalOptions(path, replace(base, sampler=sampler, steps=k), args.n, memorisation=False)
             rows.append({**point(f"{label} {sampler}", model, cfg, meta, opts, real, clf, counter), "model": label,
@@ -64,6 +65,7 @@ def main() -> None:
     p.add_argument("--classifier", type=Path, required=True)
     p.add_argument("--samplers", default="euler,dpm++,heun")
     p.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
+    p.add_argument("--extra", default="", help="more points for some samplers only, as sampler:budget,... (e.g. euler:100)")
     p.add_argument("--n", type=int, default=50, help="images per class at every point")
     p.add_argument("--guidance", type=float, default=None, help="default: each model's sampling default")
     p.add_argument("--shift", type=float, default=1.0)

@@ -72,7 +72,7 @@ def worker(name: str, args) -> float:
             model = torch.compile(model, dynamic=False)
         labels, seeds = [i % 10 for i in range(n)], list(range(n))
         spec = SamplerSpec("ddim", args.steps, args.guidance)
-        run = lambda: generate(model, Objective("ddpm", make_schedule("cosine", 1000), "eps"), spec, labels=labels, seeds=seeds,  # noqa: E731
+        run = lambda: generate(model, Objective.ddpm(make_schedule("cosine", 1000), "eps"), spec, labels=labels, seeds=seeds,  # noqa: E731
                                batch_size=n)
     else:
         unet = diffusers_unet(args.preset).to(device).eval()

@@ -29,7 +29,7 @@ def test_round_trip_gives_bit_identical_samples(tmp_path):
     model, cfg, path = small_model(tmp_path)
     loaded, cfg2, meta = load_model(path)
     assert cfg2 == cfg and meta["class_names"] == ["a", "b", "c"] and meta["step"] == 7
-    objective = Objective("ddpm", make_schedule("cosine", 1000), "eps")
+    objective = Objective.ddpm(make_schedule("cosine", 1000), "eps")
     spec = SamplerSpec("ddim", 5, 2.0)
     args = dict(labels=[0, 1, 2, 3], seeds=[5, 6, 7, 8])
     a = generate(model.eval(), objective, spec, **args)

@@ -69,7 +69,7 @@ def distilled_gap(steps: int) -> float:
         noise, y = torch.randn(256, 2, generator=g), torch.randint(0, len(MU), (256,), generator=g)
         states = distill.teacher_path(teacher, schedule, noise, y, student_ts, fine, clip=False)
         x_t, t, target = distill.pairs(schedule, states, student_ts)
-        loss = distill.distill_loss(student, Objective("ddpm", schedule, "v"), x_t, t, y.repeat(steps), target)
+        loss = distill.distill_loss(student, Objective.ddpm(schedule, "v"), x_t, t, y.repeat(steps), target)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -29,7 +29,7 @@ def as_network(field):
 
 def denoiser(network):
     """The samplers' (ε̂, x̂0) from a velocity network, through the flow objective."""
-    objective = Objective("flow", flow.schedule(T), "v")
+    objective = Objective.flow(T, "uniform")
     return samplers.predictions(objective.network(network), objective.schedule, objective.prediction)
 
 
@@ -124,6 +124,37 @@ def test_the_shift_moves_steps_toward_noise_and_keeps_the_ends():
     shifted = flow.shifted(s, 3.0)
     assert shifted[0] == 0 and shifted[-1] == 1 and (shifted[1:-1] > s[1:-1]).all()
     assert torch.allclose(flow.shifted(torch.tensor(0.5), 3.0), torch.tensor(0.75))  # 3·0.5 / (1 + 2·0.5)
+
+
+@pytest.mark.parametrize("shift", [3.0, 0.5])
+def test_a_sampler_s_shift_on_the_flow_grid_is_sd3_s_shift(shift):
+    """samplers.shifted works on any schedule through σ/α; on the flow grid it must land each
+    step on the grid point nearest SD3's shifted time (and keep pure noise first)."""
+    ts = samplers.timesteps(T, 10)
+    got = samplers.shifted(flow.schedule(T), ts, shift)
+    wanted = [ts[0]] + [int((flow.times(T) - flow.shifted(flow.times(T)[t], shift)).abs().argmin()) for t in ts[1:]]
+    assert got == wanted and got[0] == T - 1 and len(set(got)) == len(got)
+    moved = got[1:] if shift > 1 else ts[1:]
+    assert all(a > b for a, b in zip(moved, (ts if shift > 1 else got)[1:]))  # toward noise above 1, away below
+
+
+@pytest.mark.parametrize("kind", ["flow", "v", "eps"])
+def test_distillation_s_target_gives_the_wanted_x0_through_the_sampler_s_reading(kind):
+    """Objective.distill_target's output, read back as the samplers read the network, must give
+    x̂0 = the target: the student is taught in its own terms what the sampler will use."""
+    from diffcli.schedules import make_schedule
+
+    objective = Objective.flow(T, "uniform") if kind == "flow" else Objective.ddpm(make_schedule("cosine", T), kind)
+    from diffcli.schedules import q_sample
+
+    g = torch.Generator().manual_seed(4)
+    x0, t = torch.randn(6, 3, generator=g), torch.tensor([0, 1, 250, 500, 998, 999])
+    x = q_sample(objective.schedule, x0, t, torch.randn(6, 3, generator=g))  # any x: x0's path with some noise
+    x_in, time, out = objective.distill_target(x, t, x0)
+    network = objective.network(lambda xi, ti, y: out if (torch.equal(xi, x_in) and torch.equal(ti, time)) else out * 0)
+    _, x0_hat = samplers.predictions(network, objective.schedule, objective.prediction)(x, t, None)
+    tolerance = 2e-3 if kind == "eps" else 1e-4  # ε's x̂0 divides by sqrt(ᾱ), 0.006 at the last cosine step
+    assert torch.allclose(x0_hat, x0, atol=tolerance), (x0_hat - x0).abs().max()
 
 
 def test_dpm_solver_runs_a_flow_model_through_the_same_equivalence():

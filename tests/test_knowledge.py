@@ -31,10 +31,10 @@ def data(n=60):
 def test_knowledge_is_one_for_a_network_that_knows_every_class_and_zero_for_one_that_ignores_labels(prediction):
     schedule = make_schedule("cosine", 1000)
     x0, labels = data()
-    assert label_knowledge(oracle(schedule, prediction), Objective("ddpm", schedule, prediction), x0, labels, 10,
+    assert label_knowledge(oracle(schedule, prediction), Objective.ddpm(schedule, prediction), x0, labels, 10,
                            torch.Generator().manual_seed(0)) == 1.0
     # every label read as class 0: all candidates tie, and a tie is no knowledge
-    assert label_knowledge(oracle(schedule, prediction, known=0), Objective("ddpm", schedule, prediction), x0, labels, 10,
+    assert label_knowledge(oracle(schedule, prediction, known=0), Objective.ddpm(schedule, prediction), x0, labels, 10,
                            torch.Generator().manual_seed(0)) == 0.0
 
 
@@ -44,7 +44,7 @@ def test_knowledge_is_the_share_of_classes_known_above_chance():
     (4/10 - 1/10) / (9/10) = 1/3."""
     schedule = make_schedule("linear", 1000)
     x0, labels = data()
-    got = label_knowledge(oracle(schedule, "v", known=5), Objective("ddpm", schedule, "v"), x0, labels, 10, torch.Generator().manual_seed(0))
+    got = label_knowledge(oracle(schedule, "v", known=5), Objective.ddpm(schedule, "v"), x0, labels, 10, torch.Generator().manual_seed(0))
     assert got == pytest.approx(1 / 3)
 
 

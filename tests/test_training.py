@@ -14,7 +14,7 @@ from diffcli.training import batch_inputs
 
 
 def ddpm(T: int) -> Objective:
-    return Objective("ddpm", make_schedule("cosine", T), "v")
+    return Objective.ddpm(make_schedule("cosine", T), "v")
 
 
 def test_timesteps_are_uniform_chi_square():
@@ -96,7 +96,7 @@ def test_training_reduces_the_loss(kind):
     x0 = to_model_range(data.images)
     from diffcli import flow
 
-    objective = Objective("ddpm", make_schedule("cosine", 100), "eps") if kind == "ddpm" else Objective("flow", flow.schedule(100), "v")
+    objective = Objective.ddpm(make_schedule("cosine", 100), "eps") if kind == "ddpm" else Objective.flow(100, "uniform")
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
     t = torch.randint(20, 100, (20,), generator=g)

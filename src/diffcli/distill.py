@@ -79,9 +79,9 @@ def pairs(schedule: Schedule, states: list[torch.Tensor], student: list[int]) ->
 
 def distill_loss(model, objective: Objective, x_t, t, y, target) -> torch.Tensor:
     """The MSE on what the network predicts, with the target x̂0 put in those terms (ε, v
-    or a flow's velocity at this x_t: `Objective.wanted`). For v this is (1 + SNR_t) |x̂0 - x̃|²,
+    or a flow's velocity at this x_t: `Objective.distill_target`). For v this is (1 + SNR_t) |x̂0 - x̃|²,
     Salimans & Ho's "SNR+1" weighting, which keeps the noisiest step, where x̂0 is hardest, in the loss."""
-    x, time, wanted = objective.wanted(x_t, t, target)
+    x, time, wanted = objective.distill_target(x_t, t, target)
     return (model(x, time, y).float() - wanted).square().mean()
 
 

@@ -17,10 +17,10 @@ import torch
 from diffcli import image_samplers, samplers
 from diffcli.data import to_model_range
 from diffcli.errors import UserError
-from diffcli.generate import denoiser, generate, network, per_batch
+from diffcli.generate import denoiser, generate, per_batch, sampling_network
 from diffcli.objective import Objective
 from diffcli.schedules import Schedule, q_sample
-from diffcli.spec import EDIT_GUIDANCE, SamplerSpec
+from diffcli.spec import DDIM_SAMPLERS, EDIT_GUIDANCE, SamplerSpec
 
 
 def for_edit(spec: SamplerSpec, model) -> SamplerSpec:
@@ -69,7 +69,7 @@ def inpaint(model, objective: Objective, spec: SamplerSpec, *, images: torch.Ten
     each image exactly (RePaint, `image_samplers.repaint`, with `jumps` tries of every step)."""
     schedule = objective.schedule
     spec = spec.resolve(schedule.T, model.student, model.trained)
-    if spec.sampler not in ("ddim", "euler", "ddpm"):
+    if spec.sampler not in (*DDIM_SAMPLERS, "ddpm"):
         raise UserError(f"inpainting runs --sampler ddim, euler or ddpm, whose steps each start afresh from the image "
                         f"with its kept region put back; {spec.sampler}'s do not.")
     denoise = denoiser(model, objective, spec.guidance, spec.interval)
@@ -93,7 +93,7 @@ def invert(model, objective: Objective, spec: SamplerSpec, *, images: torch.Tens
     Guidance defaults to EDIT_GUIDANCE."""
     schedule = objective.schedule
     spec = for_edit(spec, model).resolve(schedule.T, model.student, model.trained)
-    if spec.sampler not in ("ddim", "euler") or spec.eta != 0 or spec.spacing != "trailing" or spec.shift != 1:
+    if spec.sampler not in DDIM_SAMPLERS or spec.eta != 0 or spec.spacing != "trailing" or spec.shift != 1:
         raise UserError("--invert runs DDIM (Euler) both ways on trailing steps: use --sampler ddim or euler, "
                         "without --eta, --spacing or --shift.")
     there = denoiser(model, objective, 1.0)
@@ -127,7 +127,7 @@ def _deterministic(spec: SamplerSpec, model, T: int) -> SamplerSpec:
     spec = spec.resolve(T, model.student, model.trained)
     if spec.sampler == "ddpm" or spec.eta > 0:
         raise UserError("interpolation needs a deterministic sampler, so that nearby noise gives nearby images: "
-                        "use --sampler ddim (with --eta 0) or dpm++.")
+                        "use --sampler ddim (with --eta 0), euler, dpm++ or heun.")
     return spec
 
 
@@ -181,7 +181,7 @@ def mixed_guidance(model, objective: Objective, labels: tuple[int, int], alpha: 
     average of two embeddings is a point the network never saw in training."""
     device, null = next(model.parameters()).device, model.cfg.num_classes
     a = alpha.float().reshape(-1, 1, 1, 1)
-    net = network(model, objective)
+    net = sampling_network(model, objective)
 
     def mixed(x, t, _y):
         n = x.shape[0]

@@ -36,7 +36,7 @@ def velocity(x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
 
 
 def training_times(n: int, how: str, gen: torch.Generator) -> torch.Tensor:
-    """n flow times in (0, 1): sigmoid of N(m, s²) (logit-normal), or uniform."""
+    """n flow times: sigmoid of N(m, s²) (logit-normal, in (0, 1)), or uniform in [0, 1)."""
     if how == "logit-normal":
         m, scale = LOGIT_NORMAL
         return torch.sigmoid(m + scale * torch.randn(n, generator=gen))

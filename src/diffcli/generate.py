@@ -17,7 +17,7 @@ from diffcli.objective import Objective
 from diffcli.spec import SamplerSpec
 
 
-def network(model: torch.nn.Module, objective: Objective) -> samplers.Network:
+def sampling_network(model: torch.nn.Module, objective: Objective) -> samplers.Network:
     """The model under sampling autocast, seen through its objective: (x, grid index, y) -> ε or v."""
     device = next(model.parameters()).device
 
@@ -32,7 +32,7 @@ def denoiser(model: torch.nn.Module, objective: Objective, guidance: float,
              interval: tuple[float, float] | None = None) -> samplers.Denoiser:
     """The model as the samplers see it: guided at weight `guidance` when it has classes
     (only for noise levels in `interval`, if given), returning (ε̂, x̂0)."""
-    net = network(model, objective)
+    net = sampling_network(model, objective)
     if model.cfg.num_classes > 0:
         active = None if interval is None else guidance_interval(objective.schedule, *interval)
         net = guided(net, guidance, model.cfg.num_classes, active)

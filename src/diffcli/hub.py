@@ -144,6 +144,12 @@ FLOW_PLAIN = {"use_dynamic_shifting": False, "invert_sigmas": False, "shift_term
               "use_exponential_sigmas": False, "use_beta_sigmas": False, "stochastic_sampling": False}  # what diffcli's flow is
 
 
+def pipeline_classes(cfg: RunConfig) -> tuple[str, str]:
+    """(pipeline, scheduler) of an export; a flow model's pipeline is DDPMPipeline, since
+    DDIMPipeline passes its scheduler DDIM's eta, which the flow scheduler's step lacks."""
+    return ("DDPMPipeline", FLOW_SCHEDULER) if cfg.diffusion.objective == "flow" else ("DDIMPipeline", "DDIMScheduler")
+
+
 def scheduler_config(cfg: RunConfig) -> dict:
     """A `DDIMScheduler` config with diffcli's schedule, T, prediction, clipping and trailing spacing;
     for a flow model a `FlowMatchEulerDiscreteScheduler`, whose timesteps s·T are the network's time input."""

@@ -11,8 +11,8 @@ import torch
 from diffcli.config import RunConfig
 from diffcli.errors import UserError
 from diffcli.hub import (DIFFUSERS_VERSION, PREDICTIONS, SCHEDULER_NUMBERS, UNET2D_NUMBERS, UNET_WEIGHTS, check_numbers,
-                         diffusion_config, from_diffusers, model_config, read_json, scheduler_config, to_diffusers,
-                         unet_config, write_json)
+                         diffusion_config, from_diffusers, model_config, pipeline_classes, read_json, scheduler_config,
+                         to_diffusers, unet_config, write_json)
 
 
 # --- out ----------------------------------------------------------------------------
@@ -33,8 +33,7 @@ def export(ckpt: Path, out: Path) -> tuple[dict, str]:
     write_json(out / "unet" / "config.json", unet)
     save_tensors(out / "unet" / UNET_WEIGHTS, to_diffusers(model.state_dict(), cfg.model), {"format": "pt"})
     write_json(out / "scheduler" / "scheduler_config.json", scheduler_config(cfg))
-    scheduler = scheduler_config(cfg)["_class_name"]
-    pipeline = "DDPMPipeline" if cfg.diffusion.objective == "flow" else "DDIMPipeline"  # DDIM's passes eta, which flow's step lacks
+    pipeline, scheduler = pipeline_classes(cfg)
     write_json(out / "model_index.json", {"_class_name": pipeline, "_diffusers_version": DIFFUSERS_VERSION,
                                           "scheduler": ["diffusers", scheduler], "unet": ["diffusers", "UNet2DModel"]})
     write_json(out / "class_names.json", {"class_names": names, "null_label": k if k else None})
@@ -52,7 +51,7 @@ def model_card(cfg: RunConfig, names: list[str], ckpt: Path) -> str:
     flow = cfg.diffusion.objective == "flow"
     learned = ("flow matching (the UNet predicts the velocity noise - image at timestep t = s·T)" if flow else
                f"{cfg.diffusion.schedule} schedule, T = {cfg.diffusion.timesteps}, {PREDICTIONS[cfg.diffusion.prediction]} prediction")
-    scheduler, pipeline = ("FlowMatchEulerDiscreteScheduler", "DDPMPipeline") if flow else ("DDIMScheduler", "DDIMPipeline")
+    pipeline, scheduler = pipeline_classes(cfg)
     steps = ("scheduler.set_timesteps(sigmas=[1 - i / 50 for i in range(50)])  # diffcli's 50 Euler steps" if flow
              else "scheduler.set_timesteps(50)")
     step = "scheduler.step(out, t, x).prev_sample" if flow else "scheduler.step(out, t, x, use_clipped_model_output=True).prev_sample"
@@ -72,7 +71,7 @@ x = torch.randn(8, {cfg.model.in_channels}, {cfg.model.image_size}, {cfg.model.i
 y = torch.arange(8) % {max(k, 1)}
 with torch.no_grad():
     for t in scheduler.timesteps:
-{guided}        x = {step}  # as diffcli
+{guided}        x = {step}  # as diffcli sample --sampler {"euler" if flow else "ddim"}{" --no-clip" if flow else ""}
 images = (x.clamp(-1, 1) + 1) / 2  # pixels in [0, 1]
 ```
 {"" if k else f"An unconditional model also runs in `{pipeline}.from_pretrained('THIS_FOLDER')`."}

@@ -9,7 +9,7 @@ import torch
 
 from diffcli.samplers import Denoiser, RandnLike, abar_at, ddim_step, ddpm_step, plan, predict, timesteps
 from diffcli.schedules import Schedule, q_sample
-from diffcli.spec import SamplerSpec
+from diffcli.spec import DDIM_SAMPLERS, SamplerSpec
 
 
 def ddim_invert(denoise: Denoiser, schedule: Schedule, x0: torch.Tensor, labels: torch.Tensor, steps: int) -> torch.Tensor:
@@ -37,7 +37,7 @@ def repaint(spec: SamplerSpec, denoise: Denoiser, schedule: Schedule, noise: tor
     resampling, jump length 1) so that the redrawn region comes to agree with what is kept.
     At the end the kept region is `known` itself."""
     spec = spec.resolve(schedule.T)
-    if spec.sampler not in ("ddim", "euler", "ddpm"):
+    if spec.sampler not in (*DDIM_SAMPLERS, "ddpm"):
         raise ValueError("repaint steps with ddim (euler) or ddpm")
     ts = plan(spec, schedule)
 

@@ -51,7 +51,7 @@ def label_knowledge(network, objective, x0: torch.Tensor, labels: torch.Tensor,
     tries = candidates(labels.cpu(), num_classes, gen)
     n, w = tries.shape
     index = torch.full((n,), snr_step(objective.schedule) if step is None else step, device=x0.device)
-    t = objective.at(index)  # in the units the network was trained with
+    t = objective.grid_times(index)  # in the units the network was trained with
     flat, err = tries.flatten(), torch.zeros(n * w)
     for _ in range(draws):  # the errors summed over draws: one draw alone leaves the pick mostly to its noise
         noise = torch.randn(x0.shape, generator=gen).to(x0)

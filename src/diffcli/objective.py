@@ -5,7 +5,7 @@
 - `flow` (flow.py; Liu et al. 2022, Lipman et al. 2023): x_s = (1 - s) x0 + s ε for s in
   [0, 1]; the network sees s·T and predicts the velocity ε - x0.
 
-Training asks an `Objective` for its `times`, the network's `inputs` at them, and the
+Training asks an `Objective` for its `draw_times`, the network's `inputs` at them, and the
 `target`. Sampling asks it for `network(model)`: the model as a predictor of ε or v
 (`prediction`) on the variance-preserving `schedule`, at the schedule's grid index, which
 is all samplers.py, guidance.py, image_samplers.py, edit.py and distill.py step with. For
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from diffcli import flow
-from diffcli.schedules import Schedule, make_schedule, q_sample, v_target
+from diffcli.schedules import Schedule, eps_from_x0, make_schedule, q_sample, v_target
 
 OBJECTIVES = ("ddpm", "flow")
 
@@ -33,11 +33,24 @@ class Objective:
     kind: str  # "ddpm" or "flow"
     schedule: Schedule  # what the samplers step on; for flow, the VP schedule on its grid of flow times
     prediction: str  # what `network` returns: "eps" or "v" (a flow model reads as "v")
-    time_sampling: str = "uniform"  # how training draws flow times (flow.TIME_SAMPLINGS); ddpm's t is uniform
+    time_sampling: str | None  # how training draws flow times (flow.TIME_SAMPLINGS); None for ddpm (uniform t)
+
+    @classmethod
+    def ddpm(cls, schedule: Schedule, prediction: str) -> Objective:
+        return cls("ddpm", schedule, prediction, None)
+
+    @classmethod
+    def flow(cls, T: int, time_sampling: str) -> Objective:
+        return cls("flow", flow.schedule(T), "v", time_sampling)
 
     @property
     def T(self) -> int:
         return self.schedule.T
+
+    @property
+    def time_dtype(self) -> torch.dtype:
+        """The dtype of `draw_times`: step indices, or flow times."""
+        return torch.float32 if self.kind == "flow" else torch.long
 
     def describe(self) -> str:
         if self.kind == "flow":
@@ -46,15 +59,15 @@ class Objective:
 
     # --- training ---------------------------------------------------------------------
 
-    def times(self, n: int, gen: torch.Generator) -> torch.Tensor:
-        """n training times: step indices 0..T-1 (ddpm), or flow times in (0, 1)."""
+    def draw_times(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        """n training times: step indices 0..T-1 (ddpm), or flow times in [0, 1)."""
         if self.kind == "flow":
             return flow.training_times(n, self.time_sampling, gen)
         return torch.randint(0, self.T, (n,), generator=gen)
 
-    def at(self, index: torch.Tensor) -> torch.Tensor:
-        """The training times of grid indices (the samplers' t): itself, or the flow times."""
-        return flow.times(self.T).float().to(index.device)[index] if self.kind == "flow" else index
+    def grid_times(self, index: torch.Tensor) -> torch.Tensor:
+        """The training times of grid indices (the samplers' t): the indices, or their flow times."""
+        return self._flow_time(index, 1) if self.kind == "flow" else index
 
     def inputs(self, x0: torch.Tensor, times: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_t, the network's time input) for images x0 at `times` with `noise`."""
@@ -82,31 +95,45 @@ class Objective:
         """`model` (x, time input, y) as the samplers' network (x_vp, grid index, y) -> ε or v."""
         if self.kind != "flow":
             return model
-        grid = flow.times(self.T).float()  # float32 before it moves: MPS has no float64
 
         def as_vp(x, t, y):
-            s = grid.to(x.device)[t].reshape(-1, *([1] * (x.ndim - 1)))
-            c = ((1 - s) ** 2 + s**2).sqrt()
-            v = model(x * c, s.flatten() * self.T, y).float()
-            return (1 - 2 * s) * x + c * v
+            x_s, s = self._flow_point(x, t)
+            v = model(x_s, s.flatten() * self.T, y).float()
+            return (1 - 2 * s) * x + _scale(s) * v
 
         return as_vp
 
-    def wanted(self, x: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def distill_target(self, x: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(network input, time input, output) that make the model's x̂0 at the VP sample x,
         grid index t, equal `x0`: distillation's target in the model's own terms. For v this
         is (1 + SNR) |x̂0 - x0|², Salimans & Ho's "SNR+1" weighting; for flow s⁻²."""
-        abar = self.schedule.alphas_cumprod.to(x.device)[t].reshape(-1, *([1] * (x.ndim - 1)))
         if self.kind == "flow":
-            s = flow.times(self.T).float().to(x.device)[t].reshape(abar.shape)
-            x_s = x * ((1 - s) ** 2 + s**2).sqrt()
+            x_s, s = self._flow_point(x, t)
             return x_s, s.flatten() * self.T, (x_s - x0) / s  # from x0 = x_s - s v
-        eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
+        abar = self.schedule.alphas_cumprod.to(x.device)[t].reshape(-1, *([1] * (x.ndim - 1)))
+        eps = eps_from_x0(x, x0, abar)
         return x, t, eps if self.prediction == "eps" else abar.sqrt() * eps - (1 - abar).sqrt() * x0
+
+    # --- the flow grid ------------------------------------------------------------------
+
+    def _flow_time(self, index: torch.Tensor, ndim: int) -> torch.Tensor:
+        """The flow times of grid indices, shaped to broadcast against a tensor of `ndim` dims.
+        float32 before it moves: MPS has no float64."""
+        return flow.times(self.T).float().to(index.device)[index].reshape(-1, *([1] * (ndim - 1)))
+
+    def _flow_point(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The flow sample x_s = c x and its time s, for the VP sample x at grid index t."""
+        s = self._flow_time(t, x.ndim)
+        return x * _scale(s), s
+
+
+def _scale(s: torch.Tensor) -> torch.Tensor:
+    """c = sqrt((1 - s)² + s²): the flow sample's scale against the variance-preserving one."""
+    return ((1 - s) ** 2 + s**2).sqrt()
 
 
 def of(diffusion) -> Objective:
     """The objective of a `config.DiffusionConfig`."""
     if diffusion.objective == "flow":
-        return Objective("flow", flow.schedule(diffusion.timesteps), "v", diffusion.time_sampling)
-    return Objective("ddpm", make_schedule(diffusion.schedule, diffusion.timesteps), diffusion.prediction)
+        return Objective.flow(diffusion.timesteps, diffusion.time_sampling)
+    return Objective.ddpm(make_schedule(diffusion.schedule, diffusion.timesteps), diffusion.prediction)

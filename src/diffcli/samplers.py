@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import torch
 
 from diffcli.schedules import Schedule, eps_from_v, eps_from_x0, x0_from_eps, x0_from_v
-from diffcli.spec import SamplerSpec
+from diffcli.spec import DDIM_SAMPLERS, SamplerSpec
 
 Network = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
@@ -276,7 +276,7 @@ def sample(spec: SamplerSpec, denoise: Denoiser, schedule: Schedule, noise: torc
     if spec.sampler == "ddpm":
         return ddpm(denoise, schedule, noise, labels, randn_like, spec.variance, spec.clip, callback, first)
     ts = plan(spec, schedule)
-    if spec.sampler in ("ddim", "euler"):  # euler: spec.resolve refused its eta > 0
+    if spec.sampler in DDIM_SAMPLERS:  # euler: SamplerSpec refused its eta > 0
         return ddim(denoise, schedule, noise, labels, ts, spec.eta, randn_like, spec.clip, callback, first)
     if spec.sampler == "heun":
         return heun(denoise, schedule, noise, labels, ts, spec.clip, callback, first)

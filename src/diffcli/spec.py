@@ -19,8 +19,10 @@ from diffcli.errors import UserError
 # euler is deterministic DDIM by the name flow matching knows it: DDIM is Euler's method on the
 # probability-flow ODE in σ (Karras et al. 2022, §3), and on a flow model it is Euler on dx/ds = v.
 SAMPLERS = ("ddpm", "ddim", "euler", "dpm++", "heun")
+DDIM_SAMPLERS = ("ddim", "euler")  # the two names of one sampler
 # ddpm always runs all T steps; heun evaluates the network twice a step (2 x steps - 1 in all)
-DEFAULT_STEPS = {"ddim": 50, "euler": 50, "dpm++": 20, "heun": 25}
+DEFAULT_STEPS = {"ddim": 50, "dpm++": 20, "heun": 25}
+DEFAULT_STEPS["euler"] = DEFAULT_STEPS["ddim"]
 SPACINGS = ("trailing", "karras")  # how the steps are spread over 0..T-1 (samplers.plan)
 VARIANCES = ("beta_tilde", "beta")  # DDPM's step variance: the posterior's β̃_t, or β_t
 
@@ -151,7 +153,7 @@ class SamplerSpec:
 
     def _for_student(self, T: int, student: Student) -> SamplerSpec:
         made = f"this model was distilled for ddim with {student.steps} steps"
-        if self.sampler not in ("ddim", "euler"):
+        if self.sampler not in DDIM_SAMPLERS:
             raise UserError(f"{made}; --sampler {self.sampler} cannot run it (drop --sampler).")
         if self.steps not in (None, student.steps):
             raise UserError(f"{made}; its steps are not an approximation that more or fewer of them refine, "

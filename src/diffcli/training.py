@@ -27,7 +27,7 @@ def batch_inputs(x0: torch.Tensor, labels: torch.Tensor, objective: Objective, n
     """Training inputs for one batch: the objective's times, ε ~ N(0, I), and labels replaced
     by the "no label" index with probability `label_dropout` (Ho & Salimans 2022, Alg. 1)."""
     b = x0.shape[0]
-    t = objective.times(b, gen)
+    t = objective.draw_times(b, gen)
     noise = torch.randn(x0.shape, generator=gen)
     drop = torch.rand(b, generator=gen) < label_dropout
     return t, noise, torch.where(drop, torch.full_like(labels, null_label), labels)
@@ -96,7 +96,7 @@ class Batches:
         both makes dynamo guard on `t is y`, and the first real step would compile it all again."""
         x = torch.zeros(self.local_shape, device=self.device).contiguous(memory_format=self.layout)
         n = self.local_shape[0]
-        t = self.objective.times(n, torch.Generator()).zero_().to(self.device)  # the dtype the objective's times have
+        t = torch.zeros(n, dtype=self.objective.time_dtype, device=self.device)
         return x, t, torch.zeros_like(x), torch.zeros(n, dtype=torch.long, device=self.device)
 
     def get(self, step: int, gen: torch.Generator) -> tuple:
