@@ -104,9 +104,10 @@ def plot(rows: list[dict], floor: float, name: str, path: Path) -> None:
     for label in dict.fromkeys(r["sampler"] for r in rows):
         mine = [r for r in rows if r["sampler"] == label]
         style = "o-" if mine[0]["model"] == "flow" else "s--"
+        colour = {"euler": "C0", "dpm++": "C1", "heun": "C2"}.get(label.split()[-1])  # one colour a sampler
         nfe = [r["nfe"] for r in mine]
-        acc.plot(nfe, [100 * r["class_accuracy"] for r in mine], style, label=label)
-        fd.plot(nfe, [r["classifier_fd"] / floor for r in mine], style, label=label)
+        acc.plot(nfe, [100 * r["class_accuracy"] for r in mine], style, color=colour, label=label)
+        fd.plot(nfe, [r["classifier_fd"] / floor for r in mine], style, color=colour, label=label)
     for ax, what in ((acc, "class accuracy (%)"), (fd, "classifier-FD / real floor (lower is better)")):
         ax.set_xscale("log")
         ax.set_xlabel("network evaluations per image")

@@ -56,7 +56,7 @@ class DiffusionConfig:
     # vs 2.36 at each one's best guidance (2,400 steps). On shapes, scored by a classifier grain does not
     # fool, eps is 7 points more accurate at an equal best FD (4.48 vs 4.49): v loses less, so it stays (results.md).
     prediction: str = "v"
-    objective: str = "ddpm"  # or "flow": the straight path's velocity (objective.py); schedule, prediction, min_snr_gamma unused
+    objective: str = "ddpm"  # or "flow" (objective.py), ahead on CIFAR-10 only (benchmarks.md); unused then: schedule, prediction, min_snr_gamma
     time_sampling: str = "logit-normal"  # flow's training times: logit-normal (SD3, m 0, s 1) or uniform
 
 
