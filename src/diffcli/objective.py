@@ -111,8 +111,7 @@ class Objective:
             x_s, s = self._flow_point(x, t)
             return x_s, s.flatten() * self.T, (x_s - x0) / s  # from x0 = x_s - s v
         abar = self.schedule.alphas_cumprod.to(x.device)[t].reshape(-1, *([1] * (x.ndim - 1)))
-        eps = eps_from_x0(x, x0, abar)
-        return x, t, eps if self.prediction == "eps" else abar.sqrt() * eps - (1 - abar).sqrt() * x0
+        return x, t, self.target(x0, t, eps_from_x0(x, x0, abar))  # the noise that puts x0 at x
 
     # --- the flow grid ------------------------------------------------------------------
 

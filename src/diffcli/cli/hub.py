@@ -47,6 +47,7 @@ def import_(
         cfg = import_pipeline(folder, out)
     m, d = cfg.model, cfg.diffusion
     kind = f"{m.num_classes} classes" if m.num_classes else "unconditional"
-    learned = "flow matching" if d.objective == "flow" else f"{d.schedule} schedule, {d.prediction} prediction"
-    console.print(f"wrote [cyan]{out}[/]: {m.base_channels} channels x {list(m.channel_mult)}, {kind}, {learned}, "
-                  f"T={d.timesteps}; next: diffcli sample --ckpt {out} --label all", highlight=False)
+    from diffcli.objective import of
+
+    console.print(f"wrote [cyan]{out}[/]: {m.base_channels} channels x {list(m.channel_mult)}, {kind}, {of(d).describe()}; "
+                  f"next: diffcli sample --ckpt {out} --label all", highlight=False)
