@@ -82,8 +82,9 @@ def test_eval_cli_reports_every_metric_as_json(tiny_run, shapes_classifier, tmp_
     sheet = Image.open(pairs)
     assert sheet.width > 4 * 2 * 48 and sheet.height > 4 * 48  # 4 x 4 pairs of 48-px images (32 px enlarged)
     table = runner.invoke(app, ["eval", "--ckpt", str(tiny_run / "model.safetensors"), "--classifier", str(shapes_classifier),
-                                "--n", "2", "--steps", "2", "--real-n", "100", "--no-memorisation", "--device", "cpu"])
+                                "--n", "2", "--steps", "2", "--eta", "1", "--real-n", "100", "--no-memorisation", "--device", "cpu"])
     assert table.exit_code == 0 and "class accuracy" in table.output and "classifier-FD" in table.output
+    assert "ddim 2 steps, eta 1," in " ".join(table.output.split())  # what was measured is what `sample --eta 1` draws
 
 
 def test_eval_refuses_a_classifier_for_other_images(tiny_run, tmp_path):
@@ -102,6 +103,7 @@ def test_eval_refuses_a_classifier_for_other_images(tiny_run, tmp_path):
     (["--steps", "5000"], "--steps must be between"),
     (["--no-memorisation"], "nothing to measure"),
     (["--real-n", "1"], "--real-n must be at least 2"),
+    (["--eta", "-1"], "--eta must be"),
 ])
 def test_eval_bad_options_get_one_sentence(tiny_run, args, message):
     r = runner.invoke(app, ["eval", "--ckpt", str(tiny_run / "model.safetensors"), *args])

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from diffcli.checks import POSITIVE, Range
-from diffcli.cli._common import (AsJson, BatchSize, Ckpt, DataRoot, Device, Guidance, GuidanceInterval, ImageSeed, Sampler,
+from diffcli.cli._common import (AsJson, BatchSize, Ckpt, DataRoot, Device, Eta, Guidance, GuidanceInterval, ImageSeed, Sampler,
                                  Shift, Spacing, Steps, console, parse_interval, print_notice, safe_name, writing)
 from diffcli.cli._progress import progress
 from diffcli.cli._ranks import processes, where
@@ -30,6 +30,7 @@ def evaluate(
     steps: Steps = None,
     spacing: Spacing = "trailing",
     shift: Shift = 1.0,
+    eta: Eta = 0.0,
     guidance: Guidance = None,
     guidance_interval: GuidanceInterval = None,
     seed: ImageSeed = 0,
@@ -54,7 +55,7 @@ def evaluate(
     check({"--ckpt": ckpt, "--classifier": classifier, "--inception-weights": inception_weights, "--data": data_path},
           [Output("--pairs", pairs, IMAGE)])
 
-    opts = EvalOptions(ckpt, SamplerSpec(sampler, steps, guidance, spacing=spacing, interval=parse_interval(guidance_interval), shift=shift), n, seed, batch_size, classifier, fid, inception_weights,
+    opts = EvalOptions(ckpt, SamplerSpec(sampler, steps, guidance, eta, spacing=spacing, interval=parse_interval(guidance_interval), shift=shift), n, seed, batch_size, classifier, fid, inception_weights,
                        memorisation, pairs, data, data_root, real_n)
     with processes(device) as (world, dev):  # under torchrun: the images drawn by every rank, measured by rank 0
         report = run(opts, dev, console.status, world)
@@ -70,7 +71,7 @@ def evaluate(
 
 
 def _print_report(report: dict) -> None:
-    console.print(f"{report['images']:,} images from {report['model']}: {report['sampler']} {report['steps']} steps, "
+    console.print(f"{report['images']:,} images from {report['model']}: {report['sampler']} {report['steps']} steps{_eta_text(report.get('eta'))}, "
                   f"guidance {report['guidance']:g}{interval_text(report['guidance_interval'])}, seeds {report['seed']}.., {report['sampling_s']:.1f} s on {report['device']}",
                   highlight=False)
     table = Table(show_header=True, title_justify="left")
@@ -93,6 +94,10 @@ def _print_report(report: dict) -> None:
         shown = ", ".join(f"{name} {'-' if acc is None else f'{acc:.0%}'}"
                           for name, acc in zip(report["class_names"], report["per_class_accuracy"]))
         console.print(f"class accuracy per class: {shown}", highlight=False)
+
+
+def _eta_text(eta: float | None) -> str:
+    return f", eta {eta:g}" if eta else ""  # reports from before eta was recorded have none
 
 
 def _trained_on(ckpt: Path) -> str | None:
