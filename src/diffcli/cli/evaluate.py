@@ -71,7 +71,7 @@ def evaluate(
 
 
 def _print_report(report: dict) -> None:
-    console.print(f"{report['images']:,} images from {report['model']}: {report['sampler']} {report['steps']} steps{_eta_text(report.get('eta'))}, "
+    console.print(f"{report['images']:,} images from {report['model']}: {report['sampler']} {report['steps']} steps{_eta_text(report['eta'])}, "
                   f"guidance {report['guidance']:g}{interval_text(report['guidance_interval'])}, seeds {report['seed']}.., {report['sampling_s']:.1f} s on {report['device']}",
                   highlight=False)
     table = Table(show_header=True, title_justify="left")
@@ -96,8 +96,8 @@ def _print_report(report: dict) -> None:
         console.print(f"class accuracy per class: {shown}", highlight=False)
 
 
-def _eta_text(eta: float | None) -> str:
-    return f", eta {eta:g}" if eta else ""  # reports from before eta was recorded have none
+def _eta_text(eta: float) -> str:
+    return f", eta {eta:g}" if eta else ""  # deterministic DDIM, the usual case, says nothing
 
 
 def _trained_on(ckpt: Path) -> str | None:
