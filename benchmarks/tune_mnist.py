@@ -1,8 +1,8 @@
 """Which recipe wins on MNIST (or shapes) at a small budget? Step-matched variants of the defaults,
 scored with `diffcli eval` (class accuracy and classifier-FD against the test split).
 
-Each variant trains for the same number of images (`--steps` at batch 32; batch-64 variants
-take half the steps), so the verdict does not depend on what else the machine was doing.
+Each variant trains for the same number of images (`--steps` at batch 32; a variant at batch
+64, the default since 2026-12-06, takes half the steps), so the verdict does not depend on what else the machine was doing.
 Runs already in `--out` are reused, so an interrupted sweep resumes where it stopped.
 At the demo's budget the training seed moves shapes' accuracy by up to 30 points
 (docs/results.md), so compare variants over several `--seeds`: the table gives the mean
@@ -22,6 +22,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+from diffcli.config import TrainConfig
 
 # name: `diffcli train` options on top of the defaults. Every variant names its prediction
 # target, since the sweep itself moved the default from ε to v.
@@ -59,7 +61,8 @@ def main() -> None:
     rows = []  # (variant, guidance, [report per seed])
     for name in args.variants.split(";"):
         flags = VARIANTS[name]
-        steps = args.steps * 32 // (int(flags[flags.index("--batch-size") + 1]) if "--batch-size" in flags else 32)
+        batch = int(flags[flags.index("--batch-size") + 1]) if "--batch-size" in flags else TrainConfig().batch_size
+        steps = args.steps * 32 // batch
         reports: dict[float | None, list] = {w: [] for w in GUIDANCE.get(name, [None])}
         for seed in seeds:
             run = args.out / ("".join(ch if ch.isalnum() else "-" for ch in name) + (f"-seed{seed}" if seed else ""))
