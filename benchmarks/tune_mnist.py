@@ -1,8 +1,9 @@
 """Which recipe wins on MNIST (or shapes) at a small budget? Step-matched variants of the defaults,
 scored with `diffcli eval` (class accuracy and classifier-FD against the test split).
 
-Each variant trains for the same number of images (`--steps` at batch 32; a variant at batch
-64, the default since 2026-12-06, takes half the steps), so the verdict does not depend on what else the machine was doing.
+Each variant trains for the same number of images (`--steps` at batch 32; a variant at
+batch 64, the default since 2026-12-06, takes half the steps), so the verdict does not
+depend on what else the machine was doing.
 Runs already in `--out` are reused, so an interrupted sweep resumes where it stopped.
 At the demo's budget the training seed moves shapes' accuracy by up to 30 points
 (docs/results.md), so compare variants over several `--seeds`: the table gives the mean
