@@ -69,6 +69,16 @@ def shapes_classifier(tmp_path_factory):
     return out
 
 
+@pytest.mark.parametrize("fd, warned", [(0.7, True), (1.4, False)])
+def test_a_classifier_fd_below_the_real_floor_is_called_bias(fd, warned, capsys):
+    from diffcli.cli.evaluate import _print_report
+    report = dict(images=500, model="m.safetensors", sampler="ddim", steps=50, eta=0.0, guidance=1.85,
+                  guidance_interval=None, seed=0, sampling_s=1.0, device="cpu", class_accuracy=1.0,
+                  classifier=dict(test_accuracy=0.9998), classifier_fd=fd, classifier_fd_real_floor=1.33)
+    _print_report(report)
+    assert ("below the real floor" in " ".join(capsys.readouterr().out.split())) == warned
+
+
 def test_eval_cli_reports_every_metric_as_json(tiny_run, shapes_classifier, tmp_path):
     pairs = tmp_path / "pairs.png"
     r = runner.invoke(app, ["eval", "--ckpt", str(tiny_run / "model.safetensors"), "--classifier", str(shapes_classifier),

@@ -90,6 +90,10 @@ def _print_report(report: dict) -> None:
                       f"median RMS; real test images: {report['nn_distance_real']:.3f} (ratio {report['nn_ratio']:.2f})")
         table.add_row("samples closer than 99% of real", f"{report['close_share']:.1%}", "about 1% when nothing is copied")
     console.print(table)
+    if "class_accuracy" in report and report["classifier_fd"] < report["classifier_fd_real_floor"]:
+        # The small-n bias grows with a set's spread, so a less varied set can land under it (docs/evaluation.md).
+        console.print(f"classifier-FD is below the real floor: at {report['images']:,} images it is mostly sample-size bias; "
+                      "raise --n to compare models.", highlight=False)
     if "per_class_accuracy" in report:
         shown = ", ".join(f"{name} {'-' if acc is None else f'{acc:.0%}'}"
                           for name, acc in zip(report["class_names"], report["per_class_accuracy"]))
