@@ -146,7 +146,7 @@ def test_a_model_that_knows_its_labels_less_is_guided_as_if_it_had_seen_fewer_im
     for knowledge in (None, 1.0, KNOWLEDGE_FULL):
         assert default_guidance(Trained(2 * images, knowledge)) == pytest.approx(w - GUIDANCE_PER_DOUBLING)
     half = Trained(16 * images, KNOWLEDGE_FULL / 2)  # 4 doublings at half: 2 count, less KNOWLEDGE_POWER
-    assert default_guidance(half) == pytest.approx(w - (2 - KNOWLEDGE_POWER) * GUIDANCE_PER_DOUBLING, abs=0.025)
+    assert default_guidance(half) == pytest.approx(round((w - (2 - KNOWLEDGE_POWER) * GUIDANCE_PER_DOUBLING) * 20) / 20)
     assert default_guidance(Trained(10**9, 0.0)) == GUIDANCE_CEILING
 
 
