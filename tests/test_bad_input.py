@@ -129,6 +129,16 @@ def test_class_names_are_case_insensitive(tiny_run, tmp_path):
         "--out", tmp_path / "s.png"])
 
 
+def test_class_names_that_differ_only_in_case():
+    from diffcli.cli._common import parse_labels
+    from diffcli.errors import UserError
+
+    names = ["Cat", "cat", "dog"]
+    assert parse_labels("Cat,cat,DOG,2", names) == [0, 1, 2, 2]  # spelled as a class: that class
+    with pytest.raises(UserError, match="'CAT' could be any of the classes Cat, cat"):
+        parse_labels("CAT", names)
+
+
 def test_out_folder_holding_another_run(tiny_run, tmp_path):
     fails_cleanly(["train", "--data", "shapes", "--limit", "32", "--preset", "tiny", "--out", tiny_run], "already holds a run")
     fails_cleanly(["train", "--data", "shapes", "--out", tiny_run / "model.safetensors"], "is a file")

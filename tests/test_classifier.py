@@ -152,3 +152,19 @@ def test_a_mirror_classifier_judges_an_image_and_its_mirror_alike():
     model.cfg.mirror = True
     model.train()  # training sees each view on its own: flips are its augmentation
     assert not torch.allclose(model.features(x), model.features(x.flip(-1)), atol=1e-5)
+
+
+def test_classifier_train_run_inside_its_data_writes_beside_it(tmp_path, monkeypatch):
+    """`--data .` from inside the data folder: the default file is named after the folder
+    and written beside it, never into what is being read."""
+    from PIL import Image
+
+    data = tmp_path / "pets"
+    for k, cls in enumerate(("cat", "dog")):
+        (data / cls).mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (8, 8), (200 * k, 30 * i, 0)).save(data / cls / f"{i}.png")
+    monkeypatch.chdir(data)
+    r = runner.invoke(app, ["classifier", "train", "--data", ".", "--epochs", "1", "--width", "4"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "pets-classifier.safetensors").is_file() and not list(data.rglob("*.safetensors"))

@@ -1,6 +1,7 @@
 """`diffcli eval` and the maths under it, on inputs whose answers are known."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -105,6 +106,51 @@ def test_eval_refuses_a_classifier_for_other_images(tiny_run, tmp_path):
                     {"test_accuracy": 0.9, "per_class_accuracy": [0.9] * 10, "test_images": 10})
     r = runner.invoke(app, ["eval", "--ckpt", str(tiny_run / "model.safetensors"), "--classifier", str(clf), "--n", "2"])
     assert r.exit_code == 1 and "28x28x1" in r.output and "Traceback" not in r.output
+
+
+def test_eval_warns_of_a_classifier_that_names_other_classes(tiny_run, tmp_path, caplog):
+    """Same image size and class count, other classes (an MNIST judge on Fashion-MNIST):
+    accuracy by class number means nothing, so eval says so."""
+    from diffcli.checkpoint import load_model
+    from diffcli.classifier import Classifier, ClassifierConfig, save_classifier
+
+    clf = tmp_path / "other.safetensors"
+    save_classifier(clf, Classifier(ClassifierConfig(3, 32, 10, width=4)), [f"kind{i}" for i in range(10)], "elsewhere",
+                    {"test_accuracy": 0.9, "per_class_accuracy": [0.9] * 10, "test_images": 10})
+    _, cfg, meta = load_model(tiny_run / "model.safetensors", "cpu")
+    E._matching_classifier(clf, cfg, meta, "shapes", "cpu")
+    assert "(kind0, kind1, kind2, kind3, kind4, ...) are not the model's (circle, square," in caplog.text
+    caplog.clear()
+    save_classifier(clf, Classifier(ClassifierConfig(3, 32, 10, width=4)), meta["class_names"], "shapes",
+                    {"test_accuracy": 0.9, "per_class_accuracy": [0.9] * 10, "test_images": 10})
+    E._matching_classifier(clf, cfg, meta, "shapes", "cpu")
+    assert "not the model's" not in caplog.text
+
+
+def test_eval_of_a_folder_model_when_too_little_or_nothing_is_left_to_compare(tmp_path):
+    """Ten images leave one held out: no covariance, so one sentence instead of a NaN FD;
+    and a model whose training folder is gone says so, not "--data is not a folder"."""
+    folder = tmp_path / "ten"
+    folder.mkdir()
+    for i in range(10):
+        Image.new("RGB", (8, 8), (25 * i, 0, 0)).save(folder / f"{i}.png")
+    run = tmp_path / "run"
+    r = runner.invoke(app, ["train", "--data", str(folder), "--preset", "tiny", "--max-steps", "1", "--out", str(run)])
+    assert r.exit_code == 0, r.output
+    ev = ["eval", "--ckpt", str(run / "model.safetensors"), "--n", "2", "--steps", "2"]
+    r = runner.invoke(app, ev)
+    assert r.exit_code == 1 and "leaves 1 real image(s)" in r.output and "at least 2" in r.output
+    shutil.rmtree(folder)
+    r = runner.invoke(app, ev)
+    assert r.exit_code == 1 and f"training data '{folder}' is not there any more; pass --data" in " ".join(r.output.split())
+
+
+def test_json_reports_carry_no_nan():
+    from diffcli.cli.evaluate import _finite
+
+    report = {"fd": float("nan"), "per_class": [0.5, float("inf"), None], "inner": {"x": -float("inf"), "n": 3}}
+    assert json.loads(json.dumps(_finite(report), allow_nan=False)) == {"fd": None, "per_class": [0.5, None, None],
+                                                                      "inner": {"x": None, "n": 3}}
 
 
 @pytest.mark.parametrize("args, message", [

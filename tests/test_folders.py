@@ -42,14 +42,19 @@ runner = CliRunner()
     # no class folders: one unlabelled class; one wrapping folder holding only images is a class
     (["1.png", "2.png"], {"train": [("1.png", 0), ("2.png", 0)]}, []),
     (["cats/1.png", "cats/2.png"], {"train": [("cats/1.png", 0), ("cats/2.png", 0)]}, ["cats"]),
+    # split folders in any case, and the MNIST-as-PNG mirrors' training/ and testing/
+    (["Train/a/1.png", "TEST/a/2.png"], {"train": [("Train/a/1.png", 0)], "test": [("TEST/a/2.png", 0)]}, ["a"]),
+    (["mnist_png/testing/7/2.png", "mnist_png/training/7/1.png"],
+     {"train": [("mnist_png/training/7/1.png", 0)], "test": [("mnist_png/testing/7/2.png", 0)]}, ["7"]),
 ])
 def test_layout(names, splits, classes):
     assert folders.layout(names) == (splits, classes)
 
 
-def test_layout_refuses_a_test_class_the_training_split_lacks():
+@pytest.mark.parametrize("train", ["train/cat/1.png", "train/1.png"])  # (loose training images: no classes at all)
+def test_layout_refuses_a_test_class_the_training_split_lacks(train):
     with pytest.raises(UserError, match="owl"):
-        folders.layout(["train/cat/1.png", "test/owl/2.png"])
+        folders.layout([train, "test/owl/2.png"])
 
 
 def make_tree(root: Path) -> Path:
@@ -89,6 +94,13 @@ def test_folders_and_archives_give_the_same_splits(tmp_path, kind):
     assert train.labels.tolist() == [0, 0, 0, 1, 1, 1] and test.labels.tolist() == [0, 0, 1, 1]
     assert (train.images[:, 2] == 200).all() and (test.images[:, 2] == 7).all()  # each split from its own folder
     assert train.images[4, :, 0, 0].tolist() == [30, 100, 200]  # dog/1.png
+
+
+def test_a_limit_on_a_folder_keeps_every_class(tmp_path):
+    tree = make_tree(tmp_path / "src")
+    kept = D.load(str(tree), limit=4)
+    assert kept.labels.tolist() == [0, 0, 1, 1]  # cat 0-1 and dog 0-1, not the first four names: cat 0-2, dog 0
+    assert kept.images[:, 0, 0, 0].tolist() == [0, 30, 0, 30]  # each class's first images (red = 30 x its number)
 
 
 def test_a_source_without_a_test_folder_has_no_test_split(tmp_path):
@@ -159,6 +171,41 @@ def test_a_name_appended_twice_to_a_tar_is_one_image(tmp_path):
     with tarfile.open(tar, "a") as t:
         t.add(tree / "train" / "cat" / "0.png", "top/train/cat/0.png")
     assert D.load(str(tar)).images.shape[0] == 6
+
+
+@pytest.mark.filterwarnings("ignore:Duplicate name")  # the name stored twice, on purpose
+def test_a_windows_zip_with_a_damaged_member_and_a_hard_linked_tar(tmp_path, caplog):
+    """Backslashes as separators (older Windows tools) are folders; a member that fails its
+    checksum is skipped with a warning, as a corrupt image is; a name stored twice is one
+    image; a tar's hard link is an image of its own, as in the folder it was made from."""
+    tree = make_tree(tmp_path / "src")
+    files = sorted(p.relative_to(tree.parent).as_posix() for p in tree.rglob("*") if p.is_file())
+    zipped = tmp_path / "win.zip"
+    with zipfile.ZipFile(zipped, "w") as z:
+        for name in files + ["top/train/dog/0.png"]:
+            z.writestr(name.replace("/", "\\"), (tmp_path / "src" / name).read_bytes())
+    raw = bytearray(zipped.read_bytes())
+    at = raw.index(b"IDAT")  # inside the first member, top/test/cat/0.png (stored, not deflated)
+    raw[at + 8] ^= 0xFF
+    zipped.write_bytes(bytes(raw))
+    train, test = D.load(str(zipped)), D.test_split(str(zipped))
+    assert train.class_names == ["cat", "dog"] and train.images.shape[0] == 6 and test.images.shape[0] == 3
+    assert "top/test/cat/0.png" in caplog.text and "cannot be read" in caplog.text
+
+    (tree / "train" / "dog" / "3.png").hardlink_to(tree / "train" / "dog" / "0.png")
+    tar = tmp_path / "linked.tar"
+    with tarfile.open(tar, "w") as t:
+        t.add(tree, "top")
+    with tarfile.open(tar) as t:
+        assert t.getmember("top/train/dog/3.png").islnk()
+    assert D.load(str(tar)).images.shape[0] == D.load(str(tree)).images.shape[0] == 7
+
+
+def test_a_zip_named_as_a_tar_is_one_sentence_that_says_so(tmp_path):
+    wrong = archive(make_tree(tmp_path / "src"), tmp_path / "data.zip").rename(tmp_path / "data.tar.gz")
+    with pytest.raises(UserError, match=r"it is a zip file: name it \.zip") as e:
+        D.load(str(wrong))
+    assert "\n" not in str(e.value)
 
 
 def test_a_broken_archive_is_one_sentence(tmp_path):

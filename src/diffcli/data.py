@@ -64,7 +64,7 @@ SPLITS = ("train", "test")
 def load(name: str, root: str | None = None, image_size: int | None = None, limit: int | None = None,
          split: str = "train") -> ImageData:
     """Load a named dataset or an image folder, resized to `image_size` if given, keeping
-    only the first `limit` images if given. `split="test"` gives the held-out images of a
+    only the first `limit` images if given (a folder's from each class in turn). `split="test"` gives the held-out images of a
     named dataset (evaluation and the reference classifier); folders have only one split."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -75,12 +75,12 @@ def load(name: str, root: str | None = None, image_size: int | None = None, limi
         data = make_shapes(size=image_size or 32, per_class=per_class, seed=0 if split == "train" else 1)
         return _first(data, limit)
     if name in ("mnist", "fashion-mnist", "cifar10"):
-        data = load_torchvision(name, Path(root).expanduser() if root else default_root(), split)
+        data = _first(load_torchvision(name, Path(root).expanduser() if root else default_root(), split), limit)
     else:
         data = load_source(name, root, image_size, split)
         if data is None:
             raise UserError(f"'{name}' has no {split}/ folder beside train/, so it has no separate {split} split.")
-    data = _first(data, limit)
+        data = _first(data, limit, classes_in_turn=True)
     if image_size and image_size != data.images.shape[-1]:
         data.images = resize(data.images, image_size)
     return data
@@ -94,9 +94,20 @@ def test_split(name: str, root: str | None = None, image_size: int | None = None
     return load_source(name, root, image_size, "test")
 
 
-def _first(data: ImageData, limit: int | None) -> ImageData:
-    if limit is not None:
-        data.images, data.labels = data.images[:limit], data.labels[:limit]
+def _first(data: ImageData, limit: int | None, classes_in_turn: bool = False) -> ImageData:
+    """The first `limit` images; `classes_in_turn` takes them from each class in turn (the
+    first of every class, then the second, ...), for a folder, whose images come sorted by
+    class: its first N would be all one class."""
+    if limit is not None and limit < len(data.labels):
+        if classes_in_turn:
+            by_class = torch.argsort(data.labels, stable=True)
+            first = torch.searchsorted(data.labels[by_class], data.labels[by_class])  # where each one's class begins
+            turn = torch.empty_like(data.labels)
+            turn[by_class] = torch.arange(len(by_class)) - first  # its place within its class
+            keep = torch.argsort(turn * (int(data.labels.max()) + 1) + data.labels, stable=True)[:limit].sort().values
+        else:
+            keep = slice(0, limit)
+        data.images, data.labels = data.images[keep], data.labels[keep]
     return data
 
 

@@ -14,6 +14,7 @@ The maths lives in metrics.py; this module feeds it images.
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from diffcli.classifier import Classifier, per_class_accuracy, predict, referenc
 from diffcli.distributed import World
 from diffcli.errors import UserError, writing
 from diffcli.spec import SamplerSpec
+
+log = logging.getLogger("diffcli")
 
 CLOSE_PERCENTILE = 1.0  # a sample is "close" when nearer its training neighbour than 99% of real held-out images are
 
@@ -59,6 +62,8 @@ def run(opts: EvalOptions, device, status=lambda text: contextlib.nullcontext(),
     model, cfg, meta = load_model(opts.ckpt, device)
     opts.spec.resolve(cfg.diffusion.timesteps, model.student, model.trained)  # a bad --steps should fail before the data loads
     data_name, data_root = opts.data or cfg.data.name, opts.data_root or cfg.data.root
+    if not opts.data and data_name not in D.NAMED and not Path(data_name).expanduser().exists():
+        raise UserError(f"this model's training data '{data_name}' is not there any more; pass --data with it or a copy.")
     if not world.is_main:  # the other ranks only draw their share of the images
         evaluate(model, cfg, meta["class_names"], opts, None, world=world)
         return {}
@@ -92,6 +97,9 @@ def _measures(opts: EvalOptions, cfg, meta: dict, data_name: str, data_root, dev
     if tuple(real.train.images.shape[1:]) != shape:
         raise UserError(f"'{data_name}' holds {tuple(real.train.images.shape[1:])} images but the model makes "
                         f"{shape}; pass --data with the model's training data.")
+    if len(real.reference.labels) < 2:  # a Fréchet distance needs a covariance, the close share a percentile
+        raise UserError(f"'{data_name}' leaves {len(real.reference.labels)} real image(s) the model never saw to measure "
+                        "against, and eval needs at least 2: add a test/ folder or more images.")
     return clf, clf_meta, inception, real
 
 
@@ -106,7 +114,14 @@ def _matching_classifier(path: Path, cfg, meta: dict, data_name: str, device):
         raise UserError(f"the classifier takes {c.image_size}x{c.image_size}x{c.in_channels} images of {c.num_classes} classes, "
                         f"but the model makes {m.image_size}x{m.image_size}x{m.in_channels} images "
                         f"of {m.num_classes}; train one with --data {data_name} --image-size {m.image_size}.")
+    if clf_meta["class_names"] != meta["class_names"]:  # e.g. an MNIST classifier on a Fashion-MNIST model
+        log.warning("the classifier's classes (%s) are not the model's (%s): its accuracy compares them by number",
+                    _names(clf_meta["class_names"]), _names(meta["class_names"]))
     return clf, clf_meta
+
+
+def _names(class_names: list[str]) -> str:
+    return ", ".join(class_names[:5]) + (", ..." if len(class_names) > 5 else "")
 
 
 @dataclass

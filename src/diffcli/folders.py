@@ -22,7 +22,10 @@ from diffcli.errors import UserError
 log = logging.getLogger("diffcli")
 
 ARCHIVES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".zip")
-TEST_FOLDERS = ("test", "val", "valid", "validation")  # the held-out split's folder, in order of preference
+# The splits' folders, matched in any case ("Train", "TEST"), each list in order of preference;
+# "training"/"testing" as in the MNIST-as-PNG mirrors.
+TRAIN_FOLDERS = ("train", "training")
+TEST_FOLDERS = ("test", "testing", "val", "valid", "validation")
 MAX_MEMBER_BYTES = 256 << 20  # an archive member larger than this is not a picture for this tool
 
 
@@ -45,7 +48,7 @@ def _is_image_name(name: str) -> bool:
 def layout(names: list[str]) -> tuple[dict[str, list[tuple[str, int]]], list[str]]:
     """({split: [(file, class index)]}, class names) for the image files `names` (relative,
     '/'-separated). Splits: "train", and "test" when a test/ (or val/) folder sits beside
-    train/. Classes are the training split's sub-folders, in sorted order. Images lying
+    train/ (TRAIN_FOLDERS, TEST_FOLDERS, in any case). Classes are the training split's sub-folders, in sorted order. Images lying
     beside the folders that matter are left out, with a note."""
     files = sorted((PurePosixPath(n).parts, n) for n in names)
     depth = 0
@@ -53,37 +56,43 @@ def layout(names: list[str]) -> tuple[dict[str, list[tuple[str, int]]], list[str
         inside = [p for p, _ in files if len(p) > depth + 1]  # files within a folder at this level
         folders = {p[depth] for p in inside}
         holds_folders = lambda f: all(len(p) > depth + 2 for p in inside if p[depth] == f)  # noqa: E731
-        has_splits = "train" in folders and (bool(folders & set(TEST_FOLDERS)) or holds_folders("train"))
+        train, test = _split_folder(folders, TRAIN_FOLDERS), _split_folder(folders, TEST_FOLDERS)
+        has_splits = train is not None and (test is not None or holds_folders(train))
         # one folder wrapping everything, holding only folders itself, or the splits: look inside it
         only = next(iter(folders)) if len(folders) == 1 else None
         inner = {p[depth + 1] for p in inside if p[depth] == only and len(p) > depth + 2}
-        if has_splits or not inner or not (holds_folders(only) or "train" in inner):
+        if has_splits or not inner or not (holds_folders(only) or _split_folder(inner, TRAIN_FOLDERS)):
             break
         depth += 1
     _left_out([n for p, n in files if len(p) <= depth + has_splits], "beside the top folders")
     if has_splits:  # (a folder named train among class folders, with no test folder, is a class)
-        test = next((t for t in TEST_FOLDERS if t in folders), None)
-        _left_out([n for p, n in files if len(p) > depth + 1 and p[depth] not in ("train", test)],
-                  f"outside train/{f' and {test}/' if test else ''}")
+        _left_out([n for p, n in files if len(p) > depth + 1 and p[depth] not in (train, test)],
+                  f"outside {train}/{f' and {test}/' if test else ''}")
         groups = {split: [(p[depth + 1:], n) for p, n in files if len(p) > depth + 1 and p[depth] == folder]
-                  for split, folder in (("train", "train"), ("test", test)) if folder}
+                  for split, folder in (("train", train), ("test", test)) if folder}
     else:
         groups = {"train": [(p[depth:], n) for p, n in files if len(p) > depth]}
     classes = sorted({rel[0] for rel, _ in groups["train"] if len(rel) > 1})
     index = {c: i for i, c in enumerate(classes)}
     out = {}
     for split, members in groups.items():
-        if not classes:
-            out[split] = [(n, 0) for _, n in members]
-            continue
         unknown = sorted({rel[0] for rel, _ in members if len(rel) > 1} - set(index))
         if unknown:
             raise UserError(f"the {split} split has class folder(s) {', '.join(unknown)} that the training split lacks.")
+        if not classes:
+            out[split] = [(n, 0) for _, n in members]
+            continue
         out[split] = [(n, index[rel[0]]) for rel, n in members if len(rel) > 1]
         _left_out([n for rel, n in members if len(rel) == 1], f"beside the class folders of the {split} split")
         if not out[split]:
             raise UserError(f"the {split} split holds no images inside class folders.")
     return out, classes
+
+
+def _split_folder(folders: set[str], names: tuple[str, ...]) -> str | None:
+    """The folder among `folders` that holds the split called one of `names`, in any case."""
+    by_name = {f.lower(): f for f in sorted(folders, reverse=True)}  # of "Train" and "train", the latter
+    return next((by_name[n] for n in names if n in by_name), None)
 
 
 def _left_out(names: list[str], where: str) -> None:
@@ -109,32 +118,59 @@ def names_in(source: Path) -> list[str]:
     try:
         if source.name.lower().endswith(".zip"):
             with zipfile.ZipFile(source) as z:
-                names = [i.filename for i in z.infolist() if not i.is_dir()]
+                names = [_zip_name(i) for i in z.infolist() if not i.is_dir()]
         else:
             with tarfile.open(source, "r:*") as t:
-                names = [m.name for m in t if m.isfile()]
+                names = [m.name for m in t if _is_file(m)]
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:
-        raise UserError(f"cannot read the archive '{source}' ({type(e).__name__}: {e}).") from None
+        first = str(e).splitlines()[0].rstrip(":")  # tarfile lists every compression it tried, one a line
+        kind = " (it is a zip file: name it .zip)" if zipfile.is_zipfile(source) else ""
+        raise UserError(f"cannot read the archive '{source}' ({type(e).__name__}: {first}){kind}.") from None
     return [n for n in names if _is_image_name(n)]
 
 
+def _zip_name(info: zipfile.ZipInfo) -> str:
+    # Some Windows tools write backslashes where the zip format says "/"; unzip reads both.
+    return info.filename.replace("\\", "/")
+
+
+def _is_file(member: tarfile.TarInfo) -> bool:
+    return member.isfile() or member.islnk()  # a hard link is a second name for a file's bytes
+
+
 def contents(source: Path, wanted: set[str]):
-    """(name, bytes) of each wanted file, in the source's own order; archives are read in
-    one pass and never extracted to disk."""
+    """(name, bytes) of each wanted file, in the source's own order, each name once; archives
+    are read in one pass and never extracted to disk. A member that cannot be read (a bad
+    checksum, encryption, a compression zipfile lacks) is skipped with a warning, as an
+    image that cannot be decoded is."""
     if source.is_dir():
         for name in sorted(wanted):
             yield name, (source / name).read_bytes()
     elif source.name.lower().endswith(".zip"):
         with zipfile.ZipFile(source) as z:
             for info in z.infolist():
-                if info.filename in wanted and _small_enough(info.filename, info.file_size):
-                    yield info.filename, z.read(info)
+                name = _zip_name(info)
+                if name in wanted and _small_enough(name, info.file_size):
+                    wanted = wanted - {name}  # a name stored twice is one image, as in a tar
+                    if (data := _read_member(name, lambda: z.read(info))) is not None:
+                        yield name, data
     else:
         with tarfile.open(source, "r:*") as t:
             for m in t:
-                if m.isfile() and m.name in wanted and _small_enough(m.name, m.size):
+                if _is_file(m) and m.name in wanted and _small_enough(m.name, m.size):
                     wanted = wanted - {m.name}  # a name appended twice (tar -r) is one image
-                    yield m.name, t.extractfile(m).read()
+                    if (data := _read_member(m.name, lambda: t.extractfile(m).read())) is not None:
+                        yield m.name, data
+
+
+def _read_member(name: str, read) -> bytes | None:
+    import zlib
+
+    try:
+        return read()
+    except (zipfile.BadZipFile, tarfile.TarError, zlib.error, EOFError, NotImplementedError, RuntimeError, KeyError) as e:
+        log.warning("skipping %s: it cannot be read from the archive (%s)", name, str(e).splitlines()[0] or type(e).__name__)
+        return None
 
 
 def _small_enough(name: str, size: int) -> bool:

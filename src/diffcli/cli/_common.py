@@ -113,11 +113,18 @@ def parse_labels(text: str, class_names: list[str], option: str = "--label") -> 
         return [0]  # index num_classes (= 0) is the "no label" token
     if text.strip().lower() == "all":
         return list(range(k))
-    lower = {name.lower(): i for i, name in enumerate(class_names)}
+    exact = {name: i for i, name in enumerate(class_names)}
+    folded: dict[str, list[int]] = {}  # any case; "Cat" and "cat" may both be classes
+    for i, name in enumerate(class_names):
+        folded.setdefault(name.lower(), []).append(i)
     out = []
     for part in (p.strip() for p in text.split(",")):
-        if part.lower() in lower:
-            out.append(lower[part.lower()])
+        matches = [exact[part]] if part in exact else folded.get(part.lower(), [])
+        if len(matches) > 1:
+            raise UserError(f"{option} '{part}' could be any of the classes {', '.join(class_names[i] for i in matches)}; "
+                            "write one as it is spelled.")
+        if matches:
+            out.append(matches[0])
         elif part.lstrip("-").isdigit():
             i = int(part)
             if not 0 <= i < k:

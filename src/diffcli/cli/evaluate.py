@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -65,9 +66,19 @@ def evaluate(
     if trackers:
         log_eval(trackers, ckpt, report, print_notice)
     if as_json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps(_finite(report), indent=2))
     else:
         _print_report(report)
+
+
+def _finite(value):
+    """The report with NaN and infinities as null: JSON has no such numbers, and strict
+    readers (jq, JSON.parse) refuse Python's NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return [_finite(v) for v in value] if isinstance(value, list) else value
 
 
 def _print_report(report: dict) -> None:
@@ -139,9 +150,13 @@ def classifier_train(
     from diffcli.classifier import ClassifierConfig, reference_splits, save_classifier, train_classifier
     from diffcli.config import UNFLIPPED
     from diffcli.devices import describe, pick_device
-    from diffcli.outputs import MODEL, Output, check
+    from diffcli.outputs import MODEL, Output, check, inside
 
-    out = out or Path(f"{safe_name(Path(data).name if data not in D.NAMED else data)}-classifier.safetensors")
+    if out is None:
+        source = None if data in D.NAMED else Path(data).expanduser().resolve()  # ("." has no name of its own)
+        out = Path(f"{safe_name(source.name if source else data)}-classifier.safetensors")
+        if source is not None and inside(out, source):  # run from inside the data: write beside it, never into it
+            out = source.parent / out.name
     check({"--data": Path(data) if data not in D.NAMED else None}, [Output("--out", out, MODEL)], overwrite)
     dev = pick_device(device)
     with console.status(f"loading {data} ..."):
