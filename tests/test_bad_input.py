@@ -38,11 +38,15 @@ def test_noise_preview_on_awkward_images(tmp_path):
     gif = tmp_path / "anim.gif"
     frames = [Image.new("P", (30, 30), i * 40) for i in range(3)]
     frames[0].save(gif, save_all=True, append_images=frames[1:])
-    for path in (sixteen, cmyk, gif):
+    floats = tmp_path / "float.tiff"  # 32-bit float in 0..1, as scientific TIFFs are
+    Image.fromarray((np.arange(64 * 64).reshape(64, 64) / 4095).astype(np.float32), mode="F").save(floats)
+    for path in (sixteen, cmyk, gif, floats):
         ok(["noise-preview", path, "--frames", "2", "--image-size", "16", "--out", tmp_path / f"{path.stem}_out.png"])
-    # the 16-bit ramp was scaled, not clipped to white: the clean frame has dark and light pixels
-    strip = np.asarray(Image.open(tmp_path / "16bit_out.png").convert("L"))
-    assert strip[:40, :40].min() < 60 and strip[:40, :40].max() > 200
+    # the 16-bit ramp was scaled, not clipped to white, and the float ramp in 0..1 stretched,
+    # not truncated to black: inside the clean frame (the white margin left out) both run dark to light
+    for name in ("16bit", "float"):
+        clean = np.asarray(Image.open(tmp_path / f"{name}_out.png").convert("L"))[4:96, 4:60]
+        assert clean.min() < 60 and clean.max() > 200, name
 
 
 @pytest.mark.parametrize("content,fragment", [

@@ -51,7 +51,7 @@ def open_image(path: str | Path) -> Image.Image:
     """Open any PIL-readable image as 'L' (grayscale) or 'RGB' (everything else).
 
     Palette and alpha images are flattened onto white; 16-bit grayscale is scaled,
-    not clipped; the first frame of an animation is used. Raises ValueError with a
+    not clipped, and float grayscale in 0..1 is stretched to 0..255; the first frame of an animation is used. Raises ValueError with a
     readable reason when the file is not a usable image.
     """
     from PIL import UnidentifiedImageError
@@ -70,15 +70,17 @@ def open_image(path: str | Path) -> Image.Image:
         raise ValueError("it is not an image PIL can read") from None
     except (OSError, SyntaxError, EOFError) as e:
         raise ValueError(f"it could not be decoded ({e})") from None
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit (or 32-bit int) grayscale: scale to 8 bits instead of clipping at 255.
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit or 32-bit grayscale: scaled to 8 bits instead of clipped at 255; float images
+        # (scientific TIFFs) are read as 0..1 when their values lie there, else as 0..255.
         import numpy as np
 
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        if img.mode == "F":
+            top = 1.0 if arr.max() <= 1.0 else 255.0
+        else:
+            top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
         img = Image.fromarray((arr / top * 255).round().clip(0, 255).astype("uint8"), mode="L")
-    elif img.mode == "F":
-        img = img.convert("L")
     if img.mode in ("P", "PA", "LA", "RGBA", "La", "RGBa"):
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
