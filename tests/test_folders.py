@@ -96,6 +96,13 @@ def test_folders_and_archives_give_the_same_splits(tmp_path, kind):
     assert train.images[4, :, 0, 0].tolist() == [30, 100, 200]  # dog/1.png
 
 
+def test_a_test_split_of_another_size_leaves_the_training_size_alone(tmp_path):
+    tree = make_tree(tmp_path / "src")
+    for png in (tree / "test").rglob("*.png"):
+        Image.open(png).resize((4, 4)).save(png)
+    assert D.load(str(tree)).images.shape[1:] == D.test_split(str(tree)).images.shape[1:] == (3, 8, 8)  # was 32: "mixed"
+
+
 def test_a_limit_on_a_folder_keeps_every_class(tmp_path):
     tree = make_tree(tmp_path / "src")
     kept = D.load(str(tree), limit=4)

@@ -30,7 +30,7 @@ from diffcli.folders import contents, layout, names_in, source_digest
 
 log = logging.getLogger("diffcli")
 
-CACHE_FORMAT = 1  # part of every key: bump it when decoding changes, so older caches are not read
+CACHE_FORMAT = 2  # part of every key: bump it when decoding changes, so older caches are not read (2: float TIFFs, test sizes)
 
 
 @dataclass
@@ -144,7 +144,9 @@ def _write(folder: Path, decoded: dict, classes: list[str], source: Path) -> Pat
 
 def _decode(source: Path, splits: dict, image_size: int | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{split: (uint8 (N, C, H, W), int64 labels)}, each split in name order. With no
-    `image_size`, the images' own size when they share one square size (else _MixedSizes)."""
+    `image_size`, the training images' own size when they share one square size (else
+    _MixedSizes); test images of another size are fitted to it, since the model is trained
+    at the training images' size."""
     from diffcli.images import center_square, open_image, pil_to_tensor
 
     where = {name: (split, label) for split, members in splits.items() for name, label in members}
@@ -156,18 +158,22 @@ def _decode(source: Path, splits: dict, image_size: int | None) -> dict[str, tup
         except ValueError as e:
             log.warning("skipping %s: %s", name, e)
             continue
-        if image_size is None:
+        split, label = where[name]
+        if image_size is None and split == "train":
             native = native or img.size
             if img.size != native or img.width != img.height:
                 raise _MixedSizes
-        split, label = where[name]
-        found[split].append((name, pil_to_tensor(center_square(img, image_size or img.width)), label))
-    rgb = any(t.shape[0] == 3 for members in found.values() for _, t, _ in members)
+        # (a test image waits, still a picture, until the training images' size is known)
+        kept = img if image_size is None and split != "train" else pil_to_tensor(center_square(img, image_size or img.width))
+        found[split].append((name, kept, label))
+    size = image_size or (native[0] if native else 32)
+    rgb = any(img.mode == "RGB" if not isinstance(img, torch.Tensor) else img.shape[0] == 3
+              for members in found.values() for _, img, _ in members)
     out = {}
     for split, members in found.items():
         members.sort(key=lambda m: m[0])
-        tensors = [t.expand(3, -1, -1) if rgb else t for _, t, _ in members]  # grey as RGB: PIL's own conversion
-        size = image_size or (native[0] if native else 32)
+        tensors = [t if isinstance(t, torch.Tensor) else pil_to_tensor(center_square(t, size)) for _, t, _ in members]
+        tensors = [t.expand(3, -1, -1) if rgb else t for t in tensors]  # grey as RGB: PIL's own conversion
         images = torch.stack(tensors) if tensors else torch.empty(0, 3 if rgb else 1, size, size, dtype=torch.uint8)
         out[split] = (images.contiguous(), torch.tensor([label for _, _, label in members], dtype=torch.long))
     return out
