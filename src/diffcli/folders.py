@@ -48,8 +48,9 @@ def _is_image_name(name: str) -> bool:
 def layout(names: list[str]) -> tuple[dict[str, list[tuple[str, int]]], list[str]]:
     """({split: [(file, class index)]}, class names) for the image files `names` (relative,
     '/'-separated). Splits: "train", and "test" when a test/ (or val/) folder sits beside
-    train/ (TRAIN_FOLDERS, TEST_FOLDERS, in any case). Classes are the training split's sub-folders, in sorted order. Images lying
-    beside the folders that matter are left out, with a note."""
+    train/ (TRAIN_FOLDERS, TEST_FOLDERS, in any case). Classes are the training split's
+    sub-folders, in sorted order. Images lying beside the folders that matter are left
+    out, with a note."""
     files = sorted((PurePosixPath(n).parts, n) for n in names)
     depth = 0
     while True:
@@ -123,10 +124,14 @@ def names_in(source: Path) -> list[str]:
             with tarfile.open(source, "r:*") as t:
                 names = [m.name for m in t if _is_file(m)]
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:
-        first = str(e).splitlines()[0].rstrip(":")  # tarfile lists every compression it tried, one a line
         kind = " (it is a zip file: name it .zip)" if zipfile.is_zipfile(source) else ""
-        raise UserError(f"cannot read the archive '{source}' ({type(e).__name__}: {first}){kind}.") from None
+        raise UserError(f"cannot read the archive '{source}' ({_first_line(e)}){kind}.") from None
     return [n for n in names if _is_image_name(n)]
+
+
+def _first_line(e: Exception) -> str:
+    """The error's name and first line: tarfile lists every compression it tried, one a line."""
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0].rstrip(':')}".rstrip(": ")
 
 
 def _zip_name(info: zipfile.ZipInfo) -> str:
@@ -143,6 +148,7 @@ def contents(source: Path, wanted: set[str]):
     are read in one pass and never extracted to disk. A member that cannot be read (a bad
     checksum, encryption, a compression zipfile lacks) is skipped with a warning, as an
     image that cannot be decoded is."""
+    wanted = set(wanted)  # (emptied as it is read; the caller's is left alone)
     if source.is_dir():
         for name in sorted(wanted):
             yield name, (source / name).read_bytes()
@@ -151,14 +157,14 @@ def contents(source: Path, wanted: set[str]):
             for info in z.infolist():
                 name = _zip_name(info)
                 if name in wanted and _small_enough(name, info.file_size):
-                    wanted = wanted - {name}  # a name stored twice is one image, as in a tar
+                    wanted.discard(name)  # a name stored twice is one image, as in a tar
                     if (data := _read_member(name, lambda: z.read(info))) is not None:
                         yield name, data
     else:
         with tarfile.open(source, "r:*") as t:
             for m in t:
                 if _is_file(m) and m.name in wanted and _small_enough(m.name, m.size):
-                    wanted = wanted - {m.name}  # a name appended twice (tar -r) is one image
+                    wanted.discard(m.name)  # a name appended twice (tar -r) is one image
                     if (data := _read_member(m.name, lambda: t.extractfile(m).read())) is not None:
                         yield m.name, data
 
@@ -169,7 +175,7 @@ def _read_member(name: str, read) -> bytes | None:
     try:
         return read()
     except (zipfile.BadZipFile, tarfile.TarError, zlib.error, EOFError, NotImplementedError, RuntimeError, KeyError) as e:
-        log.warning("skipping %s: it cannot be read from the archive (%s)", name, str(e).splitlines()[0] or type(e).__name__)
+        log.warning("skipping %s: it cannot be read from the archive (%s)", name, _first_line(e))
         return None
 
 
