@@ -108,9 +108,13 @@ def test_empty_folder_and_folder_of_broken_images(tmp_path):
     ({"train": {"batch_size": "three"}}, "train.batch_size"),
     ({"train": {"ema_decay": 1.5}}, "train.ema_decay"),
     ({"data": {"image_size": 2}}, "data.image_size"),
+    ({"data": {"image_size": 100000}}, "data.image_size must be between 4 and 1024"),  # (was killed for memory)
+    ({"model": {"head_channels": 24}}, "model.head_channels must divide the widths where attention runs (64)"),  # (was a reshape traceback)
+    ({"train": {"seed": 10**20}}, "train.seed must be between 0 and 1e+18"),
+    ({"train": {"lr": "fast"}}, "train.lr"),
     (["a", "list"], "must hold a mapping"),
 ])
-def test_bad_yaml_configs(tmp_path, content, fragment):
+def test_bad_yaml_configs(tmp_path, content, fragment):  # (each refused before any data loads)
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(content))
     fails_cleanly(["train", "--config", path, "--out", tmp_path / "run"], fragment)
@@ -120,12 +124,21 @@ def test_bad_yaml_configs(tmp_path, content, fragment):
     (["--steps", "-3"], "--steps must be between 1 and T=1000"),
     (["--label", "-1"], "out of range"),
     (["--label", "Circle,dragon"], "unknown class 'dragon'"),
+    (["--seed", "99999999999999999999"], "--seed must be between 0 and 1e+18"),  # (was torch's overflow traceback)
     (["--eta", "-0.5"], "--eta must be 0 or more"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--variance", "big"], "--variance must be"),
 ])
 def test_bad_sample_options(tiny_run, tmp_path, args, fragment):
     fails_cleanly(["sample", "--ckpt", tiny_run / "model.safetensors", *args, "--out", tmp_path / "s.png"], fragment)
+
+
+def test_yaml_numbers_without_a_dot_are_numbers():
+    """PyYAML reads `1e-4` (YAML 1.1: no dot) as a string, where the command line's --lr 1e-4 is a number."""
+    from diffcli.config import RunConfig, apply_overrides
+
+    cfg = apply_overrides(RunConfig(), yaml.safe_load("train:\n  lr: 1e-4\n  batch_size: 1e2\n"))
+    assert cfg.train.lr == 1e-4 and cfg.train.batch_size == 100 and isinstance(cfg.train.batch_size, int)
 
 
 def test_class_names_are_case_insensitive(tiny_run, tmp_path):

@@ -9,12 +9,13 @@ accepts back, so a run can be repeated exactly.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from diffcli.checks import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, SHARE, Range, bounded, check_fields
+from diffcli.checks import AT_LEAST_ONE, IMAGE_SIZE, NON_NEGATIVE, POSITIVE, SEED, SHARE, Range, bounded, check_fields
 from diffcli.errors import UserError
 from diffcli.files import atomic_write_bytes
 from diffcli.spec import DEFAULT_GUIDANCE, Student
@@ -41,7 +42,7 @@ class ModelConfig:
     downsample_padding: int = bounded(1, Range(0, 1))  # 0: pad right and bottom by one instead, as DDPM's TF code
     flip_sin_to_cos: bool = True  # the time embedding as [cos, sin] (True) or [sin, cos]
     freq_shift: int = bounded(0, Range(0, 1))  # its frequencies exp(-ln(1e4) i / (dim/2 - shift))
-    image_size: int = bounded(32, Range(4))  # this and the next two: filled in from the dataset
+    image_size: int = bounded(32, IMAGE_SIZE)  # this and the next two: filled in from the dataset
     in_channels: int = bounded(3, AT_LEAST_ONE)
     num_classes: int = bounded(10, NON_NEGATIVE)
 
@@ -64,7 +65,7 @@ class DiffusionConfig:
 class DataConfig:
     name: str = "shapes"  # mnist | fashion-mnist | cifar10 | shapes | path to an image folder
     root: str | None = None  # None: $DIFFCLI_DATA_ROOT, else the user cache dir
-    image_size: int | None = bounded(None, Range(4))  # None: the dataset's own size
+    image_size: int | None = bounded(None, IMAGE_SIZE)  # None: the dataset's own size
     flip: bool | None = None  # None: on for cifar10 and image folders, off for digits and shapes
     limit: int | None = bounded(None, AT_LEAST_ONE)  # use only the first N images (quick experiments, tests)
 
@@ -95,7 +96,7 @@ class TrainConfig:
     on_nonfinite: str = "stop"  # NaN/inf loss: "stop" (keep the last checkpoint) or "rollback" (to the last good state)
     sample_every: int = bounded(1000, AT_LEAST_ONE)  # steps between sample grids (and checkpoints)
     grid_steps: int = bounded(25, AT_LEAST_ONE)  # DDIM steps for those grids: cheap, good enough to judge progress
-    seed: int = bounded(0, NON_NEGATIVE)
+    seed: int = bounded(0, SEED)
     device: str = "auto"
     compile: bool | None = None  # torch.compile the U-Net; None: on for CUDA only (compiling.py)
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA and bf16-native CPUs, fp32 elsewhere), "fp32" or "bf16" (devices.py)
@@ -149,6 +150,9 @@ PRESETS: dict[str, dict[str, dict]] = {  # the architecture, and the optimiser s
 }
 
 
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")  # YAML 1.2's decimal numbers
+
+
 def _coerce(value, hint, where: str):
     """Check one YAML value against a dataclass field type; name the key when it is wrong."""
     origin = typing.get_origin(hint)
@@ -167,6 +171,8 @@ def _coerce(value, hint, where: str):
             raise UserError(f"config key '{where}' must be {'true or false' if hint is bool else 'a string'}, got {value!r}.")
         return value
     if hint in (int, float):
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):  # PyYAML reads 1e-4 (no dot) as a string
+            value = float(value) if hint is float or not float(value).is_integer() else int(float(value))
         if isinstance(value, bool) or not isinstance(value, (int, float) if hint is float else int):
             raise UserError(f"config key '{where}' must be {'a number' if hint is float else 'an integer'}, got {value!r}.")
         return hint(value)
@@ -247,10 +253,14 @@ def validate(cfg: RunConfig) -> None:
         if getattr(cfg, section) is not None:
             check_fields(getattr(cfg, section), lambda key, s=section: f"{s}.{key}")
     m, d, t = cfg.model, cfg.diffusion, cfg.train
+    # (mid-block attention runs at the last level's width, so it is always among them)
+    attention_widths = {m.base_channels * m.channel_mult[lv] for lv in (*m.attn_levels, -1) if -1 <= lv < len(m.channel_mult)}
     checks = [
         (len(m.channel_mult) >= 1 and all(c >= 1 for c in m.channel_mult), "model.channel_mult must be a non-empty list of positive integers"),
         (all(0 <= lv < len(m.channel_mult) for lv in m.attn_levels), "model.attn_levels must be level indices below len(channel_mult)"),
         (not m.norm_groups or m.base_channels % m.norm_groups == 0, "model.norm_groups must divide model.base_channels"),
+        (all(w <= m.head_channels or w % m.head_channels == 0 for w in attention_widths),
+         f"model.head_channels must divide the widths where attention runs ({', '.join(map(str, sorted(attention_widths)))})"),
         (d.schedule in SCHEDULES, f"diffusion.schedule must be one of {', '.join(SCHEDULES)}"),
         (d.prediction in ("eps", "v"), "diffusion.prediction must be 'eps' or 'v'"),
         (d.objective in objective.OBJECTIVES, f"diffusion.objective must be one of {', '.join(objective.OBJECTIVES)}"),

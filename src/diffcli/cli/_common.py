@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from diffcli.checks import AT_LEAST_ONE, NON_NEGATIVE, Range, check, field_range
+from diffcli.checks import AT_LEAST_ONE, SEED, Range, check, field_range
 from diffcli.errors import UserError, writing  # noqa: F401  (writing: for the commands)
 from diffcli.spec import DEFAULT_STEPS, GUIDANCE_CEILING, GUIDANCE_FLOOR, SamplerSpec
 
@@ -153,7 +153,7 @@ def parse_list(text: str, kind: type, option: str, bounds: Range | None = None) 
 Ckpt = Annotated[Path, typer.Option(help="A model.safetensors written by `diffcli train`.")]
 DEVICE_HELP = "auto (CUDA, then MPS, then CPU), cpu, cuda or mps."
 Device = Annotated[str, typer.Option(help=DEVICE_HELP)]
-ImageSeed = Annotated[int, typer.Option(help="Image i is made from seed SEED+i, whatever the batch size."), NON_NEGATIVE]
+ImageSeed = Annotated[int, typer.Option(help="Image i is made from seed SEED+i, whatever the batch size."), SEED]
 BatchSize = Annotated[int, typer.Option(help="Images per forward pass."), AT_LEAST_ONE]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 DATA_ROOT_HELP = "Where named datasets live or are downloaded to (default: $DIFFCLI_DATA_ROOT, else ~/.cache/diffcli/datasets)."

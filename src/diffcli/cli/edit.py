@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from diffcli.checks import NON_NEGATIVE, Range
+from diffcli.checks import SEED, Range
 from diffcli.cli._common import (BatchSize, Ckpt, Device, Eta, Guidance, ImageSeed, Sampler, Sets, Shift, Steps, console,
                                  parse_labels, parse_list, safe_name, writing)
 from diffcli.errors import UserError
@@ -129,7 +129,7 @@ def interpolate(
     from diffcli.outputs import IMAGE, Output, check
 
     check({"--ckpt": ckpt}, [Output("--out", out, IMAGE)])
-    seed_list = parse_list(seeds, int, "--seeds", NON_NEGATIVE)
+    seed_list = parse_list(seeds, int, "--seeds", SEED)
     spec = SamplerSpec(sampler, steps, guidance, shift=shift)
     from diffcli import edit as E
     from diffcli.devices import describe, timed

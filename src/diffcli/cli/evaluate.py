@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from diffcli.checks import POSITIVE, Range
+from diffcli.checks import IMAGE_SIZE, POSITIVE, SEED, Range
 from diffcli.cli._common import (AsJson, BatchSize, Ckpt, DataRoot, Device, Eta, Guidance, GuidanceInterval, ImageSeed, Sampler,
                                  Shift, Spacing, Steps, console, parse_interval, print_notice, safe_name, writing)
 from diffcli.cli._progress import progress
@@ -132,14 +132,14 @@ classifier_app = typer.Typer(help="Reference classifiers for `diffcli eval`.", n
 def classifier_train(
     data: Annotated[str, typer.Option(help="shapes, mnist, fashion-mnist, cifar10, or a folder of images (sub-folders = classes).")],
     data_root: DataRoot = None,
-    image_size: Annotated[Optional[int], typer.Option(help="Resize images to this size: the size of the models it will judge."), Range(4)] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="Resize images to this size: the size of the models it will judge."), IMAGE_SIZE] = None,
     limit: Annotated[Optional[int], typer.Option(help="Train on only the first N training images (quick experiments)."), Range(1)] = None,
     out: Annotated[Optional[Path], typer.Option(help="The .safetensors file to write (default: DATA-classifier.safetensors).")] = None,
     epochs: Annotated[Optional[float], typer.Option(help="Passes over the training split (default: 3 for grey images, 16 for colour)."), POSITIVE] = None,
     batch_size: Annotated[int, typer.Option(help="Images per step."), Range(1)] = 128,
     lr: Annotated[float, typer.Option(help="Peak learning rate (one-cycle: warm-up, then cosine to zero)."), POSITIVE] = 3e-3,
     width: Annotated[Optional[int], typer.Option(help="Channels at full resolution (default: 16)."), Range(1)] = None,
-    seed: Annotated[int, typer.Option(help="Seed for initialisation, data order and augmentation."), Range(0)] = 0,
+    seed: Annotated[int, typer.Option(help="Seed for initialisation, data order and augmentation."), SEED] = 0,
     augment: Annotated[bool, typer.Option(help="Train on noisy, blurred and recoloured copies too, so that grain in "
                                                "generated images does not fool it (classifier.augment).")] = True,
     device: Device = "auto",

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from diffcli.checks import AT_LEAST_ONE, NON_NEGATIVE, Range
+from diffcli.checks import AT_LEAST_ONE, SEED, Range
 from diffcli.cli._common import (BatchSize, Ckpt, Device, Eta, Guidance, GuidanceInterval, ImageSeed, Sampler, Shift, Spacing, Steps,
                                  console, parse_interval, parse_labels, parse_list, print_notice, safe_name, writing)
 from diffcli.cli._ranks import processes, where
@@ -104,7 +104,7 @@ def compare(
     guidance: Annotated[Optional[str], typer.Option(help="Comma-separated guidance weights, a row each per sampler (default: the model's own, as sample).")] = None,
     label: Annotated[str, typer.Option(help="The class to draw (index or name).")] = "0",
     n: Annotated[int, typer.Option(help="Images per cell."), Range(1, 64)] = 4,
-    seed: Annotated[int, typer.Option(help="Seeds SEED..SEED+n-1: the same starting noise in every cell."), NON_NEGATIVE] = 0,
+    seed: Annotated[int, typer.Option(help="Seeds SEED..SEED+n-1: the same starting noise in every cell."), SEED] = 0,
     out: Annotated[Path, typer.Option(help="The contact sheet to write.")] = Path("compare.png"),
     device: Device = "auto",
 ):
