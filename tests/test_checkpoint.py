@@ -130,6 +130,22 @@ def test_wrong_shapes_are_refused(tmp_path):
         load_model(path)
 
 
+def test_a_config_no_run_could_write_is_damage(tmp_path):
+    """A model file whose stored config holds T = -3 is refused when loaded, not by a
+    ValueError from the schedule when it samples."""
+    import json
+
+    from safetensors.torch import save_file
+
+    model, cfg, path = small_model(tmp_path)
+    meta = read_header(path)["__metadata__"]
+    stored = json.loads(meta["config"])
+    stored["diffusion"]["timesteps"] = -3
+    save_file(dict(model.state_dict()), str(path), metadata={**meta, "config": json.dumps(stored)})
+    with pytest.raises(UserError, match="metadata in this checkpoint is damaged: diffusion.timesteps must be"):
+        load_model(path)
+
+
 def test_missing_file_and_folder(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_model(tmp_path / "nope.safetensors")

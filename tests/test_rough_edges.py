@@ -2,6 +2,7 @@
 sentence that names the right thing, and a long command neither silent nor noisy."""
 
 import json
+import shutil
 import struct
 import sys
 import warnings
@@ -76,6 +77,12 @@ def test_diffcli_s_other_files_are_told_apart_from_models(tiny_run, tmp_path):
     assert r.exit_code == 1 and "is an EMA snapshot of a run, not a model" in said(r), said(r)
     r = cli("distill", "--teacher", state, "--out", tmp_path / "d")
     assert r.exit_code == 1 and "is a run's training state" in said(r), said(r)
+    # and the other way round: a model copied over a run's training state, then --resume
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    shutil.copy(run / "model.safetensors", run / "train_state.safetensors")
+    r = cli("train", "--resume", "--out", run, "--max-steps", "13")
+    assert r.exit_code == 1 and "is a model, not the training state" in said(r), said(r)
 
 
 def test_cifar10_without_its_files_names_a_folder_to_pass(tmp_path, monkeypatch):

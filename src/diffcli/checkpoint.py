@@ -138,12 +138,16 @@ def load_model(path: str | Path, device="cpu"):
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from diffcli.config import from_dict
+    from diffcli.config import from_dict, validate
     from diffcli.unet import UNet
 
     path = Path(path)
     meta = model_metadata(model_header(path))
-    cfg = from_dict(meta["config"])
+    try:  # checked as a config file is: a value no run could have written is damage
+        cfg = from_dict(meta["config"])
+        validate(cfg)
+    except UserError as e:
+        raise UserError(f"the diffcli metadata in this checkpoint is damaged: {e}") from None
     model = UNet(cfg.model)
     try:
         tensors = load_file(str(path), device="cpu")

@@ -85,12 +85,17 @@ class TrainState:
         path = state_path(out)
         header = checkpoint.read_header(path)
         meta = checkpoint.model_metadata(header)
+        if "optimizer" not in header["__metadata__"]:  # e.g. a model.safetensors copied over it
+            raise UserError(f"cannot resume: '{path}' is a model, not the training state `diffcli train` writes beside it.")
         try:
             tensors = load_file(str(path))
         except Exception as e:
             raise UserError(f"cannot resume: '{path}' is damaged ({e}).") from None
-        self.net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        self.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        try:
+            self.net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+            self.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        except RuntimeError:
+            raise UserError(f"cannot resume: '{path}' holds another network than this run's config describes.") from None
         for i, profile in enumerate(self.profiles):
             profile.load_state_dict({k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"profile{i}.")})
         state: dict[int, dict] = {}
