@@ -168,3 +168,24 @@ def test_eval_without_data_keeps_its_pairs_out_of_the_models_own_training_folder
     before = sha256(target)
     r = cli("eval", "--ckpt", model, "--pairs", target)
     assert r.exit_code == 1 and "inside --data" in " ".join(r.output.split()) and sha256(target) == before, r.output
+
+
+def test_an_interrupted_picture_leaves_the_old_file(tmp_path):
+    """Ctrl-C while a picture or GIF is encoded: the file that was there stays whole
+    (it was left at 0 bytes, written in place), and no temporary file is left beside it."""
+    from diffcli.images import save
+
+    target = tmp_path / "trajectory.gif"
+    target.write_bytes(b"the old picture")
+
+    class BreaksHalfway:
+        def save(self, fp, **options):
+            if isinstance(fp, (str, Path)):
+                fp = open(fp, "wb")  # noqa: SIM115 (it is left open, as an interrupted encoder leaves it)
+            fp.write(b"GIF89a, half of it")
+            fp.flush()
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        save(BreaksHalfway(), target)
+    assert target.read_bytes() == b"the old picture" and list(tmp_path.iterdir()) == [target]

@@ -7,6 +7,7 @@ of diffcli.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import torch
@@ -36,12 +37,16 @@ def grid(images: torch.Tensor, ncol: int, pad: int = PAD, fill: int = 255) -> Im
     return to_pil(canvas)
 
 
-def save(img: Image.Image, path: str | Path) -> Path:
-    """Save by extension (PNG unless told otherwise), creating the parent folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return path
+def save(img: Image.Image, path: str | Path, **options) -> Path:
+    """Save by extension (PNG unless told otherwise), creating the parent folder, all or
+    nothing: a Ctrl-C or a full disk leaves the file that was there, never half of one.
+    `options` go to PIL (a GIF's frames)."""
+    from diffcli.files import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    img.save(buffer, format=Image.registered_extensions().get(Path(path).suffix.lower(), "PNG"), **options)
+    atomic_write_bytes(path, buffer.getvalue())
+    return Path(path)
 
 
 MAX_PIXELS = 64_000_000  # refuse larger images instead of exhausting memory (e.g. 10000x10000)
