@@ -151,6 +151,11 @@ def test_ema_refuses_what_it_cannot_do(tmp_path):
     refused("could not be read: it looks damaged", "--run", other, "--length", "0.1")
     (other / "ema_snapshots" / "step_0000002.safetensors").write_bytes(cut)
     refused("is the run's model this command reads", "--run", other, "--length", "0.1", "--out", other / "model.safetensors", "--overwrite")
+    # a model file under another name: the run's config was once replaced by one under --overwrite
+    config = (other / "config.yaml").read_bytes()
+    refused("--out must end in .safetensors", "--run", other, "--length", "0.1", "--out", other / "config.yaml", "--overwrite")
+    refused("--out must end in .safetensors", "--run", other, "--length", "0.1", "--out", tmp_path / "ema.png")
+    assert (other / "config.yaml").read_bytes() == config
     # A model file whose weights are not its own config's network (here: blocks the config asks for are missing).
     mixed = tmp_path / "mixed"
     shutil.copytree(other, mixed)

@@ -6,7 +6,7 @@ one place for the rules every command follows (docs/reliability.md).
    input. `--overwrite` does not change this.
 2. A model file or folder that exists is replaced only with `--overwrite`.
 3. Each output can be written where it is asked for: an image has an image extension, a
-   file is not a folder, a folder is not a file, two outputs are not one file, and the
+   model file ends in .safetensors, a file is not a folder, a folder is not a file, two outputs are not one file, and the
    nearest existing folder above each is writable.
 
 Torch-free, so a refusal costs no start-up.
@@ -83,6 +83,8 @@ def _writable(out: Output, overwrite: bool) -> None:
         raise UserError(f"{option} '{path}' is a folder; give a file name.")
     if out.kind == IMAGE and path.suffix.lower() not in IMAGE_EXTENSIONS:
         raise UserError(f"{option} must end in an image extension ({', '.join(sorted(IMAGE_EXTENSIONS))}), got '{path.name}'.")
+    if out.kind == MODEL and path.suffix.lower() != ".safetensors":
+        raise UserError(f"{option} must end in .safetensors (the format diffcli's model files are written in), got '{path.name}'.")
     if out.kind == MODEL and path.exists() and not overwrite:
         raise UserError(f"{option} '{path}' already exists; pass --overwrite to replace it, or give another {option}.")
     if out.kind == MODEL_FOLDER and path.is_dir() and any(path.iterdir()) and not overwrite:
