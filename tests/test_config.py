@@ -38,7 +38,7 @@ def test_round_trip_through_yaml(tmp_path):
     ({"train": {"lr": float("nan")}}, "train.lr must be a finite number"),  # YAML's .nan passes `lr > 0`-style checks
     ({"train": {"minutes": float("inf")}}, "train.minutes must be a finite number"),
     ({"train": {"ema_decay": 1.0}}, "train.ema_decay must be in [0, 1)"),
-    ({"data": {"image_size": 2}}, "data.image_size must be at least 4"),
+    ({"data": {"image_size": 2}}, "data.image_size must be between 4 and 1024"),
 ])
 def test_bad_config_names_the_key(tmp_path, content, key):
     f = tmp_path / "c.yaml"

@@ -96,7 +96,8 @@ def test_run_folder_gets_a_loss_curve_and_inspect_reads_the_folder(tiny_run):
 
 
 def test_preflight_table_and_warnings(tmp_path):
-    from diffcli.images import save, to_pil
+    from diffcli.files import save_image as save
+    from diffcli.images import to_pil
     import torch
 
     for cls, count in (("few", 2), ("many", 9)):

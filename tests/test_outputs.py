@@ -173,7 +173,7 @@ def test_eval_without_data_keeps_its_pairs_out_of_the_models_own_training_folder
 def test_an_interrupted_picture_leaves_the_old_file(tmp_path):
     """Ctrl-C while a picture or GIF is encoded: the file that was there stays whole
     (it was left at 0 bytes, written in place), and no temporary file is left beside it."""
-    from diffcli.images import save
+    from diffcli.files import save_image as save
 
     target = tmp_path / "trajectory.gif"
     target.write_bytes(b"the old picture")

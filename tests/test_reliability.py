@@ -91,8 +91,10 @@ def test_nonfinite_loss_rolls_back_when_asked(tmp_path, monkeypatch):
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     real_fsync, run = os.fsync, tmp_path / "run"
 
+    full_after = run / "samples" / "latest.png"  # the disk fills up once the first checkpoint and grid are there
+
     def fsync(fd):
-        if (run / "model.safetensors").exists():  # the disk fills up once the first checkpoint is there
+        if full_after.exists():
             raise OSError(28, "No space left on device")
         real_fsync(fd)
 
@@ -103,6 +105,12 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
     assert "No space left on device" in text and "previous checkpoint there is intact" in text
     assert saved_step(tmp_path / "run") == 4
     assert not list((tmp_path / "run").glob(".*.tmp")), "a temporary file was left behind"
+    # full just before the first grid (written all or nothing, as the checkpoints are)
+    full_after, run = tmp_path / "run2" / "model.safetensors", tmp_path / "run2"
+    r = cli("train", *TINY, "--max-steps", "8", "--sample-every", "4", "--out", run)
+    text = " ".join(r.output.split())
+    assert r.exit_code == 1 and "could not write the grid for step 4" in text and "that step's checkpoint is saved" in text
+    assert saved_step(run) == 4 and not list(run.rglob(".*.tmp"))
 
 
 def test_too_little_free_space_is_refused_before_training(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 
 from diffcli.errors import UserError
@@ -66,6 +67,18 @@ SHARE = Range(0, 1, high_open=True)  # a probability that must leave something: 
 IMAGE_SIZE = Range(4, 1024)
 # torch's generators take a 64-bit seed, and image i of a command uses SEED + i: room for any n
 SEED = Range(0, 10**18, why="a seed is a 64-bit number")
+
+
+_DECIMAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")  # YAML 1.2's decimal numbers
+
+
+def yaml_number(value, kind: type):
+    """A config value as the number it spells: PyYAML (YAML 1.1) reads 1e-4, with no dot, as
+    a string, where the command line's --lr 1e-4 is a number. Anything else is left as it is."""
+    if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
+        number = float(value)
+        return int(number) if kind is int and number.is_integer() else number
+    return value
 
 
 def bounded(default, bounds: Range):

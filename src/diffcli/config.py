@@ -9,13 +9,12 @@ accepts back, so a run can be repeated exactly.
 from __future__ import annotations
 
 import dataclasses
-import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from diffcli.checks import AT_LEAST_ONE, IMAGE_SIZE, NON_NEGATIVE, POSITIVE, SEED, SHARE, Range, bounded, check_fields
+from diffcli.checks import AT_LEAST_ONE, IMAGE_SIZE, NON_NEGATIVE, POSITIVE, SEED, SHARE, Range, bounded, check_fields, yaml_number
 from diffcli.errors import UserError
 from diffcli.files import atomic_write_bytes
 from diffcli.spec import DEFAULT_GUIDANCE, Student
@@ -29,8 +28,7 @@ class ModelConfig:
     base_channels: int = bounded(32, Range(4))
     channel_mult: tuple[int, ...] = (1, 2, 2)
     num_res_blocks: int = bounded(1, AT_LEAST_ONE)
-    # Attention by level index (0 = full resolution), not by pixel size, so one
-    # preset serves 28x28 MNIST and 32x32 CIFAR alike. The middle block always has it.
+    # Attention by level index (0 = full resolution), not pixel size: one preset serves 28 and 32 px. The middle block always has it.
     attn_levels: tuple[int, ...] = (2,)
     head_channels: int = bounded(32, AT_LEAST_ONE)  # channels per attention head
     dropout: float = bounded(0.0, SHARE)
@@ -49,13 +47,12 @@ class ModelConfig:
 
 @dataclass
 class DiffusionConfig:
-    # Cosine keeps more signal at mid t than linear, which matters at 28-32 px
-    # (Nichol & Dhariwal 2021, §3.2).
+    # Cosine keeps more signal at mid t than linear, which matters at 28-32 px (Nichol & Dhariwal 2021, §3.2).
     schedule: str = "cosine"
     timesteps: int = bounded(1000, Range(2))
-    # "v" (Salimans & Ho 2022) or "eps". v won the step-matched MNIST sweep outright: classifier-FD 0.40
-    # vs 2.36 at each one's best guidance (2,400 steps). On shapes, scored by a classifier grain does not
-    # fool, eps is 7 points more accurate at an equal best FD (4.48 vs 4.49): v loses less, so it stays (results.md).
+    # "v" (Salimans & Ho 2022) or "eps". v won the step-matched MNIST sweep outright: classifier-FD 0.40 vs 2.36 at
+    # each one's best guidance (2,400 steps). On shapes, scored by a classifier grain does not fool, eps is 7 points
+    # more accurate at an equal best FD (4.48 vs 4.49): v loses less, so it stays (results.md).
     prediction: str = "v"
     objective: str = "ddpm"  # or "flow" (objective.py), ahead on CIFAR-10 only (benchmarks.md); unused then: schedule, prediction, min_snr_gamma
     time_sampling: str = "logit-normal"  # flow's training times: logit-normal (SD3, m 0, s 1) or uniform
@@ -82,13 +79,13 @@ class TrainConfig:
     weight_decay: float = bounded(0.0, NON_NEGATIVE)
     grad_clip: float = bounded(1.0, NON_NEGATIVE)  # 0: off
     ema_decay: float = bounded(0.999, SHARE)
-    # Post-hoc EMA (EDM2): save the two power-function EMAs every N steps, so that `diffcli ema`
-    # can make the model for any EMA length afterwards (posthoc.py); 0: no snapshots.
+    # Post-hoc EMA (EDM2): the two power-function EMAs saved every N steps, from which `diffcli ema` makes
+    # the model of any EMA length afterwards (posthoc.py); 0: no snapshots.
     ema_snapshot_every: int = bounded(0, NON_NEGATIVE)
     label_dropout: float = bounded(0.1, SHARE)  # share of labels replaced by "no label" (for guidance)
-    # Min-SNR-γ loss weighting (Hang et al. 2023) with their γ = 5: on shapes it turned 3-minute
-    # CPU runs from colour blobs into single objects; 0 gives the plain MSE of DDPM.
-    min_snr_gamma: float = bounded(5.0, NON_NEGATIVE)  # 0: off
+    # Min-SNR-γ loss weighting (Hang et al. 2023), their γ = 5: on shapes it turned 3-minute CPU runs from
+    # colour blobs into single objects. 0: off, the plain MSE of DDPM.
+    min_snr_gamma: float = bounded(5.0, NON_NEGATIVE)
     # Stopping: whichever comes first; with none of them set, `epochs` defaults to 10.
     epochs: float | None = bounded(None, POSITIVE)
     max_steps: int | None = bounded(None, AT_LEAST_ONE)
@@ -128,8 +125,7 @@ class RunConfig:
         return step * self.train.batch_size or None
 
 
-SECTIONS = {"model": ModelConfig, "diffusion": DiffusionConfig, "data": DataConfig, "train": TrainConfig,
-            "distill": DistillConfig}
+SECTIONS = {"model": ModelConfig, "diffusion": DiffusionConfig, "data": DataConfig, "train": TrainConfig, "distill": DistillConfig}
 
 PRESETS: dict[str, dict[str, dict]] = {  # the architecture, and the optimiser settings that go with its size
     # Seconds on a CPU: for tests and smoke runs, not for pictures.
@@ -150,9 +146,6 @@ PRESETS: dict[str, dict[str, dict]] = {  # the architecture, and the optimiser s
 }
 
 
-_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")  # YAML 1.2's decimal numbers
-
-
 def _coerce(value, hint, where: str):
     """Check one YAML value against a dataclass field type; name the key when it is wrong."""
     origin = typing.get_origin(hint)
@@ -171,8 +164,7 @@ def _coerce(value, hint, where: str):
             raise UserError(f"config key '{where}' must be {'true or false' if hint is bool else 'a string'}, got {value!r}.")
         return value
     if hint in (int, float):
-        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):  # PyYAML reads 1e-4 (no dot) as a string
-            value = float(value) if hint is float or not float(value).is_integer() else int(float(value))
+        value = yaml_number(value, hint)
         if isinstance(value, bool) or not isinstance(value, (int, float) if hint is float else int):
             raise UserError(f"config key '{where}' must be {'a number' if hint is float else 'an integer'}, got {value!r}.")
         return hint(value)
@@ -215,11 +207,10 @@ def preset_config(preset: str) -> RunConfig:
 def load_yaml(path: str | Path) -> dict:
     import yaml
 
-    path = Path(path)
-    if not path.is_file():
+    if not Path(path).is_file():
         raise UserError(f"config file '{path}' does not exist or is not a file.")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(Path(path).read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise UserError(f"config file '{path}' is not valid YAML ({type(e).__name__}).") from None
     return data or {}
@@ -253,14 +244,13 @@ def validate(cfg: RunConfig) -> None:
         if getattr(cfg, section) is not None:
             check_fields(getattr(cfg, section), lambda key, s=section: f"{s}.{key}")
     m, d, t = cfg.model, cfg.diffusion, cfg.train
-    # (mid-block attention runs at the last level's width, so it is always among them)
-    attention_widths = {m.base_channels * m.channel_mult[lv] for lv in (*m.attn_levels, -1) if -1 <= lv < len(m.channel_mult)}
+    attention_widths = sorted({m.base_channels * c for i, c in enumerate(m.channel_mult) if i in (*m.attn_levels, len(m.channel_mult) - 1)})
     checks = [
         (len(m.channel_mult) >= 1 and all(c >= 1 for c in m.channel_mult), "model.channel_mult must be a non-empty list of positive integers"),
         (all(0 <= lv < len(m.channel_mult) for lv in m.attn_levels), "model.attn_levels must be level indices below len(channel_mult)"),
         (not m.norm_groups or m.base_channels % m.norm_groups == 0, "model.norm_groups must divide model.base_channels"),
         (all(w <= m.head_channels or w % m.head_channels == 0 for w in attention_widths),
-         f"model.head_channels must divide the widths where attention runs ({', '.join(map(str, sorted(attention_widths)))})"),
+         f"model.head_channels must divide the widths where attention runs ({', '.join(map(str, attention_widths))})"),
         (d.schedule in SCHEDULES, f"diffusion.schedule must be one of {', '.join(SCHEDULES)}"),
         (d.prediction in ("eps", "v"), "diffusion.prediction must be 'eps' or 'v'"),
         (d.objective in objective.OBJECTIVES, f"diffusion.objective must be one of {', '.join(objective.OBJECTIVES)}"),

@@ -73,10 +73,10 @@ def run(opts: EvalOptions, device, status=lambda text: contextlib.nullcontext(),
         report["classifier"] = {"path": str(opts.classifier), "test_accuracy": clf_meta["test_accuracy"]}
     if opts.pairs and mem is not None:
         from diffcli.figures import pairs_sheet
-        from diffcli.images import save
+        from diffcli.files import save_image
 
         with writing(opts.pairs):
-            save(pairs_sheet(images, real.train.images, mem["nearest"], mem["distances"]), opts.pairs)
+            save_image(pairs_sheet(images, real.train.images, mem["nearest"], mem["distances"]), opts.pairs)
     return {"model": str(opts.ckpt), "dataset": data_name, "class_names": meta["class_names"], **report}
 
 

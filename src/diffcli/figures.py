@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from diffcli.images import PAD, grid, save, to_pil
+from diffcli.files import save_image
+from diffcli.images import PAD, grid, to_pil
 
 HEADER = 14  # caption band above a strip or a contact-sheet cell
 GAP = 8  # between the x_t half and the x̂0 half of a trajectory
@@ -131,7 +132,7 @@ def trajectory_gif(xt: torch.Tensor, x0: torch.Tensor, final: torch.Tensor, path
         g = grid(pair, 1 if pair.shape[0] <= 4 else 2)
         frames_out.append(g.resize((g.width * scale, g.height * scale), Image.NEAREST))
     durations = [ms_per_frame] * (len(frames_out) - 1) + [ms_per_frame * 6]
-    return save(frames_out[0], path, save_all=True, append_images=frames_out[1:], duration=durations, loop=0)
+    return save_image(frames_out[0], path, save_all=True, append_images=frames_out[1:], duration=durations, loop=0)
 
 
 def sweep_sheet(rows: list[list[tuple[torch.Tensor, float] | None]], titles: list[list[str]],
@@ -181,4 +182,4 @@ def animation(frames: torch.Tensor, path: str | Path, scale: int = 4, ms_per_fra
     """A looping GIF of the frames, enlarged `scale` times, going there and back."""
     pictures = [enlarged(to_pil(f), scale) for f in frames]
     loop = pictures + pictures[-2:0:-1]
-    return save(loop[0], path, save_all=True, append_images=loop[1:], duration=ms_per_frame, loop=0)
+    return save_image(loop[0], path, save_all=True, append_images=loop[1:], duration=ms_per_frame, loop=0)

@@ -38,6 +38,20 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def save_image(img, path: str | Path, **options) -> Path:
+    """Save a PIL image by its extension (PNG unless told otherwise), creating the parent
+    folder, all or nothing: a Ctrl-C or a full disk leaves the file that was there, never
+    half of one. `options` go to PIL (a GIF's frames)."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    img.save(buffer, format=Image.registered_extensions().get(Path(path).suffix.lower(), "PNG"), **options)
+    atomic_write_bytes(path, buffer.getvalue())
+    return Path(path)
+
+
 def umask() -> int:
     """The process umask, read without changing it where /proc tells it (os.umask can
     only set it, and setting it back leaves a moment when another thread sees 0)."""

@@ -32,8 +32,9 @@ from diffcli.config import RunConfig, TrainConfig, save_yaml
 from diffcli.devices import autocast, memory_format, pick_device, precision_for
 from diffcli.distributed import World, any_rank, barrier, mean_over_ranks
 from diffcli.errors import UserError
+from diffcli.files import save_image
 from diffcli.generate import generate
-from diffcli.images import grid, save
+from diffcli.images import grid
 from diffcli.runs import METRICS_FILE, MODEL_FILE, check_free_space, truncate_metrics
 from diffcli.objective import of
 from diffcli.spec import SamplerSpec, Trained, default_guidance, knowledge_can_matter
@@ -90,7 +91,7 @@ def sample_grid(ema, cfg: RunConfig, class_names: list[str], path: Path, seed: i
     labels = [r for r in rows for _ in range(GRID_COLUMNS)]
     seeds = [seed + i for _ in rows for i in range(GRID_COLUMNS)]
     images = generate(ema, of(cfg.diffusion), grid_spec(cfg, trained), labels=labels, seeds=seeds)
-    return save(grid(images, GRID_COLUMNS), path)
+    return save_image(grid(images, GRID_COLUMNS), path)
 
 
 # --- the loop ------------------------------------------------------------------
@@ -316,9 +317,13 @@ def _checkpoint(out: Path, cfg: RunConfig, state: TrainState, task: Task, report
     if final:
         _measure_and_save(out, cfg, state, task)
     report("checkpoint", step=state.step, path=out / MODEL_FILE)
-    path = sample_grid(state.ema, cfg, task.class_names, out / "samples" / f"step_{state.step:07d}.png", cfg.train.seed,
-                       Trained(cfg.images_seen(state.step), state.knowledge))
-    shutil.copyfile(path, out / "samples" / "latest.png")
+    try:
+        path = sample_grid(state.ema, cfg, task.class_names, out / "samples" / f"step_{state.step:07d}.png", cfg.train.seed,
+                           Trained(cfg.images_seen(state.step), state.knowledge))
+        shutil.copyfile(path, out / "samples" / "latest.png")
+    except OSError as e:
+        raise UserError(f"could not write the grid for step {state.step} to '{out / 'samples'}' ({e.strerror or e}); "
+                        "that step's checkpoint is saved.") from None
     report("grid", step=state.step, path=path)
     _plot_loss(out, report)
     return path

@@ -1,4 +1,4 @@
-"""uint8 image tensors (N, C, H, W) <-> PIL: reading any image file, plain grids, saving.
+"""uint8 image tensors (N, C, H, W) <-> PIL: reading any image file and plain grids (files.save_image writes them).
 
 Everything here works on uint8; the [-1, 1] model range is converted in data.py, and
 pictures with captions are composed in figures.py. A leaf module: it imports nothing
@@ -7,7 +7,6 @@ of diffcli.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import torch
@@ -35,18 +34,6 @@ def grid(images: torch.Tensor, ncol: int, pad: int = PAD, fill: int = 255) -> Im
         y, x = pad + r * (h + pad), pad + k * (w + pad)
         canvas[:, y:y + h, x:x + w] = images[i]
     return to_pil(canvas)
-
-
-def save(img: Image.Image, path: str | Path, **options) -> Path:
-    """Save by extension (PNG unless told otherwise), creating the parent folder, all or
-    nothing: a Ctrl-C or a full disk leaves the file that was there, never half of one.
-    `options` go to PIL (a GIF's frames)."""
-    from diffcli.files import atomic_write_bytes
-
-    buffer = io.BytesIO()
-    img.save(buffer, format=Image.registered_extensions().get(Path(path).suffix.lower(), "PNG"), **options)
-    atomic_write_bytes(path, buffer.getvalue())
-    return Path(path)
 
 
 MAX_PIXELS = 64_000_000  # refuse larger images instead of exhausting memory (e.g. 10000x10000)

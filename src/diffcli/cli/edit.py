@@ -75,7 +75,8 @@ def edit(
     from diffcli.data import fit_image, fit_mask, read_image
     from diffcli.devices import describe, timed
     from diffcli.figures import edit_sheet
-    from diffcli.images import save, to_pil
+    from diffcli.files import save_image
+    from diffcli.images import to_pil
 
     model, objective, cfg, class_names = _load(ckpt, device)
     dev = next(model.parameters()).device
@@ -100,10 +101,10 @@ def edit(
         results, seconds = timed(work, dev)
     sheet = edit_sheet(inputs, results, redraw)
     with writing(out):
-        save(sheet, out)
+        save_image(sheet, out)
     for i, (img, s) in enumerate(zip(results, seeds) if save_individual else ()):
         with writing(path := save_individual / f"{i:05d}_{safe_name(Path(images[i // n]).stem)}_seed{s}.png"):
-            save(to_pil(img), path)
+            save_image(to_pil(img), path)
     mode = "inverted" if invert else "inpainted" if mask is not None else "edited"
     console.print(f"wrote [cyan]{out}[/]: {len(images)} image(s) {mode} toward "
                   f"{class_names[target] if class_names else 'the model'}, {len(results)} result(s), {spec.describe()}, "
@@ -134,7 +135,8 @@ def interpolate(
     from diffcli import edit as E
     from diffcli.devices import describe, timed
     from diffcli.figures import animation
-    from diffcli.images import grid, save
+    from diffcli.files import save_image
+    from diffcli.images import grid
 
     model, objective, cfg, class_names = _load(ckpt, device)
     labels = parse_labels(label, class_names)
@@ -150,6 +152,6 @@ def interpolate(
     with console.status(f"sampling {frames} frames between {what} on {describe(dev)} ..."):
         images, seconds = timed(work, dev)
     with writing(out):
-        animation(images, out) if out.suffix.lower() == ".gif" else save(grid(images, frames), out)
+        animation(images, out) if out.suffix.lower() == ".gif" else save_image(grid(images, frames), out)
     console.print(f"wrote [cyan]{out}[/]: {frames} frames, {what}, {spec.resolve(objective.T, model.student, model.trained).describe()}, "
                   f"{seconds:.1f} s on {describe(dev)}", highlight=False)

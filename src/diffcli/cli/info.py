@@ -73,10 +73,10 @@ def noise_preview(
         if image is None:
             return
     from diffcli.data import read_image
-    from diffcli.images import save
+    from diffcli.files import save_image
     from diffcli.preview import noise_preview as draw
 
     img = read_image(image)
     with writing(out):
-        save(draw(img, names, timesteps, ts, image_size, seed), out)
+        save_image(draw(img, names, timesteps, ts, image_size, seed), out)
     console.print(f"wrote [cyan]{out}[/]: t = {', '.join(map(str, ts))} ({', '.join(names)}, T={timesteps})", highlight=False)

@@ -57,8 +57,9 @@ def _sample(world, dev, ckpt, spec, label, n, seed, out, save_individual, batch_
     from diffcli.checkpoint import load_model
     from diffcli.devices import describe, timed
     from diffcli.figures import enlargement, trajectory_gif, trajectory_strip
+    from diffcli.files import save_image
     from diffcli.generate import Trajectory, compiled_for_sampling, generate
-    from diffcli.images import grid, save, to_pil
+    from diffcli.images import grid, to_pil
     from diffcli.objective import of
 
     if trajectory is not None and world.active:
@@ -81,16 +82,16 @@ def _sample(world, dev, ckpt, spec, label, n, seed, out, save_individual, batch_
         return
     picture = grid(imgs, n if len(labels) > 1 else math.ceil(n ** 0.5))  # one label: a square-ish grid
     with writing(out):
-        save(picture, out)
+        save_image(picture, out)
     for i, (img, lab, s) in enumerate(zip(imgs, per_image, seeds) if save_individual else ()):
         tag = meta["class_names"][lab] if meta["class_names"] else "uncond"
         with writing(path := save_individual / f"{i:05d}_{safe_name(tag)}_seed{s}.png"):
-            save(to_pil(img), path)
+            save_image(to_pil(img), path)
     if trajectory:
         strip = None if trajectory.suffix.lower() == ".gif" else trajectory_strip(
             recorder.xt, recorder.x0, recorder.timesteps, imgs, scale=enlargement(imgs))
         with writing(trajectory):
-            trajectory_gif(recorder.xt, recorder.x0, imgs, trajectory) if strip is None else save(strip, trajectory)
+            trajectory_gif(recorder.xt, recorder.x0, imgs, trajectory) if strip is None else save_image(strip, trajectory)
     console.print(f"wrote [cyan]{out}[/]: {len(per_image)} images, {spec.describe()}, "
                   f"{seconds:.1f} s ({len(per_image) / seconds:.1f} images/s) on {where(dev, world)}", highlight=False)
     if trajectory:
@@ -122,7 +123,7 @@ def compare(
     from diffcli.devices import describe, pick_device
     from diffcli.figures import sweep_sheet
     from diffcli.generate import sweep
-    from diffcli.images import save
+    from diffcli.files import save_image
     from diffcli.objective import of
 
     dev = pick_device(device)
@@ -143,7 +144,7 @@ def compare(
                         [[f"{s} {k} steps w={auto if w is None else w:g}" for k in columns] for s, w in rows],
                         ["ddpm runs all T steps" if s == "ddpm" else "" for s, _ in rows])
     with writing(out):
-        save(sheet, out)
+        save_image(sheet, out)
     name = meta["class_names"][lab] if meta["class_names"] else "unconditional"
     console.print(f"wrote [cyan]{out}[/]: {len(rows)} rows x {len(columns)} columns, label {name}, seeds {seed}..{seed + n - 1}",
                   highlight=False)
