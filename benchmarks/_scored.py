@@ -7,7 +7,8 @@ from pathlib import Path
 
 from diffcli.evaluation import EvalOptions, evaluate
 from diffcli.generate import generate
-from diffcli.images import grid, save
+from diffcli.files import save_image as save
+from diffcli.images import grid
 from diffcli.objective import of
 from diffcli.spec import SamplerSpec
 

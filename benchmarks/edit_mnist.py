@@ -28,7 +28,7 @@ from diffcli.checkpoint import load_model
 from diffcli.classifier import load_classifier, predict
 from diffcli.devices import describe, pick_device
 from diffcli.figures import edit_sheet
-from diffcli.images import save
+from diffcli.files import save_image as save
 from diffcli.objective import of
 from diffcli.spec import SamplerSpec
 

@@ -186,7 +186,8 @@ CONTENDERS = {"diffcli": diffcli_contender, "lucidrains": lucidrains_contender, 
 def main() -> None:
     from diffcli.classifier import load_classifier
     from diffcli.evaluation import class_fidelity
-    from diffcli.images import grid, save
+    from diffcli.files import save_image as save
+    from diffcli.images import grid
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default="mnist", help="what `diffcli train --data` takes: a name, folder or archive")
