@@ -134,3 +134,17 @@ def test_edit_refuses_a_bad_output_before_it_samples_anything(tiny_run, tmp_path
     assert not (tmp_path / "sheet.png").exists() and taken.read_text() == "mine"
     r = cli("edit", image, "--ckpt", tiny_run / "model.safetensors", "--label", "0", "--out", tmp_path / "sheet.xyz")
     assert r.exit_code == 1 and "--out must end in an image extension" in said(r), said(r)
+
+
+def test_resume_names_the_options_it_does_not_use(tiny_run, tmp_path, caplog):
+    """--resume continues the run's recipe; a different --lr or --preset given with it was
+    dropped without a word. The same values, or a new stopping point, say nothing."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    r = cli("train", "--resume", "--out", run, "--max-steps", "13", "--data", "shapes", "--lr", "1e-2", "--preset", "small")
+    assert r.exit_code == 0, said(r)
+    assert "keeps its" in caplog.text and "train.lr" in caplog.text and "train.preset" in caplog.text
+    assert "data.name" not in caplog.text  # the run's own data, given again
+    caplog.clear()
+    assert cli("train", "--resume", "--out", run, "--max-steps", "14", "--data", "shapes").exit_code == 0
+    assert "keeps its" not in caplog.text

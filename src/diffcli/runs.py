@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -24,6 +25,8 @@ from diffcli.config import RunConfig, apply_overrides, from_dict, validate
 from diffcli.errors import UserError
 from diffcli.files import atomic_write_bytes
 from diffcli.spec import default_guidance
+
+log = logging.getLogger("diffcli")
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.safetensors"
@@ -84,7 +87,13 @@ def resumed(saved: RunConfig, values: dict) -> RunConfig:
     """The config a resumed run continues with: its own recipe, where only where to stop
     (a new limit replaces all the old ones) and where and how to run may change. The other
     values given are still checked, so a bad one is refused rather than silently ignored."""
-    validate(apply_overrides(copy.deepcopy(saved), {s: {k: v for k, v in d.items() if v is not None} for s, d in values.items()}))
+    given = {s: {k: v for k, v in d.items() if v is not None} for s, d in values.items()}
+    validate(apply_overrides(copy.deepcopy(saved), given))
+    kept = [f"{s}.{k}" for s, d in given.items() for k, v in d.items()
+            if k not in STOP_KEYS + RUN_ON_KEYS and not _same_value(s, k, v, getattr(getattr(saved, s), k, v))]
+    if kept:
+        log.warning("--resume continues the run's own recipe, so it keeps its %s: the value(s) given are not used "
+                    "(start a new --out to change them)", ", ".join(kept))
     stop = {k: values["train"][k] for k in STOP_KEYS if values["train"].get(k) is not None}
     if stop:
         saved.train.epochs = saved.train.max_steps = saved.train.minutes = None
@@ -92,6 +101,15 @@ def resumed(saved: RunConfig, values: dict) -> RunConfig:
     apply_overrides(saved, {"train": {**stop, **run_on}})
     validate(saved)
     return saved
+
+
+PATH_KEYS = {("data", "name"), ("data", "root"), ("distill", "teacher")}  # stored absolute, given as the user wrote them
+
+
+def _same_value(section: str, key: str, given, saved) -> bool:
+    if (section, key) in PATH_KEYS and isinstance(given, str) and isinstance(saved, str):
+        return Path(given).expanduser().resolve() == Path(saved).expanduser().resolve()  # a path, as given or absolute
+    return given == saved or (isinstance(saved, tuple) and tuple(given) == saved)
 
 
 def snapshots(out: Path) -> dict[int, Path]:

@@ -67,6 +67,10 @@ def train(
 
     values = config_values(train, locals())
     if resume:
+        if preset not in (None, "auto"):
+            values["train"]["preset"] = preset  # so that a different one is named as not used
+        if config is not None:
+            print_notice(f"--config is not read with --resume: the run continues its own recipe ({out / 'config.yaml'}).")
         cfg = resumed(run_config(out), values)
     else:
         cfg = C.build_config(preset, str(config) if config else None, values, lambda name: preset_for(pick_device(name)))
