@@ -9,6 +9,7 @@ import warnings
 import zlib
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from diffcli.cli import app
@@ -148,3 +149,16 @@ def test_resume_names_the_options_it_does_not_use(tiny_run, tmp_path, caplog):
     caplog.clear()
     assert cli("train", "--resume", "--out", run, "--max-steps", "14", "--data", "shapes").exit_code == 0
     assert "keeps its" not in caplog.text
+
+
+def test_a_model_with_nan_weights_says_its_pictures_are_black(tiny_run, tmp_path, caplog):
+    from safetensors.torch import load_file, save_file
+
+    from diffcli.checkpoint import read_header
+
+    broken = tmp_path / "nan.safetensors"
+    weights = load_file(str(tiny_run / "model.safetensors"))
+    weights["conv_out.weight"] = torch.full_like(weights["conv_out.weight"], float("nan"))
+    save_file(weights, str(broken), metadata=read_header(tiny_run / "model.safetensors")["__metadata__"])
+    r = cli("sample", "--ckpt", broken, "--n", "2", "--label", "0", "--steps", "2", "--out", tmp_path / "s.png")
+    assert r.exit_code == 0 and "2 of 2 images hold NaN or infinite values (drawn black)" in caplog.text, said(r)

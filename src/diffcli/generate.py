@@ -6,6 +6,8 @@ The glue between the network (unet.py) and the pure samplers (samplers.py), used
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from diffcli import samplers
@@ -15,6 +17,8 @@ from diffcli.distributed import World, gather_shares, share
 from diffcli.guidance import guided, interval as guidance_interval
 from diffcli.objective import Objective
 from diffcli.spec import SamplerSpec
+
+log = logging.getLogger("diffcli")
 
 
 def sampling_network(model: torch.nn.Module, objective: Objective) -> samplers.Network:
@@ -47,9 +51,15 @@ def per_batch(model: torch.nn.Module, seeds: list[int], batch_size: int, run, wo
     device = next(model.parameters()).device
     mine = share(world, len(seeds))
     out = [torch.empty(0, dtype=torch.uint8)]  # a rank with no share still has a tensor to send
+    broken = 0
     for start in range(mine.start, mine.stop, batch_size):
         chunk = slice(start, min(start + batch_size, mine.stop))
-        out.append(from_model_range(run(chunk, samplers.PerImageNoise(seeds[chunk], device))).cpu())
+        x = run(chunk, samplers.PerImageNoise(seeds[chunk], device))
+        broken += int((~torch.isfinite(x)).flatten(1).any(1).sum())  # they would come out black, without a word
+        out.append(from_model_range(x).cpu())
+    if broken:
+        log.warning("%d of %d images hold NaN or infinite values (drawn black): the model's weights or this sampling "
+                    "diverged", broken, len(range(mine.start, mine.stop)))
     return gather_shares(world, torch.cat(out), len(seeds))
 
 
