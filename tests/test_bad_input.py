@@ -146,6 +146,11 @@ def test_class_names_are_case_insensitive(tiny_run, tmp_path):
         "--out", tmp_path / "s.png"])
 
 
+def test_compare_draws_one_class(tiny_run, tmp_path):  # (it drew the first of them without a word)
+    fails_cleanly(["compare", "--ckpt", tiny_run / "model.safetensors", "--label", "0,1", "--out", tmp_path / "c.png"],
+                  "--label names 2 classes, and compare draws one")
+
+
 def test_class_names_that_differ_only_in_case():
     from diffcli.cli._common import parse_labels
     from diffcli.errors import UserError

@@ -144,6 +144,9 @@ def test_what_cannot_be_distilled_is_refused_in_one_sentence(student, tiny_run, 
                        "--steps must be below the teacher's T=1000")
     one_sentence_error(run("distill", "--out", tiny_run, "--resume"), "holds a training run, not a distillation")
     one_sentence_error(run("train", "--out", student, "--resume"), "holds a distillation; run it with `diffcli distill`")
+    # (compare's default steps once got "drop --steps", an option the user never gave)
+    one_sentence_error(run("compare", "--ckpt", student / "model.safetensors", "--out", tmp_path / "c.png"),
+                       "is a distilled student: it draws only with its own 2 DDIM steps, so there is nothing to compare")
 
     from diffcli.checkpoint import load_model, save_model
     from diffcli.config import to_dict

@@ -128,6 +128,12 @@ def compare(
 
     dev = pick_device(device)
     model, cfg, meta = load_model(ckpt, dev)
+    if model.student is not None:
+        raise UserError(f"'{ckpt}' is a distilled student: it draws only with its own {model.student.steps} DDIM steps, so there "
+                        "is nothing to compare; draw it with `diffcli sample`, or compare its teacher.")
+    labels = parse_labels(label, meta["class_names"])
+    if len(labels) > 1:
+        raise UserError(f"--label names {len(labels)} classes, and compare draws one; run it once for each.")
     T = cfg.diffusion.timesteps
     for k in step_list:
         SamplerSpec(steps=k).resolve(T, model.student, model.trained)  # every step count must fit this model, whichever rows use it
@@ -136,7 +142,7 @@ def compare(
     # A cell for each (row, column) the sampler can run: ddpm only in the T column.
     cells = {(s, w, k): replace(specs[s, w], steps=k).resolve(T, model.student, model.trained) for s, w in rows for k in columns
              if (k == T if s == "ddpm" else k in step_list)}
-    lab = parse_labels(label, meta["class_names"])[0]
+    lab = labels[0]
     seeds = list(range(seed, seed + n))
     with console.status(f"sampling {len(cells)} cells of {n} images on {describe(dev)} ..."):
         results = dict(zip(cells, sweep(model, of(cfg.diffusion), list(cells.values()), label=lab, seeds=seeds)))
