@@ -148,7 +148,7 @@ def test_ema_refuses_what_it_cannot_do(tmp_path):
     refused("is not a diffcli EMA snapshot", "--run", out, "--length", "0.1")
     cut = (other / "ema_snapshots" / "step_0000002.safetensors").read_bytes()
     (other / "ema_snapshots" / "step_0000002.safetensors").write_bytes(cut[:-100])
-    refused("could not be read: it looks damaged", "--run", other, "--length", "0.1")
+    refused("is not a readable safetensors file: it is cut short", "--run", other, "--length", "0.1")
     (other / "ema_snapshots" / "step_0000002.safetensors").write_bytes(cut)
     refused("is the run's model this command reads", "--run", other, "--length", "0.1", "--out", other / "model.safetensors", "--overwrite")
     # a model file under another name: the run's config was once replaced by one under --overwrite

@@ -54,6 +54,9 @@ def read_header(path: str | Path) -> dict:
             header = json.loads(f.read(n))
         if not isinstance(header, dict):
             raise ValueError("its header is not a JSON object")
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v]
+        if 8 + n + max(ends, default=0) > path.stat().st_size:  # inspect reads only the header: say it here
+            raise ValueError(f"it is cut short ({path.stat().st_size:,} bytes of the {8 + n + max(ends):,} its header describes)")
     except PermissionError:
         raise UserError(f"'{path}' cannot be read (permission denied).") from None
     except (ValueError, UnicodeDecodeError) as e:
