@@ -236,6 +236,9 @@ def test_a_damaged_import_is_one_sentence_naming_the_file_and_the_key(tmp_path):
         (folder / "unet" / "config.json").write_text(json.dumps({**config, key: bad}))
         one_sentence_error(run("import", folder, "--out", tmp_path / "b.safetensors"),
                            f"'{folder / 'unet' / 'config.json'}' has {bad!r} for \"{key}\"")
+    # weights of another width than config.json says: the message named no weight, only torch's heading
+    (folder / "unet" / "config.json").write_text(json.dumps({**config, "block_out_channels": [w * 2 for w in config["block_out_channels"]]}))
+    one_sentence_error(run("import", folder, "--out", tmp_path / "b.safetensors"), "do not fit their config.json (size mismatch for")
     (folder / "unet" / "config.json").write_text(json.dumps(config))
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({"num_train_timesteps": "1000"}))
     one_sentence_error(run("import", folder, "--out", tmp_path / "c.safetensors"), "'1000' for \"num_train_timesteps\"")

@@ -120,8 +120,10 @@ def import_pipeline(folder: Path, out: Path) -> RunConfig:
     net = UNet(cfg.model)
     try:
         net.load_state_dict(from_diffusers(unet_weights(folder / "unet"), cfg.model))
-    except (RuntimeError, KeyError) as e:
-        raise UserError(f"the weights in '{folder / 'unet'}' do not fit their config.json: {str(e).splitlines()[0]}") from None
+    except (RuntimeError, KeyError) as e:  # torch's message: a heading line, then one line a weight
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        detail = lines[1] if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+        raise UserError(f"the weights in '{folder / 'unet'}' do not fit their config.json ({detail.rstrip('.')}).") from None
     names = labels.get("class_names") or [str(i) for i in range(cfg.model.num_classes)]
     save_model(out, net.state_dict(), to_dict(cfg), names, 0, 0.0)
     return cfg
