@@ -144,7 +144,7 @@ def test_a_config_no_run_could_write_is_damage(tmp_path):
     stored = json.loads(meta["config"])
     stored["diffusion"]["timesteps"] = -3
     save_file(dict(model.state_dict()), str(path), metadata={**meta, "config": json.dumps(stored)})
-    with pytest.raises(UserError, match="metadata in this checkpoint is damaged: diffusion.timesteps must be"):
+    with pytest.raises(UserError, match="holds a config this diffcli cannot use .damaged, or from another version.: diffusion.timesteps must be"):
         load_model(path)
 
 

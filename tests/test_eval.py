@@ -142,7 +142,7 @@ def test_eval_of_a_folder_model_when_too_little_or_nothing_is_left_to_compare(tm
     assert r.exit_code == 1 and "leaves 1 real image(s)" in r.output and "at least 2" in r.output
     shutil.rmtree(folder)
     r = runner.invoke(app, ev)
-    assert r.exit_code == 1 and f"training data '{folder}' is not there any more; pass --data" in " ".join(r.output.split())
+    assert r.exit_code == 1 and f"this model's data '{folder}' (as its config names it) is not there; pass --data" in " ".join(r.output.split())
 
 
 def test_json_reports_carry_no_nan():

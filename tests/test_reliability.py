@@ -105,8 +105,15 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
     assert "No space left on device" in text and "previous checkpoint there is intact" in text
     assert saved_step(tmp_path / "run") == 4
     assert not list((tmp_path / "run").glob(".*.tmp")), "a temporary file was left behind"
-    # full just before the first grid (written all or nothing, as the checkpoints are)
-    full_after, run = tmp_path / "run2" / "model.safetensors", tmp_path / "run2"
+    # full just before the first grid (written all or nothing, as the checkpoints are, but not synced)
+    full_after, run, real_replace = tmp_path / "never", tmp_path / "run2", files.os.replace
+
+    def replace(src, dst):
+        if str(dst).endswith(".png"):
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", replace)
     r = cli("train", *TINY, "--max-steps", "8", "--sample-every", "4", "--out", run)
     text = " ".join(r.output.split())
     assert r.exit_code == 1 and "could not write the grid for step 4" in text and "that step's checkpoint is saved" in text

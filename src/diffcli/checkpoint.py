@@ -59,7 +59,7 @@ def read_header(path: str | Path) -> dict:
             raise ValueError(f"it is cut short ({path.stat().st_size:,} bytes of the {8 + n + max(ends):,} its header describes)")
     except PermissionError:
         raise UserError(f"'{path}' cannot be read (permission denied).") from None
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, TypeError, IndexError, KeyError) as e:  # (the last three: odd data_offsets)
         raise UserError(f"'{path}' is not a readable safetensors file: {e}.") from None
     return header
 
@@ -150,7 +150,7 @@ def load_model(path: str | Path, device="cpu"):
         cfg = from_dict(meta["config"])
         validate(cfg)
     except UserError as e:
-        raise UserError(f"the diffcli metadata in this checkpoint is damaged: {e}") from None
+        raise UserError(f"'{path}' holds a config this diffcli cannot use (damaged, or from another version): {e}") from None
     model = UNet(cfg.model)
     try:
         tensors = load_file(str(path), device="cpu")

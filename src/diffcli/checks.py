@@ -65,8 +65,8 @@ AT_LEAST_ONE = Range(1)
 SHARE = Range(0, 1, high_open=True)  # a probability that must leave something: [0, 1)
 # Past 1024 px a single image fills gigabytes of activations: the largest this tool trains or draws.
 IMAGE_SIZE = Range(4, 1024)
-# torch's generators take a 64-bit seed, and image i of a command uses SEED + i: room for any n
-SEED = Range(0, 10**18, why="a seed is a 64-bit number")
+# torch's generators take seeds below 2^63, and image i of a command uses SEED + i: room for any n
+SEED = Range(0, 9 * 10**18, why="torch's seeds end at 2^63")
 
 
 _DECIMAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")  # YAML 1.2's decimal numbers

@@ -249,8 +249,8 @@ def validate(cfg: RunConfig) -> None:
         (len(m.channel_mult) >= 1 and all(c >= 1 for c in m.channel_mult), "model.channel_mult must be a non-empty list of positive integers"),
         (all(0 <= lv < len(m.channel_mult) for lv in m.attn_levels), "model.attn_levels must be level indices below len(channel_mult)"),
         (not m.norm_groups or m.base_channels % m.norm_groups == 0, "model.norm_groups must divide model.base_channels"),
-        (all(w <= m.head_channels or w % m.head_channels == 0 for w in attention_widths),
-         f"model.head_channels must divide the widths where attention runs ({', '.join(map(str, attention_widths))})"),
+        (all(w % max(1, w // m.head_channels) == 0 for w in attention_widths),  # unet.Attention's heads must split them evenly
+         f"model.head_channels must split the widths where attention runs ({', '.join(map(str, attention_widths))}) into equal heads"),
         (d.schedule in SCHEDULES, f"diffusion.schedule must be one of {', '.join(SCHEDULES)}"),
         (d.prediction in ("eps", "v"), "diffusion.prediction must be 'eps' or 'v'"),
         (d.objective in objective.OBJECTIVES, f"diffusion.objective must be one of {', '.join(objective.OBJECTIVES)}"),

@@ -73,14 +73,14 @@ def load(name: str, root: str | None = None, image_size: int | None = None, limi
         per_class = full if limit is None else min(full, -(-limit // len(SHAPES)))
         # One fixed dataset, like MNIST; the test split is drawn from another seed.
         data = make_shapes(size=image_size or 32, per_class=per_class, seed=0 if split == "train" else 1)
-        return _first(data, limit)
+        return first(data, limit)
     if name in ("mnist", "fashion-mnist", "cifar10"):
-        data = _first(load_torchvision(name, Path(root).expanduser() if root else default_root(), split), limit)
+        data = first(load_torchvision(name, Path(root).expanduser() if root else default_root(), split), limit)
     else:
         data = load_source(name, root, image_size, split)
         if data is None:
             raise UserError(f"'{name}' has no {split}/ folder beside train/, so it has no separate {split} split.")
-        data = _first(data, limit, classes_in_turn=True)
+        data = first(data, limit, classes_in_turn=True)
     if image_size and image_size != data.images.shape[-1]:
         data.images = resize(data.images, image_size)
     return data
@@ -94,7 +94,7 @@ def test_split(name: str, root: str | None = None, image_size: int | None = None
     return load_source(name, root, image_size, "test")
 
 
-def _first(data: ImageData, limit: int | None, classes_in_turn: bool = False) -> ImageData:
+def first(data: ImageData, limit: int | None, classes_in_turn: bool = False) -> ImageData:
     """The first `limit` images; `classes_in_turn` takes them from each class in turn (the
     first of every class, then the second, ...), for a folder, whose images come sorted by
     class: its first N would be all one class."""

@@ -63,7 +63,7 @@ def run(opts: EvalOptions, device, status=lambda text: contextlib.nullcontext(),
     opts.spec.resolve(cfg.diffusion.timesteps, model.student, model.trained)  # a bad --steps should fail before the data loads
     data_name, data_root = opts.data or cfg.data.name, opts.data_root or cfg.data.root
     if not opts.data and data_name not in D.NAMED and not Path(data_name).expanduser().exists():
-        raise UserError(f"this model's training data '{data_name}' is not there any more; pass --data with it or a copy.")
+        raise UserError(f"this model's data '{data_name}' (as its config names it) is not there; pass --data with it or a copy.")
     if not world.is_main:  # the other ranks only draw their share of the images
         evaluate(model, cfg, meta["class_names"], opts, None, world=world)
         return {}
@@ -141,8 +141,9 @@ def real_images(name: str, root: str | None, image_size: int, limit: int | None 
     else:  # a folder's own test/ split leaves every training image in the pool; keyed by content
         folder = "folder-" + folders.source_digest(Path(name).expanduser())[:12]
         pool, source = (None, f"{folder}-test") if fit is train else (fit, f"{folder}-held-out")
-    if limit:
-        reference = D.ImageData(reference.images[:limit], reference.labels[:limit], reference.class_names, reference.name)
+    if limit:  # (a folder's test/ comes sorted by class: its first N would be the first classes)
+        reference = D.first(D.ImageData(reference.images, reference.labels, reference.class_names, reference.name), limit,
+                            classes_in_turn=name not in D.NAMED)
     return RealImages(train, reference, pool, f"{source}{len(reference.labels)}-{image_size}px")
 
 

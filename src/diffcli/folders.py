@@ -3,18 +3,20 @@ and split, their bytes, and a digest of them (imagecache.py decodes them once).
 
 Layout, as datasets are shipped (torchvision's ImageFolder, the CIFAR-10 and ImageNet
 mirrors): a class is a sub-folder, holding its images at any depth; `train/` beside
-`test/` (or `val/`) gives the two splits; a single top folder wrapping everything is
-looked through. With no class folders, the images form one unlabelled class. Archives
-are read in memory, never extracted to disk.
+`test/` (or `val/`; `training/` and `testing/`; in any case) gives the two splits; a
+single top folder wrapping everything is looked through. With no class folders, the
+images form one unlabelled class. Archives are read in memory, never extracted to disk.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import lzma
 import os
 import tarfile
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 from diffcli.errors import UserError
@@ -66,7 +68,7 @@ def layout(names: list[str]) -> tuple[dict[str, list[tuple[str, int]]], list[str
             break
         depth += 1
     _left_out([n for p, n in files if len(p) <= depth + has_splits], "beside the top folders")
-    if has_splits:  # (a folder named train among class folders, with no test folder, is a class)
+    if has_splits:  # (a train/ holding images itself, among class folders and with no test/ beside it, is a class)
         _left_out([n for p, n in files if len(p) > depth + 1 and p[depth] not in (train, test)],
                   f"outside {train}/{f' and {test}/' if test else ''}")
         groups = {split: [(p[depth + 1:], n) for p, n in files if len(p) > depth + 1 and p[depth] == folder]
@@ -92,7 +94,7 @@ def layout(names: list[str]) -> tuple[dict[str, list[tuple[str, int]]], list[str
 
 def _split_folder(folders: set[str], names: tuple[str, ...]) -> str | None:
     """The folder among `folders` that holds the split called one of `names`, in any case."""
-    by_name = {f.lower(): f for f in sorted(folders, reverse=True)}  # of "Train" and "train", the latter
+    by_name = {f.lower(): f for f in sorted(folders)}  # of "Train" and "train", the latter (sorted last)
     return next((by_name[n] for n in names if n in by_name), None)
 
 
@@ -123,8 +125,8 @@ def names_in(source: Path) -> list[str]:
         else:
             with tarfile.open(source, "r:*") as t:
                 names = [m.name for m in t if _is_file(m)]
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:
-        kind = " (it is a zip file: name it .zip)" if zipfile.is_zipfile(source) else ""
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, lzma.LZMAError, zlib.error) as e:
+        kind = " (it is a zip file: name it .zip)" if not source.name.lower().endswith(".zip") and zipfile.is_zipfile(source) else ""
         raise UserError(f"cannot read the archive '{source}' ({_first_line(e)}){kind}.") from None
     return [n for n in names if _is_image_name(n)]
 
@@ -170,11 +172,10 @@ def contents(source: Path, wanted: set[str]):
 
 
 def _read_member(name: str, read) -> bytes | None:
-    import zlib
-
     try:
         return read()
-    except (zipfile.BadZipFile, tarfile.TarError, zlib.error, EOFError, NotImplementedError, RuntimeError, KeyError) as e:
+    except (zipfile.BadZipFile, tarfile.TarError, zlib.error, lzma.LZMAError, EOFError, OSError, NotImplementedError,
+            RuntimeError, KeyError) as e:
         log.warning("skipping %s: it cannot be read from the archive (%s)", name, _first_line(e))
         return None
 

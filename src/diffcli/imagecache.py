@@ -142,6 +142,15 @@ def _write(folder: Path, decoded: dict, classes: list[str], source: Path) -> Pat
     return folder
 
 
+def _opened(name: str, data: bytes, open_image):
+    """The picture in `data`, or None with a warning naming the file."""
+    try:
+        return open_image(io.BytesIO(data))
+    except ValueError as e:
+        log.warning("skipping %s: %s", name, e)
+        return None
+
+
 def _decode(source: Path, splits: dict, image_size: int | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{split: (uint8 (N, C, H, W), int64 labels)}, each split in name order. With no
     `image_size`, the training images' own size when they share one square size (else
@@ -153,27 +162,27 @@ def _decode(source: Path, splits: dict, image_size: int | None) -> dict[str, tup
     found = {split: [] for split in splits}
     native = None
     for name, data in contents(source, set(where)):
-        try:
-            img = open_image(io.BytesIO(data))
-        except ValueError as e:
-            log.warning("skipping %s: %s", name, e)
-            continue
         split, label = where[name]
-        if image_size is None and split == "train":
+        if image_size is None and split != "train":  # fitted to the training images' size once it is known;
+            found[split].append((name, data, label))  # kept compressed till then (a test/ of photos may come first)
+            continue
+        if (img := _opened(name, data, open_image)) is None:
+            continue
+        if image_size is None:
             native = native or img.size
             if img.size != native or img.width != img.height:
                 raise _MixedSizes
-        # (a test image waits, still a picture, until the training images' size is known)
-        kept = img if image_size is None and split != "train" else pil_to_tensor(center_square(img, image_size or img.width))
-        found[split].append((name, kept, label))
+        found[split].append((name, pil_to_tensor(center_square(img, image_size or img.width)), label))
     size = image_size or (native[0] if native else 32)
-    rgb = any(img.mode == "RGB" if not isinstance(img, torch.Tensor) else img.shape[0] == 3
-              for members in found.values() for _, img, _ in members)
+    for split, members in found.items():
+        members[:] = [m for m in members if isinstance(m[1], torch.Tensor)] + [  # one picture decoded at a time
+            (name, pil_to_tensor(center_square(img, size)), label) for name, t, label in members
+            if not isinstance(t, torch.Tensor) and (img := _opened(name, t, open_image)) is not None]
+    rgb = any(t.shape[0] == 3 for members in found.values() for _, t, _ in members)
     out = {}
     for split, members in found.items():
         members.sort(key=lambda m: m[0])
-        tensors = [t if isinstance(t, torch.Tensor) else pil_to_tensor(center_square(t, size)) for _, t, _ in members]
-        tensors = [t.expand(3, -1, -1) if rgb else t for t in tensors]  # grey as RGB: PIL's own conversion
+        tensors = [t.expand(3, -1, -1) if rgb else t for _, t, _ in members]  # grey as RGB: PIL's own conversion
         images = torch.stack(tensors) if tensors else torch.empty(0, 3 if rgb else 1, size, size, dtype=torch.uint8)
         out[split] = (images.contiguous(), torch.tensor([label for _, _, label in members], dtype=torch.long))
     return out

@@ -89,11 +89,11 @@ def resumed(saved: RunConfig, values: dict) -> RunConfig:
     values given are still checked, so a bad one is refused rather than silently ignored."""
     given = {s: {k: v for k, v in d.items() if v is not None} for s, d in values.items()}
     validate(apply_overrides(copy.deepcopy(saved), given))
-    kept = [f"{s}.{k}" for s, d in given.items() for k, v in d.items()
+    kept = ["--data" if (s, k) == ("data", "name") else f"--{k.replace('_', '-')}" for s, d in given.items() for k, v in d.items()
             if k not in STOP_KEYS + RUN_ON_KEYS and not _same_value(s, k, v, getattr(getattr(saved, s), k, v))]
     if kept:
-        log.warning("--resume continues the run's own recipe, so it keeps its %s: the value(s) given are not used "
-                    "(start a new --out to change them)", ", ".join(kept))
+        log.warning("--resume continues the run's own recipe, so %s given here %s not used (start a new --out to "
+                    "change the recipe)", ", ".join(kept), "is" if len(kept) == 1 else "are")
     stop = {k: values["train"][k] for k in STOP_KEYS if values["train"].get(k) is not None}
     if stop:
         saved.train.epochs = saved.train.max_steps = saved.train.minutes = None
@@ -103,7 +103,7 @@ def resumed(saved: RunConfig, values: dict) -> RunConfig:
     return saved
 
 
-PATH_KEYS = {("data", "name"), ("data", "root"), ("distill", "teacher")}  # stored absolute, given as the user wrote them
+PATH_KEYS = {("data", "name"), ("data", "root")}  # stored absolute, given as the user wrote them
 
 
 def _same_value(section: str, key: str, given, saved) -> bool:

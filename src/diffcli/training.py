@@ -103,7 +103,7 @@ class Batches:
         """(x0, t, noise, y) for this rank; every draw is made for the whole global batch."""
         epoch, pos = divmod(step, self.per_epoch)
         if epoch != self._epoch:
-            self._order = torch.randperm(len(self.labels), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+            self._order = torch.randperm(len(self.labels), generator=torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**63))
             self._epoch = epoch
         idx = self._order[pos * self.size:(pos + 1) * self.size]
         x0 = to_model_range(self.images[upload(idx, self.device)]).contiguous(memory_format=self.layout)
