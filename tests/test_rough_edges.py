@@ -161,3 +161,19 @@ def test_a_model_with_nan_weights_says_its_pictures_are_black(tiny_run, tmp_path
     save_file(weights, str(broken), metadata=read_header(tiny_run / "model.safetensors")["__metadata__"])
     r = cli("sample", "--ckpt", broken, "--n", "2", "--label", "0", "--steps", "2", "--out", tmp_path / "s.png")
     assert r.exit_code == 0 and "2 of 2 images hold NaN or infinite values (drawn black)" in caplog.text, said(r)
+
+
+def test_resume_with_the_runs_folder_given_again_relative_says_nothing(tmp_path, monkeypatch, caplog):
+    """config.yaml stores the data path absolute; the same folder given as the user first
+    wrote it (relative, from its own working folder) is the run's own value."""
+    from PIL import Image
+
+    for k, cls in enumerate(("a", "b")):
+        (tmp_path / "pics" / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (8, 8), (200 * k, 40 * i, 0)).save(tmp_path / "pics" / cls / f"{i}.png")
+    monkeypatch.chdir(tmp_path)
+    tiny = ["--data", "pics", "--preset", "tiny", "--out", "run"]
+    assert cli("train", *tiny, "--max-steps", "1").exit_code == 0
+    assert cli("train", *tiny, "--max-steps", "2", "--resume").exit_code == 0
+    assert "recipe" not in caplog.text
