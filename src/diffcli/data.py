@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -64,8 +64,9 @@ SPLITS = ("train", "test")
 def load(name: str, root: str | None = None, image_size: int | None = None, limit: int | None = None,
          split: str = "train") -> ImageData:
     """Load a named dataset or an image folder, resized to `image_size` if given, keeping
-    only the first `limit` images if given (a folder's from each class in turn). `split="test"` gives the held-out images of a
-    named dataset (evaluation and the reference classifier); folders have only one split."""
+    only the first `limit` images if given (a folder's from each class in turn).
+    `split="test"` gives the held-out images of a named dataset (evaluation and the
+    reference classifier); folders have only one split."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if name == "shapes":
@@ -95,20 +96,19 @@ def test_split(name: str, root: str | None = None, image_size: int | None = None
 
 
 def first(data: ImageData, limit: int | None, classes_in_turn: bool = False) -> ImageData:
-    """The first `limit` images; `classes_in_turn` takes them from each class in turn (the
-    first of every class, then the second, ...), for a folder, whose images come sorted by
-    class: its first N would be all one class."""
-    if limit is not None and limit < len(data.labels):
-        if classes_in_turn:
-            by_class = torch.argsort(data.labels, stable=True)
-            first = torch.searchsorted(data.labels[by_class], data.labels[by_class])  # where each one's class begins
-            turn = torch.empty_like(data.labels)
-            turn[by_class] = torch.arange(len(by_class)) - first  # its place within its class
-            keep = torch.argsort(turn * (int(data.labels.max()) + 1) + data.labels, stable=True)[:limit].sort().values
-        else:
-            keep = slice(0, limit)
-        data.images, data.labels = data.images[keep], data.labels[keep]
-    return data
+    """The first `limit` images, as a new ImageData; `classes_in_turn` takes them from each
+    class in turn (the first of every class, then the second, ...), for a folder, whose
+    images come sorted by class: its first N would be all one class."""
+    if limit is None or limit >= len(data.labels):
+        return data
+    keep = slice(0, limit)
+    if classes_in_turn:
+        by_class = torch.argsort(data.labels, stable=True)
+        starts = torch.searchsorted(data.labels[by_class], data.labels[by_class])  # where each one's class begins
+        turn = torch.empty_like(data.labels)
+        turn[by_class] = torch.arange(len(by_class)) - starts  # its place within its class
+        keep = torch.argsort(turn * (int(data.labels.max()) + 1) + data.labels, stable=True)[:limit].sort().values
+    return replace(data, images=data.images[keep], labels=data.labels[keep])
 
 
 def resize(images: torch.Tensor, size: int) -> torch.Tensor:

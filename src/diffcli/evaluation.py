@@ -142,8 +142,7 @@ def real_images(name: str, root: str | None, image_size: int, limit: int | None 
         folder = "folder-" + folders.source_digest(Path(name).expanduser())[:12]
         pool, source = (None, f"{folder}-test") if fit is train else (fit, f"{folder}-held-out")
     if limit:  # (a folder's test/ comes sorted by class: its first N would be the first classes)
-        reference = D.first(D.ImageData(reference.images, reference.labels, reference.class_names, reference.name), limit,
-                            classes_in_turn=name not in D.NAMED)
+        reference = D.first(reference, limit, classes_in_turn=name not in D.NAMED)
     return RealImages(train, reference, pool, f"{source}{len(reference.labels)}-{image_size}px")
 
 

@@ -142,8 +142,10 @@ def _write(folder: Path, decoded: dict, classes: list[str], source: Path) -> Pat
     return folder
 
 
-def _opened(name: str, data: bytes, open_image):
+def _opened(name: str, data: bytes):
     """The picture in `data`, or None with a warning naming the file."""
+    from diffcli.images import open_image
+
     try:
         return open_image(io.BytesIO(data))
     except ValueError as e:
@@ -156,17 +158,18 @@ def _decode(source: Path, splits: dict, image_size: int | None) -> dict[str, tup
     `image_size`, the training images' own size when they share one square size (else
     _MixedSizes); test images of another size are fitted to it, since the model is trained
     at the training images' size."""
-    from diffcli.images import center_square, open_image, pil_to_tensor
+    from diffcli.images import center_square, pil_to_tensor
 
     where = {name: (split, label) for split, members in splits.items() for name, label in members}
     found = {split: [] for split in splits}
+    waiting = []  # test images, kept compressed until the training images' size is known (test/ may come first)
     native = None
     for name, data in contents(source, set(where)):
         split, label = where[name]
-        if image_size is None and split != "train":  # fitted to the training images' size once it is known;
-            found[split].append((name, data, label))  # kept compressed till then (a test/ of photos may come first)
+        if image_size is None and split != "train":
+            waiting.append((split, name, data, label))
             continue
-        if (img := _opened(name, data, open_image)) is None:
+        if (img := _opened(name, data)) is None:
             continue
         if image_size is None:
             native = native or img.size
@@ -174,10 +177,9 @@ def _decode(source: Path, splits: dict, image_size: int | None) -> dict[str, tup
                 raise _MixedSizes
         found[split].append((name, pil_to_tensor(center_square(img, image_size or img.width)), label))
     size = image_size or (native[0] if native else 32)
-    for split, members in found.items():
-        members[:] = [m for m in members if isinstance(m[1], torch.Tensor)] + [  # one picture decoded at a time
-            (name, pil_to_tensor(center_square(img, size)), label) for name, t, label in members
-            if not isinstance(t, torch.Tensor) and (img := _opened(name, t, open_image)) is not None]
+    for split, name, data, label in waiting:
+        if (img := _opened(name, data)) is not None:
+            found[split].append((name, pil_to_tensor(center_square(img, size)), label))
     rgb = any(t.shape[0] == 3 for members in found.values() for _, t, _ in members)
     out = {}
     for split, members in found.items():

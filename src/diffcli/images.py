@@ -1,4 +1,5 @@
-"""uint8 image tensors (N, C, H, W) <-> PIL: reading any image file and plain grids (files.save_image writes them).
+"""uint8 image tensors (N, C, H, W) <-> PIL: reading any image file, and plain grids
+(files.save_image writes them).
 
 Everything here works on uint8; the [-1, 1] model range is converted in data.py, and
 pictures with captions are composed in figures.py. A leaf module: it imports nothing
@@ -43,8 +44,9 @@ def open_image(path: str | Path) -> Image.Image:
     """Open any PIL-readable image as 'L' (grayscale) or 'RGB' (everything else).
 
     Palette and alpha images are flattened onto white; 16-bit grayscale is scaled,
-    not clipped, and float grayscale in 0..1 is stretched to 0..255; the first frame of an animation is used. Raises ValueError with a
-    readable reason when the file is not a usable image.
+    not clipped, and float grayscale in 0..1 is stretched to 0..255; the first frame of
+    an animation is used. Raises ValueError with a readable reason when the file is not a
+    usable image.
     """
     from PIL import UnidentifiedImageError
 

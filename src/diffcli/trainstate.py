@@ -85,7 +85,7 @@ class TrainState:
         path = state_path(out)
         header = checkpoint.read_header(path)
         meta = checkpoint.model_metadata(header)
-        if "optimizer" not in header["__metadata__"]:  # e.g. a model.safetensors copied over it
+        if checkpoint.file_kind(header) == "model":  # e.g. a model.safetensors copied over it
             raise UserError(f"cannot resume: '{path}' is a model, not the training state `diffcli train` writes beside it.")
         try:
             tensors = load_file(str(path))
