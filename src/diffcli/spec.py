@@ -43,19 +43,22 @@ GUIDANCE_PER_DOUBLING = 0.6
 GUIDANCE_FLOOR, GUIDANCE_CEILING = 1.25, 3.0
 DEFAULT_GUIDANCE = 2.0  # a model whose training is unknown (an import): the middle of the rule
 # Where the label steers the network little (the label knowledge `diffcli train` measures at
-# each checkpoint, knowledge.py: 0 chance, 1 always right), below KNOWLEDGE_FULL, with
-# r = knowledge / KNOWLEDGE_FULL: each doubling of the images counts as r of one, and the
-# images count KNOWLEDGE_POWER doublings fewer for each halving of r. Digits and shapes know
-# their labels early (MNIST 0.88 after 2,000 steps, 0.89 after 10 CPU-minutes; shapes
-# 0.99-1.0), so their weights do not move. CIFAR-10's photos learn them slowly (0.30, 0.36,
-# 0.40 after 10, 30, 90 CPU-minutes at batch 64: 275k, 841k, 2.52M images), and their best
-# weight falls about half as fast as the images alone say: 3 or more, 2.5, 2. This gives 3,
-# 2.65, 1.85 (scored 16.4x, 10.2x, 5.4x the classifier-FD floor); counting every doubling
-# whole, with the cube, gave 3, 2, 1.25 (16.4x, 11.6x, 13.5x): a longer run drew worse
-# (docs/results.md, "90 CPU-minutes"). `diffcli ema`'s models carry their run's value; a
-# model without the measure (trained before it, imported) follows the images alone.
-# 2.1 puts the 30-minute run on its best 2.5 and 2.5 the 90-minute one on its best 2; one photo set so far.
-KNOWLEDGE_FULL, KNOWLEDGE_POWER = 0.8, 2.3
+# checkpoints, knowledge.py: 0 chance, 1 always right) the classes need guidance for longer.
+# Digits and shapes know their labels early (MNIST 0.88 after 2,000 steps; shapes 0.99-1.0)
+# and follow the rule above. CIFAR-10's photos learn them slowly (0.30, 0.36, 0.40, 0.45 after
+# 275k, 841k, 2.52M, 4.10M images: 10, 30, 90, 146 CPU-minutes at batch 64), and their best
+# weights, 3 or more, 2.5, 2, 1.75, fall about half as fast and from later: w = 2 at
+# SLOW_GUIDANCE_AT images, less SLOW_PER_DOUBLING a doubling, meets all four (docs/results.md,
+# "146 CPU-minutes"). Knowledge picks the rule, it does not scale the images: a rule that did
+# (r = knowledge / 0.8 weighting each doubling) moved the weight 0.45 for knowledge's rise of
+# 0.05 from 90 to 146 minutes, and drew 10.7x the FD floor where the best weight drew 4.7x.
+# Up to KNOWLEDGE_SLOW the photos' rule, from KNOWLEDGE_FULL the digits', and between them the
+# weight moves linearly from one to the other: above the highest photo point with room for the
+# measure's noise, below the lowest digits' one. A model without the measure (trained before
+# it, imported) follows the digits' rule; `diffcli ema`'s models carry their run's value.
+SLOW_GUIDANCE_AT = (2_500_000, 2.0)  # (images seen, w)
+SLOW_PER_DOUBLING = 0.32
+KNOWLEDGE_SLOW, KNOWLEDGE_FULL = 0.5, 0.8
 
 
 class Trained(NamedTuple):
@@ -66,9 +69,9 @@ class Trained(NamedTuple):
 
 def knowledge_can_matter(images: int | None) -> bool:
     """Whether the label knowledge could change the weight of a model that has seen
-    `images`: not where the images alone already give the ceiling, since knowledge only
-    ever counts them as fewer. Training measures it only where it can (fitting.py)."""
-    return default_guidance(Trained(images)) < GUIDANCE_CEILING
+    `images`: not where both rules give the same (the ceiling early, the floor late).
+    Training measures it only where it can (fitting.py)."""
+    return default_guidance(Trained(images, 0.0)) != default_guidance(Trained(images))
 
 
 def default_guidance(trained: Trained | None) -> float:
@@ -76,11 +79,19 @@ def default_guidance(trained: Trained | None) -> float:
     weight a command prints is the one used."""
     if trained is None or not trained.images:
         return DEFAULT_GUIDANCE
-    r = 1.0 if trained.knowledge is None else min(1.0, max(trained.knowledge, 0.01) / KNOWLEDGE_FULL)
-    images, w = GUIDANCE_AT
-    doublings = r * math.log2(trained.images / images) + KNOWLEDGE_POWER * math.log2(r)
-    w -= GUIDANCE_PER_DOUBLING * doublings
-    return min(GUIDANCE_CEILING, max(GUIDANCE_FLOOR, round(w * 20) / 20))
+    early = _falling(trained.images, GUIDANCE_AT, GUIDANCE_PER_DOUBLING)
+    slow = _falling(trained.images, SLOW_GUIDANCE_AT, SLOW_PER_DOUBLING)
+    k = KNOWLEDGE_FULL if trained.knowledge is None else trained.knowledge
+    early_share = min(1.0, max(0.0, (k - KNOWLEDGE_SLOW) / (KNOWLEDGE_FULL - KNOWLEDGE_SLOW)))
+    return round((early_share * early + (1 - early_share) * slow) * 20) / 20
+
+
+def _falling(images: int, at: tuple[int, float], per_doubling: float) -> float:
+    """w at `at`, falling `per_doubling` for each doubling of the images past it, within
+    [GUIDANCE_FLOOR, GUIDANCE_CEILING]."""
+    w = at[1] - per_doubling * math.log2(images / at[0])
+    return min(GUIDANCE_CEILING, max(GUIDANCE_FLOOR, w))
+
 
 # The defaults of `diffcli edit` (edit.py), here so that the command line reads them without torch.
 # SDEdit's strength (Meng et al. 2022): the share of the sampler's steps that run again, from the
