@@ -218,6 +218,8 @@ def test_what_diffusers_or_diffcli_cannot_express_is_refused(tiny_run, tmp_path)
     (folder / "unet" / "config.json").write_text(json.dumps(DDPM_CIFAR10))
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({"beta_schedule": "scaled_linear"}))
     one_sentence_error(run("import", folder, "--out", tmp_path / "x.safetensors"), "this scheduler has 'scaled_linear'")
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({"_class_name": "EDMEulerScheduler", "sigma_max": 80}))
+    one_sentence_error(run("import", folder, "--out", tmp_path / "x.safetensors"), "this one's is 'EDMEulerScheduler'")
     one_sentence_error(run("import", tmp_path / "nothing", "--out", tmp_path / "x.safetensors"), "is not a folder")
 
 

@@ -142,6 +142,13 @@ def unet_config(net: torch.nn.Module, m: ModelConfig) -> dict:
 FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
 FLOW_PLAIN = {"use_dynamic_shifting": False, "invert_sigmas": False, "shift_terminal": None, "use_karras_sigmas": False,
               "use_exponential_sigmas": False, "use_beta_sigmas": False, "stochastic_sampling": False}  # what diffcli's flow is
+# diffusers' schedulers that read a model through DDPM's discrete betas (beta_schedule, beta_start, beta_end): only these
+# describe a model diffcli can run. The others (EDM's, score-SDE VE, consistency models) have no betas to read.
+BETA_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "DDIMInverseScheduler", "DDPMParallelScheduler", "DDIMParallelScheduler",
+                   "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+                   "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
+                   "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "DPMSolverSDEScheduler",
+                   "DEISMultistepScheduler", "UniPCMultistepScheduler", "SASolverScheduler", "TCDScheduler", "LCMScheduler")
 
 
 def pipeline_classes(cfg: RunConfig) -> tuple[str, str]:
@@ -257,7 +264,11 @@ def diffusion_config(sched: dict):
     from diffcli.config import DiffusionConfig
 
     T = int(sched.get("num_train_timesteps", 1000))
-    if sched.get("_class_name") == FLOW_SCHEDULER:
+    name = sched.get("_class_name")
+    if name not in (*BETA_SCHEDULERS, FLOW_SCHEDULER, None):  # None: a hand-written config, read as DDPM's
+        raise UserError(f"diffcli reads models whose scheduler is DDPM's family (DDPM, DDIM, Euler, DPM-Solver, ...) or "
+                        f"{FLOW_SCHEDULER}; this one's is {name!r}.")
+    if name == FLOW_SCHEDULER:
         odd = [key for key, plain in FLOW_PLAIN.items() if sched.get(key, plain) != plain]
         if odd:
             raise UserError(f"diffcli's flow models sample on plain flow times; this scheduler sets {', '.join(odd)}.")
