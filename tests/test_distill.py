@@ -120,13 +120,16 @@ def test_a_student_records_what_it_is_and_samples_that_way_by_default(student, t
         one_sentence_error(run("sample", "--ckpt", student / "model.safetensors", *bad, "--out", tmp_path / "x.png"), fragment)
 
 
-def test_resuming_a_distillation_is_bit_exact(student, tiny_run, tmp_path):
+def test_resuming_a_distillation_is_bit_exact(student, tiny_run, tmp_path, caplog):
+    """... and says so when it is given another --teacher, which it does not use."""
     out = tmp_path / "halves"
     args = ("--teacher", tiny_run / "model.safetensors", "--steps", "2", "--teacher-steps", "4", "--sample-every", "2",
             "--batch-size", "4", "--out", out, "--device", "cpu")
     assert run("distill", *args, "--max-steps", "2").exit_code == 0
-    r = run("distill", "--out", out, "--resume", "--max-steps", "4")
+    assert "teacher" not in caplog.text
+    r = run("distill", "--out", out, "--resume", "--max-steps", "4", "--teacher", student / "model.safetensors")
     assert r.exit_code == 0, r.output
+    assert f"own teacher '{tiny_run / 'model.safetensors'}', so the --teacher given here is not used" in caplog.text
     whole, halves = (load_file(str(p / "train_state.safetensors")) for p in (student, out))
     assert whole.keys() == halves.keys() and all(torch.equal(whole[k], halves[k]) for k in whole)
 

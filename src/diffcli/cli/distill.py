@@ -44,7 +44,7 @@ def distill(
 
     given = {s: {k: v for k, v in d.items() if v is not None} for s, d in values.items()}
     validate(apply_overrides(RunConfig(distill=DistillConfig()), given))  # a bad number: refused before any file is read
-    cfg = _resumed(out, values) if resume else _configured(teacher, config, values)
+    cfg = _resumed(out, values, teacher) if resume else _configured(teacher, config, values)
     from diffcli.trackers import check_installed, parse
 
     check_installed(parse(cfg.train.log))
@@ -61,12 +61,17 @@ def distill(
         with_progress("distill", lambda report, should_stop: distill_loop(cfg, out, resume, report, should_stop, world, dev))
 
 
-def _resumed(out: Path, values: dict):
+def _resumed(out: Path, values: dict, teacher: Optional[Path]):
+    import logging
+
     from diffcli.runs import resumed, run_config
 
     cfg = resumed(run_config(out), values)
     if cfg.distill is None:
         raise UserError(f"'{out}' holds a training run, not a distillation; continue it with `diffcli train --resume`.")
+    if teacher is not None and teacher.expanduser().resolve() != Path(cfg.distill.teacher).resolve():
+        logging.getLogger("diffcli").warning("--resume continues with the run's own teacher '%s', so the --teacher given "
+                                             "here is not used (start a new --out to distil another)", cfg.distill.teacher)
     return cfg
 
 
