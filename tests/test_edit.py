@@ -144,6 +144,7 @@ def test_inversion_then_sampling_reconstructs_the_input(tiny_run, tmp_path):
     (["--mask", "m.png", "--invert"], "two different edits"),
     (["--strength", "0.5", "--invert"], "--strength is for image-to-image"),
     (["--invert", "--n", "2"], "deterministic"),
+    (["--jumps", "3"], "--jumps goes with --mask"),
     (["--invert", "--sampler", "dpm++"], "--invert runs DDIM"),
     (["--mask", "MASK", "--sampler", "dpm++"], "inpainting runs"),
     (["--strength", "1.5"], "--strength must be between 0 and 1"),

@@ -37,7 +37,7 @@ def edit(
     label: Annotated[str, typer.Option(help="The class to edit toward (index or name; 'all' for an unconditional model).")],
     strength: Annotated[Optional[float], typer.Option(help=f"How far toward noise each image goes before it is redrawn: 0 keeps it, 1 draws anew (default {EDIT_STRENGTH:g})."), Range(0, 1)] = None,
     mask: Annotated[Optional[Path], typer.Option(help="Inpaint instead: an image whose white part is redrawn and black part kept (resized like the inputs).")] = None,
-    jumps: Annotated[int, typer.Option(help="With --mask: tries of every step (RePaint's resampling), so the seam is coherent; 1 = none."), Range(1, 50)] = JUMPS,
+    jumps: Annotated[Optional[int], typer.Option(help=f"With --mask: tries of every step (RePaint's resampling), so the seam is coherent; 1 = none (default {JUMPS})."), Range(1, 50)] = None,
     invert: Annotated[bool, typer.Option("--invert", help="A deterministic edit: DDIM-invert each image under --source-label, then sample it back under --label.")] = False,
     source_label: Annotated[Optional[str], typer.Option(help="With --invert: the class the images show (default: none, the unconditional model).")] = None,
     sampler: Sampler = "ddim",
@@ -61,6 +61,8 @@ def edit(
         raise UserError("--strength is for image-to-image; inpainting and --invert always start from noise.")
     if source_label is not None and not invert:
         raise UserError("--source-label goes with --invert.")
+    if jumps is not None and mask is None:
+        raise UserError("--jumps goes with --mask: it is how often inpainting retries each step.")
     if invert and n not in (None, 1):
         raise UserError("--invert is deterministic, so every variation would be the same: drop --n.")
     n = n or (1 if invert else 4)
@@ -93,7 +95,7 @@ def edit(
         src = cfg.model.num_classes if source_label is None else _one_label(source_label, class_names, "--source-label")
         work = partial(E.invert, *args, source_labels=[src] * len(labels), **common)
     elif redraw is not None:
-        work = partial(E.inpaint, *args, redraw=redraw.repeat_interleave(n, dim=0), seeds=seeds, jumps=jumps, **common)
+        work = partial(E.inpaint, *args, redraw=redraw.repeat_interleave(n, dim=0), seeds=seeds, jumps=JUMPS if jumps is None else jumps, **common)
     else:
         work = partial(E.img2img, *args, seeds=seeds, strength=EDIT_STRENGTH if strength is None else strength, **common)
     with console.status(f"editing {len(images)} image(s), {len(per_image)} result(s) with {spec.describe()} on "
