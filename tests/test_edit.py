@@ -164,6 +164,7 @@ def test_edit_refusals_are_one_sentence(tiny_run, picture, tmp_path, args, fragm
 def test_interpolate_refusals(tiny_run, tmp_path):
     ckpt = str(tiny_run / "model.safetensors")
     for args, fragment in ((["--sampler", "ddpm"], "deterministic sampler"), (["--seeds", "1,2,3"], "two --seeds"),
-                           (["--out", str(tmp_path / "x.jpg")], "must end in .png or .gif")):
+                           (["--out", str(tmp_path / "x.jpg")], "must end in .png or .gif"),
+                           (["--seeds", "4,4"], "the two ends are the same (seeds 4 -> 4)")):
         r = runner.invoke(app, ["interpolate", "--ckpt", ckpt, "--label", "star", *args])
         assert r.exit_code == 1 and fragment in " ".join(r.output.split()), r.output

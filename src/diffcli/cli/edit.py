@@ -151,6 +151,8 @@ def interpolate(
         work = partial(E.between_labels, *args, labels=tuple(labels), seed=seed_list[0], frames=frames, batch_size=batch_size)
     else:
         raise UserError("give one --label with two --seeds, or two labels (--label a,b) with one seed.")
+    if len(set(labels)) < len(labels) or len(set(seed_list)) < len(seed_list):
+        raise UserError(f"the two ends are the same ({what}), so every frame would be the same image; give two different ones.")
     with console.status(f"sampling {frames} frames between {what} on {describe(dev)} ..."):
         images, seconds = timed(work, dev)
     with writing(out):
