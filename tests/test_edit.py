@@ -166,5 +166,7 @@ def test_interpolate_refusals(tiny_run, tmp_path):
     for args, fragment in ((["--sampler", "ddpm"], "deterministic sampler"), (["--seeds", "1,2,3"], "two --seeds"),
                            (["--out", str(tmp_path / "x.jpg")], "must end in .png or .gif"),
                            (["--seeds", "4,4"], "the two ends are the same (seeds 4 -> 4)")):
-        r = runner.invoke(app, ["interpolate", "--ckpt", ckpt, "--label", "star", *args])
+        out = [] if "--out" in args else ["--out", str(tmp_path / "i.png")]  # never the working folder's interp.png
+        r = runner.invoke(app, ["interpolate", "--ckpt", ckpt, "--label", "star", *args, *out])
         assert r.exit_code == 1 and fragment in " ".join(r.output.split()), r.output
+        assert not (tmp_path / "i.png").exists()
