@@ -167,6 +167,19 @@ def test_the_weight_of_cifar10_runs_follows_their_best_as_training_goes_on():
     assert [default_guidance(Trained(n, k)) for n, k in runs] == [3.0, 2.5, 2.0, 1.75]
 
 
+def test_sets_that_meet_inside_the_band_get_the_weights_they_drew_best_with():
+    """The runs of docs/results.md whose knowledge lies between the two rules (images seen,
+    stored knowledge): CIFAR-10's vehicles at 10 and 30 minutes drew best at 3.5 (of 2, 2.7,
+    3.5) and 2 (of 1.5, 1.9, 2, 2.5, 3); Fashion-MNIST at 10 minutes at 1.25 (of 1, 1.1, 1.25,
+    1.5, 1.7, 2, 2.5, 3). The band 0.5-0.8 gave 2.7, 1.9 and 1.7."""
+    from diffcli.spec import Trained, default_guidance
+
+    vehicles = ((274_944, 0.55), (840_896, 0.65))
+    fashion_10_minutes = (549_312, 0.7049)
+    assert [default_guidance(Trained(n, k)) for n, k in vehicles] == [3.0, 1.9]
+    assert default_guidance(Trained(*fashion_10_minutes)) == 1.25
+
+
 def test_training_measures_the_knowledge_only_where_it_can_change_the_weight():
     from diffcli.spec import GUIDANCE_CEILING, GUIDANCE_FLOOR, Trained, default_guidance, knowledge_can_matter
 
