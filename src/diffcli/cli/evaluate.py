@@ -135,7 +135,7 @@ def classifier_train(
     image_size: Annotated[Optional[int], typer.Option(help="Resize images to this size: the size of the models it will judge."), IMAGE_SIZE] = None,
     limit: Annotated[Optional[int], typer.Option(help="Train on only the first N training images (quick experiments)."), Range(1)] = None,
     out: Annotated[Optional[Path], typer.Option(help="The .safetensors file to write (default: DATA-classifier.safetensors).")] = None,
-    epochs: Annotated[Optional[float], typer.Option(help="Passes over the training split (default: 3 for grey images, 16 for colour)."), POSITIVE] = None,
+    epochs: Annotated[Optional[float], typer.Option(help="Passes over the training split (default: 10 for grey images, 16 for colour)."), POSITIVE] = None,
     batch_size: Annotated[int, typer.Option(help="Images per step."), Range(1)] = 128,
     lr: Annotated[float, typer.Option(help="Peak learning rate (one-cycle: warm-up, then cosine to zero)."), POSITIVE] = 3e-3,
     width: Annotated[Optional[int], typer.Option(help="Channels at full resolution (default: 16)."), Range(1)] = None,
