@@ -15,7 +15,7 @@ import torch
 
 from diffcli import data as D
 from diffcli.checkpoint import load_model
-from diffcli.knowledge import label_knowledge
+from diffcli.knowledge import WAYS, label_knowledge
 from diffcli.objective import of
 
 
@@ -26,6 +26,8 @@ def main() -> None:
     p.add_argument("--n", type=int, default=200, help="test images")
     p.add_argument("--draws", type=int, default=2, help="noises per image and timestep")
     p.add_argument("--timesteps", default="300,500,700,850")
+    p.add_argument("--ways", type=int, default=WAYS, help="labels tried per image (its own and up to WAYS-1 others); "
+                   "the same for every set compares sets of different class counts")
     args = p.parse_args()
     ts = [int(t) for t in args.timesteps.split(",")]
     print("| model | step | stored | " + " | ".join(f"t = {t}" for t in ts) + " |")
@@ -41,7 +43,7 @@ def main() -> None:
         pick = torch.randperm(len(test.labels), generator=gen)[:args.n]
         x0 = D.to_model_range(test.images[pick])
         known = [label_knowledge(model, objective, x0, test.labels[pick], cfg.model.num_classes,
-                                 gen, args.draws, t) for t in ts]
+                                 gen, args.draws, t, args.ways) for t in ts]
         stored = "-" if meta["label_knowledge"] is None else f"{meta['label_knowledge']:.2f}"
         print(f"| {path} | {meta['step']:,} | {stored} | " + " | ".join(f"{k:.2f}" for k in known) + " |", flush=True)
 

@@ -56,6 +56,8 @@ def test_candidates_are_the_own_label_then_distinct_others():
         assert len(set(row.tolist())) == WAYS and all(0 <= k < 30 for k in row.tolist())
     few = candidates(labels % 3, 3, torch.Generator().manual_seed(0))  # fewer classes than WAYS: all of them
     assert all(sorted(row.tolist()) == [0, 1, 2] for row in few)
+    pairs = candidates(labels % 3, 3, torch.Generator().manual_seed(0), ways=2)  # as many tries whatever the class count
+    assert pairs.shape == (4, 2) and torch.equal(pairs[:, 0], labels % 3) and bool((pairs[:, 1] != pairs[:, 0]).all())
 
 
 @pytest.mark.parametrize("name", ["cosine", "linear"])

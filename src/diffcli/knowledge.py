@@ -34,21 +34,22 @@ def snr_step(schedule: Schedule) -> int:
     return int(((abar / (1 - abar)).log() - torch.tensor(SNR).double().log()).abs().argmin())
 
 
-def candidates(labels: torch.Tensor, num_classes: int, gen: torch.Generator) -> torch.Tensor:
+def candidates(labels: torch.Tensor, num_classes: int, gen: torch.Generator, ways: int = WAYS) -> torch.Tensor:
     """(n, w) labels to try for each image, its own first: all classes when there are at most
-    WAYS of them, else WAYS - 1 others drawn without replacement."""
-    n, w = len(labels), min(num_classes, WAYS)
+    `ways` of them, else `ways` - 1 others drawn without replacement."""
+    n, w = len(labels), min(num_classes, ways)
     others = torch.rand(n, num_classes, generator=gen).scatter(1, labels[:, None], 2.0).argsort(1)[:, :w - 1]
     return torch.cat([labels[:, None], others], 1)
 
 
 @torch.no_grad()
 def label_knowledge(network, objective, x0: torch.Tensor, labels: torch.Tensor,
-                    num_classes: int, gen: torch.Generator, draws: int = DRAWS, step: int | None = None) -> float:
+                    num_classes: int, gen: torch.Generator, draws: int = DRAWS, step: int | None = None,
+                    ways: int = WAYS) -> float:
     """Accuracy of the own-label pick at grid index `step` of the objective's schedule
     (None: snr_step), rescaled so that chance is 0 and always right is 1. `x0` in model
     range [-1, 1] on the network's device; ties count as misses."""
-    tries = candidates(labels.cpu(), num_classes, gen)
+    tries = candidates(labels.cpu(), num_classes, gen, ways)
     n, w = tries.shape
     index = torch.full((n,), snr_step(objective.schedule) if step is None else step, device=x0.device)
     t = objective.grid_times(index)  # in the units the network was trained with
