@@ -42,6 +42,21 @@ def test_load_with_limit_and_resize():
     assert d.images.shape == (25, 3, 16, 16)
 
 
+def test_a_folder_named_like_a_dataset_is_named_in_a_warning_and_read_as_a_path(tmp_path, monkeypatch, caplog):
+    """`--data shapes` is the built-in set even beside a folder ./shapes; the user hears of
+    the folder, and `./shapes` reads it."""
+    for k, cls in enumerate(("cat", "dog")):
+        (tmp_path / "shapes" / cls).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (200 * k, 50, 50)).save(tmp_path / "shapes" / cls / "0.png")
+    monkeypatch.chdir(tmp_path)
+    built_in = D.load("shapes", limit=20)
+    assert built_in.class_names == list(D.SHAPES)
+    assert "not the folder 'shapes' here; give './shapes'" in caplog.text
+    caplog.clear()
+    folder = D.load("./shapes", root=str(tmp_path / "root"))
+    assert folder.class_names == ["cat", "dog"] and "is the named dataset" not in caplog.text
+
+
 def test_mnist_from_the_official_files(mnist_root):
     d = D.load("mnist", str(mnist_root), limit=1000)
     assert d.images.shape == (1000, 1, 28, 28) and d.images.dtype == torch.uint8
