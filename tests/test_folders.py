@@ -1,6 +1,7 @@
 """Image folders and archives: which file is which class and split, the decoded-image
 cache (reused, rebuilt when the source changes), and its memory map shared by processes."""
 
+import gzip
 import shutil
 import subprocess
 import sys
@@ -213,6 +214,23 @@ def test_a_zip_named_as_a_tar_is_one_sentence_that_says_so(tmp_path):
     with pytest.raises(UserError, match=r"it is a zip file: name it \.zip") as e:
         D.load(str(wrong))
     assert "\n" not in str(e.value)
+
+
+def test_a_tar_damaged_past_its_first_header_says_how_much_was_read(tmp_path, caplog):
+    """Python's tarfile stops at a damaged header as if the archive ended there; the images
+    before it are used, and a warning says the archive is damaged after them."""
+    whole = tmp_path / "whole.tar.gz"
+    with tarfile.open(whole, "w:gz", format=tarfile.USTAR_FORMAT) as t:  # no pax header before a member:
+        t.add(make_tree(tmp_path / "src"), "top")  # one damaged there is refused (a ReadError, one sentence)
+    assert D.load(str(whole)).images.shape[0] == 6 and "damaged" not in caplog.text
+    plain = bytearray(gzip.decompress(whole.read_bytes()))
+    at = plain.index(b"top/train/dog/1.png")  # a header's name, in the archive's sorted order
+    plain[at + 148] ^= 0x11  # its checksum field
+    damaged = tmp_path / "damaged.tar.gz"
+    damaged.write_bytes(gzip.compress(bytes(plain)))
+    train = D.load(str(damaged), root=str(tmp_path / "root"))
+    assert train.class_names == ["cat", "dog"] and train.images.shape[0] == 4  # dog/1 and dog/2 are lost
+    assert f"the archive '{damaged}' is damaged after its first" in caplog.text
 
 
 def test_a_broken_archive_is_one_sentence(tmp_path):

@@ -125,10 +125,27 @@ def names_in(source: Path) -> list[str]:
         else:
             with tarfile.open(source, "r:*") as t:
                 names = [m.name for m in t if _is_file(m)]
+                _check_the_tar_ended(t, source, len(names))
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, lzma.LZMAError, zlib.error) as e:
         kind = " (it is a zip file: name it .zip)" if not source.name.lower().endswith(".zip") and zipfile.is_zipfile(source) else ""
         raise UserError(f"cannot read the archive '{source}' ({_first_line(e)}){kind}.") from None
     return [n for n in names if _is_image_name(n)]
+
+
+def _check_the_tar_ended(t: tarfile.TarFile, source: Path, files: int) -> None:
+    """tarfile stops without a word at a damaged header past the first, as if the archive
+    ended there: past the last member it read there must be only the end's zero blocks."""
+    t.fileobj.seek(t.offset)
+    try:
+        while chunk := t.fileobj.read(1 << 20):
+            if chunk.count(0) != len(chunk):
+                break
+        else:
+            return
+    except (EOFError, OSError, lzma.LZMAError, zlib.error):
+        pass  # a compressed stream cut short after the last member tarfile read: damage too
+    log.warning("the archive '%s' is damaged after its first %d file(s): what follows cannot be read, "
+                "so those are all that is used", source, files)
 
 
 def _first_line(e: Exception) -> str:
