@@ -1,5 +1,7 @@
 """Distillation: the maths on the analytic Gaussian oracle, then `diffcli distill` as a user runs it."""
 
+import re
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -125,7 +127,8 @@ def test_resuming_a_distillation_is_bit_exact(student, tiny_run, tmp_path, caplo
     out = tmp_path / "halves"
     args = ("--teacher", tiny_run / "model.safetensors", "--steps", "2", "--teacher-steps", "4", "--sample-every", "2",
             "--batch-size", "4", "--out", out, "--device", "cpu")
-    assert run("distill", *args, "--max-steps", "2").exit_code == 0
+    r = run("distill", *args, "--max-steps", "2")
+    assert r.exit_code == 0 and re.search(r"2 paths a\s+step\s+\(4 student\s+images\)", r.output), r.output
     assert "teacher" not in caplog.text
     r = run("distill", "--out", out, "--resume", "--max-steps", "4", "--teacher", student / "model.safetensors")
     assert r.exit_code == 0, r.output
@@ -145,6 +148,9 @@ def test_what_cannot_be_distilled_is_refused_in_one_sentence(student, tiny_run, 
     one_sentence_error(run("distill", "--teacher", tiny_run / "model.safetensors", "--out", student), "already holds a run")
     one_sentence_error(run("distill", "--teacher", tiny_run / "model.safetensors", "--steps", "5000", "--out", tmp_path / "d"),
                        "--steps must be below the teacher's T=1000")
+    one_sentence_error(run("distill", "--teacher", tiny_run / "model.safetensors", "--steps", "8", "--teacher-steps", "4",
+                           "--out", tmp_path / "e"), "--teacher-steps (4) must be at least --steps (8)")
+    assert not (tmp_path / "e").exists()
     one_sentence_error(run("distill", "--out", tiny_run, "--resume"), "holds a training run, not a distillation")
     one_sentence_error(run("train", "--out", student, "--resume"), "holds a distillation; run it with `diffcli distill`")
     # (compare's default steps once got "drop --steps", an option the user never gave)

@@ -42,6 +42,12 @@ TRAIN_DEFAULTS = dict(lr=5e-4, warmup_steps=50, ema_decay=0.995, label_dropout=0
 DEFAULT_MAX_STEPS = 1000  # with neither --max-steps nor --minutes
 
 
+def paths_per_step(batch_size: int, steps: int) -> int:
+    """Teacher paths a global batch holds: each gives `steps` student pairs, so a batch that
+    is not a multiple of the steps is rounded down (at least one path)."""
+    return max(1, batch_size // steps)
+
+
 def plan(T: int, steps: int, teacher_steps: int) -> tuple[list[int], list[int]]:
     """The student's trailing timesteps, and the teacher's: each student interval (down to
     "after the last step", -1) cut into ceil(teacher_steps / steps) even DDIM steps, so the
@@ -95,7 +101,7 @@ class Pairs:
         self.objective = of(cfg.diffusion)
         self.schedule, self.steps, self.class_names = self.objective.schedule, d.steps, class_names
         self.student, self.fine = plan(self.schedule.T, d.steps, d.teacher_steps)
-        self.paths = max(1, cfg.train.batch_size // d.steps)
+        self.paths = paths_per_step(cfg.train.batch_size, d.steps)
         self.size, self.per_epoch = self.paths * d.steps, None  # no data, so no epochs
         local = check_batch(world, self.paths)
         self.mine = slice(world.rank * local, (world.rank + 1) * local)

@@ -45,6 +45,9 @@ def distill(
     given = {s: {k: v for k, v in d.items() if v is not None} for s, d in values.items()}
     validate(apply_overrides(RunConfig(distill=DistillConfig()), given))  # a bad number: refused before any file is read
     cfg = _resumed(out, values, teacher) if resume else _configured(teacher, config, values)
+    if cfg.distill.teacher_steps < cfg.distill.steps:
+        raise UserError(f"--teacher-steps ({cfg.distill.teacher_steps}) must be at least --steps ({cfg.distill.steps}): "
+                        "the student learns the teacher's path cut into its own steps, so it needs as many at least.")
     from diffcli.trackers import check_installed, parse
 
     check_installed(parse(cfg.train.log))
@@ -53,10 +56,13 @@ def distill(
     reads = {"--teacher": Path(cfg.distill.teacher), "--config": config}
     with processes(cfg.train.device) as (world, dev), \
             claimed(out, resume, overwrite, "diffcli distill", reads, print_notice, world.is_main):
-        d = cfg.distill
-        console.print(f"teacher: [cyan]{d.teacher}[/]; student: ddim, {d.steps} steps, guidance {d.guidance:g} built in, "
-                      f"from the teacher's {d.teacher_steps}-step guided DDIM path", highlight=False)
         from diffcli.distill import distill as distill_loop
+        from diffcli.distill import paths_per_step
+
+        d, paths = cfg.distill, paths_per_step(cfg.train.batch_size, cfg.distill.steps)
+        console.print(f"teacher: [cyan]{d.teacher}[/]; student: ddim, {d.steps} steps, guidance {d.guidance:g} built in, "
+                      f"from the teacher's {d.teacher_steps}-step guided DDIM path; {paths} paths a step "
+                      f"({paths * d.steps} student images)", highlight=False)
 
         with_progress("distill", lambda report, should_stop: distill_loop(cfg, out, resume, report, should_stop, world, dev))
 
