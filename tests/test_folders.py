@@ -233,6 +233,17 @@ def test_a_tar_damaged_past_its_first_header_says_how_much_was_read(tmp_path, ca
     assert f"the archive '{damaged}' is damaged after its first" in caplog.text
 
 
+def test_a_link_whose_target_is_gone_is_left_out_with_a_warning(tmp_path, caplog):
+    """As a hidden file is: the images beside it train, the warning names it, and the
+    source's digest (its cache key) leaves it out too, so restoring the target rebuilds."""
+    tree = make_tree(tmp_path / "src")
+    (tree / "train" / "cat" / "9.png").symlink_to(tmp_path / "gone.png")
+    train = D.load(str(tree), root=str(tmp_path / "root"))
+    assert train.images.shape[0] == 6 and "left out 1 image(s) lying behind links whose target is gone, such as train/cat/9.png" in caplog.text
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "gone.png")
+    assert D.load(str(tree), root=str(tmp_path / "root")).images.shape[0] == 7
+
+
 def test_a_broken_archive_is_one_sentence(tmp_path):
     bad = tmp_path / "broken.tar.gz"
     bad.write_bytes(b"\x1f\x8b\x08 this is not gzip data")

@@ -105,19 +105,24 @@ def _left_out(names: list[str], where: str) -> None:
 
 # --- reading a source -------------------------------------------------------------
 
-def _folder_files(folder: Path) -> list[Path]:
+def _folder_files(folder: Path) -> tuple[list[Path], list[str]]:
+    """The image files under `folder`, and the names of those left out as links whose target
+    is gone (a file that cannot be read for another reason stops the run in one sentence)."""
     found, seen = [], set()
     for here, dirs, files in os.walk(folder, followlinks=True):  # a class folder may be a link
         seen.add(os.path.realpath(here))
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and os.path.realpath(Path(here) / d) not in seen)
         found += [Path(here) / f for f in sorted(files)]
-    return [p for p in found if _is_image_name(p.relative_to(folder).as_posix())]
+    images = [p for p in found if _is_image_name(p.relative_to(folder).as_posix())]
+    return [p for p in images if p.exists()], [p.relative_to(folder).as_posix() for p in images if not p.exists()]
 
 
 def names_in(source: Path) -> list[str]:
     """The image files of a folder or an archive, as '/'-separated names within it."""
     if source.is_dir():
-        return [p.relative_to(source).as_posix() for p in _folder_files(source)]
+        files, gone = _folder_files(source)
+        _left_out(gone, "behind links whose target is gone")
+        return [p.relative_to(source).as_posix() for p in files]
     try:
         if source.name.lower().endswith(".zip"):
             with zipfile.ZipFile(source) as z:
@@ -211,7 +216,7 @@ def source_digest(source: Path) -> str:
     h = hashlib.sha256()
     try:
         if source.is_dir():
-            for p in _folder_files(source):
+            for p in _folder_files(source)[0]:
                 data = p.read_bytes()
                 h.update(f"{p.relative_to(source).as_posix()}\0{len(data)}\0".encode())
                 h.update(data)
