@@ -137,6 +137,12 @@ def test_resuming_a_distillation_is_bit_exact(student, tiny_run, tmp_path, caplo
     assert whole.keys() == halves.keys() and all(torch.equal(whole[k], halves[k]) for k in whole)
 
 
+def test_a_batch_that_is_not_a_multiple_of_the_steps_is_rounded_down_and_says_so(tiny_run, tmp_path):
+    r = run("distill", "--teacher", tiny_run / "model.safetensors", "--steps", "2", "--teacher-steps", "2", "--max-steps", "1",
+            "--batch-size", "5", "--out", tmp_path / "s", "--device", "cpu")
+    assert r.exit_code == 0 and re.search(r"2 paths a\s+step\s+\(4 student\s+images\)", r.output), r.output
+
+
 def test_what_cannot_be_distilled_is_refused_in_one_sentence(student, tiny_run, tmp_path):
     one_sentence_error(run("distill", "--teacher", student / "model.safetensors", "--out", tmp_path / "a"),
                        "is itself a distilled student")
@@ -151,6 +157,8 @@ def test_what_cannot_be_distilled_is_refused_in_one_sentence(student, tiny_run, 
     one_sentence_error(run("distill", "--teacher", tiny_run / "model.safetensors", "--steps", "8", "--teacher-steps", "4",
                            "--out", tmp_path / "e"), "--teacher-steps (4) must be at least --steps (8)")
     assert not (tmp_path / "e").exists()
+    one_sentence_error(run("distill", "--teacher", tiny_run / "model.safetensors", "--steps", "64", "--out", tmp_path / "f"),
+                       "--teacher-steps (32, the default) must be at least --steps (64)")
     one_sentence_error(run("distill", "--out", tiny_run, "--resume"), "holds a training run, not a distillation")
     one_sentence_error(run("train", "--out", student, "--resume"), "holds a distillation; run it with `diffcli distill`")
     # (compare's default steps once got "drop --steps", an option the user never gave)

@@ -231,6 +231,11 @@ def test_a_tar_damaged_past_its_first_header_says_how_much_was_read(tmp_path, ca
     train = D.load(str(damaged), root=str(tmp_path / "root"))
     assert train.class_names == ["cat", "dog"] and train.images.shape[0] == 4  # dog/1 and dog/2 are lost
     assert f"the archive '{damaged}' is damaged after its first" in caplog.text
+    caplog.clear()
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(whole.read_bytes()[:-12])  # the gzip stream's end and a little of the end blocks
+    assert D.load(str(cut), root=str(tmp_path / "root")).images.shape[0] == 6
+    assert f"the archive '{cut}' ends early, after its" in caplog.text
 
 
 def test_a_link_whose_target_is_gone_is_left_out_with_a_warning(tmp_path, caplog):

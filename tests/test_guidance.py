@@ -167,7 +167,7 @@ def test_the_weight_of_cifar10_runs_follows_their_best_as_training_goes_on():
     assert [default_guidance(Trained(n, k)) for n, k in runs] == [3.0, 2.5, 2.0, 1.75]
 
 
-def test_sets_that_meet_inside_the_band_get_the_weights_they_drew_best_with():
+def test_sets_that_meet_inside_the_band_get_weights_near_their_best():
     """The runs of docs/results.md whose knowledge lies between the two rules (images seen,
     stored knowledge): CIFAR-10's vehicles at 10 and 30 minutes drew best at 3.5 (of 2, 2.7,
     3.5) and 2 (of 1.5, 1.9, 2, 2.5, 3); Fashion-MNIST at 10 minutes at 1.25 (of 1, 1.1, 1.25,
@@ -178,6 +178,8 @@ def test_sets_that_meet_inside_the_band_get_the_weights_they_drew_best_with():
     fashion_10_minutes = (549_312, 0.7049)
     assert [default_guidance(Trained(n, k)) for n, k in vehicles] == [3.0, 1.9]
     assert default_guidance(Trained(*fashion_10_minutes)) == 1.25
+    # the band's top has no margin for Fashion-MNIST: its batch-32 run stored 0.6788 and gets 1.6 (1.25 was best)
+    assert default_guidance(Trained(390_016, 0.6788)) == 1.6
 
 
 def test_training_measures_the_knowledge_only_where_it_can_change_the_weight():

@@ -1,7 +1,7 @@
 """The reference classifier's two networks (classifier.py trains, scores and saves them).
 
 A VGG-style CNN for grey digits (3x3 conv + BatchNorm + ReLU, two poolings, global average
-pool; 35k parameters, 99.3% on MNIST) and, for colour images, a ResNet-9 after Page's
+pool; 35k parameters, 99.5% on MNIST) and, for colour images, a ResNet-9 after Page's
 DAWNBench CIFAR-10 network (2018) at a quarter of its width (0.41M parameters). Their
 pooled features, the layer before the linear head, are the classifier-FD's feature space.
 """
@@ -29,7 +29,7 @@ class ClassifierConfig:
 
 
 def arch_for(channels: int, size: int) -> str:
-    """The CNN learns digits to 99.3%, but on CIFAR-10 photos it stalls far below what a
+    """The CNN learns digits to 99.5%, but on CIFAR-10 photos it stalls far below what a
     judge needs (docs/evaluation.md); colour images get the ResNet, unless they are too
     small for its three poolings."""
     return "resnet" if channels == 3 and size >= 8 else "cnn"

@@ -69,7 +69,7 @@ def load(name: str, root: str | None = None, image_size: int | None = None, limi
     reference classifier); folders have only one split."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if name in NAMED and split == "train" and Path(name).exists():
+    if name in NAMED and split == "train" and name in os.listdir("."):  # the exact name: a case-blind disk finds ./MNIST
         kind = "folder" if Path(name).is_dir() else "file"
         log.warning("'%s' is the named dataset, not the %s '%s' here; give './%s' to read the %s instead",
                     name, kind, name, name, kind)

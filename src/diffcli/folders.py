@@ -144,13 +144,11 @@ def _check_the_tar_ended(t: tarfile.TarFile, source: Path, files: int) -> None:
     try:
         while chunk := t.fileobj.read(1 << 20):
             if chunk.count(0) != len(chunk):
-                break
-        else:
-            return
-    except (EOFError, OSError, lzma.LZMAError, zlib.error):
-        pass  # a compressed stream cut short after the last member tarfile read: damage too
-    log.warning("the archive '%s' is damaged after its first %d file(s): what follows cannot be read, "
-                "so those are all that is used", source, files)
+                log.warning("the archive '%s' is damaged after its first %d file(s): what follows cannot be read, "
+                            "so those are all that is used", source, files)
+                return
+    except (EOFError, OSError, lzma.LZMAError, zlib.error):  # a compressed stream cut short past the last member
+        log.warning("the archive '%s' ends early, after its %d file(s): it may have been cut short", source, files)
 
 
 def _first_line(e: Exception) -> str:

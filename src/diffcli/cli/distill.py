@@ -46,7 +46,9 @@ def distill(
     validate(apply_overrides(RunConfig(distill=DistillConfig()), given))  # a bad number: refused before any file is read
     cfg = _resumed(out, values, teacher) if resume else _configured(teacher, config, values)
     if cfg.distill.teacher_steps < cfg.distill.steps:
-        raise UserError(f"--teacher-steps ({cfg.distill.teacher_steps}) must be at least --steps ({cfg.distill.steps}): "
+        untouched = "teacher_steps" not in given.get("distill", {}) and cfg.distill.teacher_steps == DistillConfig.teacher_steps
+        default = ", the default" if untouched else ""
+        raise UserError(f"--teacher-steps ({cfg.distill.teacher_steps}{default}) must be at least --steps ({cfg.distill.steps}): "
                         "the student learns the teacher's path cut into its own steps, so it needs as many at least.")
     from diffcli.trackers import check_installed, parse
 
