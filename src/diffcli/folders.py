@@ -113,8 +113,16 @@ def _folder_files(folder: Path) -> tuple[list[Path], list[str]]:
         seen.add(os.path.realpath(here))
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and os.path.realpath(Path(here) / d) not in seen)
         found += [Path(here) / f for f in sorted(files)]
-    images = [p for p in found if _is_image_name(p.relative_to(folder).as_posix())]
-    return [p for p in images if p.exists()], [p.relative_to(folder).as_posix() for p in images if not p.exists()]
+    files, gone = [], []
+    for p in found:
+        name = p.relative_to(folder).as_posix()
+        if not _is_image_name(name):
+            continue
+        if p.exists():  # follows the link
+            files.append(p)
+        else:
+            gone.append(name)
+    return files, gone
 
 
 def names_in(source: Path) -> list[str]:
