@@ -1,7 +1,9 @@
 """How well trained models know their classes, at several noise levels: the label knowledge
 that `diffcli train` measures at one level for the guidance rule (knowledge.py; 0 chance, 1
 always right), here on the test split and at any timesteps, to see where it separates
-datasets (docs/results.md, "What the model knows of its labels").
+datasets (docs/results.md, "What the model knows of its labels"), and the label's gain
+(knowledge.label_gain, the guidance rule's second reading) at training's noise level on the
+same images (docs/results.md, "A second reading").
 
     python benchmarks/label_knowledge.py runs/mnist-10/model.safetensors=mnist \\
         runs/cifar-10/model.safetensors=cifar10-jpeg.tar.gz --data-root data
@@ -15,7 +17,7 @@ import torch
 
 from diffcli import data as D
 from diffcli.checkpoint import load_model
-from diffcli.knowledge import WAYS, label_knowledge
+from diffcli.knowledge import WAYS, label_gain, label_knowledge
 from diffcli.objective import of
 
 
@@ -30,8 +32,8 @@ def main() -> None:
                    "the same for every set compares sets of different class counts")
     args = p.parse_args()
     ts = [int(t) for t in args.timesteps.split(",")]
-    print("| model | step | stored | " + " | ".join(f"t = {t}" for t in ts) + " |")
-    print("|---|---|---|" + "---|" * len(ts))
+    print("| model | step | stored | " + " | ".join(f"t = {t}" for t in ts) + " | gain |")
+    print("|---|---|---|" + "---|" * (len(ts) + 1))
     for item in args.models:
         path, _, name = item.partition("=")
         model, cfg, meta = load_model(path, torch.device("cpu"))
@@ -44,8 +46,9 @@ def main() -> None:
         x0 = D.to_model_range(test.images[pick])
         known = [label_knowledge(model, objective, x0, test.labels[pick], cfg.model.num_classes,
                                  gen, args.draws, t, args.ways) for t in ts]
+        gain = label_gain(model, objective, x0, test.labels[pick], cfg.model.num_classes, gen, args.draws)
         stored = "-" if meta["label_knowledge"] is None else f"{meta['label_knowledge']:.2f}"
-        print(f"| {path} | {meta['step']:,} | {stored} | " + " | ".join(f"{k:.2f}" for k in known) + " |", flush=True)
+        print(f"| {path} | {meta['step']:,} | {stored} | " + " | ".join(f"{k:.2f}" for k in known) + f" | {gain:.4f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -110,7 +110,7 @@ def test_benchmark_scripts_run(mnist_root, tmp_path):
     flows = out["flow_vs_v.py"]  # guided: 2 evaluations a step
     assert "| v | euler | 2 | 4 |" in flows and "| flow | euler | 2 | 4 |" in flows
     assert (tmp_path / "flow.png").stat().st_size > 0
-    assert "16/8: training" in out["size_cost.py"] and "| t = 500 |" in out["label_knowledge.py"]
+    assert "16/8: training" in out["size_cost.py"] and "| t = 500 | gain |" in out["label_knowledge.py"]
 
 
 def test_shape_fit_tells_an_outline_from_another():

@@ -89,15 +89,25 @@ def test_resume_continues_to_the_new_limit(tmp_path, monkeypatch):
 
     out = tmp_path / "run"
     assert run("train", "--data", "shapes", "--limit", "64", "--preset", "tiny", "--max-steps", "4", "--out", out).exit_code == 0
-    saved = [model_metadata(read_header(out / f))["label_knowledge"] for f in ("model.safetensors", "train_state.safetensors")]
+    saved = [[model_metadata(read_header(out / f))[k] for k in ("label_knowledge", "label_gain")]
+             for f in ("model.safetensors", "train_state.safetensors")]
     state = TrainState.create(run_config(out), torch.device("cpu"), torch.contiguous_format)
     state.load(out)
-    assert 0 <= state.knowledge <= 1 and saved == [pytest.approx(state.knowledge)] * 2
+    assert 0 <= state.labels.knowledge <= 1 and -1 < state.labels.gain < 1
+    assert saved == [pytest.approx(list(state.labels), abs=1e-4)] * 2
     shown = json.loads(run("inspect", out / "model.safetensors", "--json").output)["default_guidance"]
-    assert re.fullmatch(r"3 \(for 64 training images, label knowledge [01]\.\d\d\)", shown), shown
+    assert re.fullmatch(r"3 \(for 64 training images, label knowledge [01]\.\d\d, label gain -?0\.\d\d\d\)", shown), shown
     r = run("train", "--out", out, "--resume", "--max-steps", "8")
     assert r.exit_code == 0, r.output
     assert model_metadata(read_header(out / "model.safetensors"))["step"] == 8
+    # each reading is a metrics line of its own, which the loss curve and inspect's last loss pass over
+    from diffcli.plots import read_metrics
+
+    readings = [r for r in read_metrics(out / "metrics.jsonl") if "label_knowledge" in r]
+    assert [r["step"] for r in readings] == [4, 8] and readings[0]["label_gain"] == pytest.approx(state.labels.gain, abs=1e-4)
+    info = json.loads(run("inspect", out, "--json").output)
+    assert info["last_step"] == 8 and re.fullmatch(r"4: [01]\.\d\d / -?0\.\d{3}, 8: .*", info["label_readings"])
+    assert (out / "loss.png").exists()
 
 
 @pytest.mark.parametrize("precision", ["auto", "bf16"])  # bf16 on the CPU also trains in the contiguous layout
@@ -109,6 +119,7 @@ def test_resume_is_exact_on_cpu(tmp_path, precision, monkeypatch):
 
     monkeypatch.setattr("diffcli.fitting.knowledge_can_matter", lambda images: True)
     monkeypatch.setattr("diffcli.training.IMAGES", 8)
+    monkeypatch.setattr("diffcli.training.GAIN_IMAGES", 16)
     common = ["--data", "shapes", "--limit", "64", "--preset", "tiny", "--sample-every", "4", "--precision", precision]
     assert run("train", *common, "--max-steps", "8", "--out", tmp_path / "straight").exit_code == 0
     assert run("train", *common, "--max-steps", "4", "--out", tmp_path / "split").exit_code == 0
@@ -117,8 +128,9 @@ def test_resume_is_exact_on_cpu(tmp_path, precision, monkeypatch):
     b = load_file(str(tmp_path / "split" / "train_state.safetensors"))
     from diffcli.checkpoint import model_metadata, read_header
 
-    known = [model_metadata(read_header(tmp_path / r / "model.safetensors"))["label_knowledge"] for r in ("straight", "split")]
-    assert known[0] is not None and known[0] == known[1]
+    known = [[model_metadata(read_header(tmp_path / r / "model.safetensors"))[k] for k in ("label_knowledge", "label_gain")]
+             for r in ("straight", "split")]
+    assert None not in known[0] and known[0] == known[1]
     assert a.keys() == b.keys()
     for k in a:
         assert (a[k] == b[k]).all(), k

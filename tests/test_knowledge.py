@@ -4,7 +4,7 @@ every class's picture exactly, one that ignores the label, and one that knows ha
 import pytest
 import torch
 
-from diffcli.knowledge import SNR, WAYS, candidates, label_knowledge, snr_step
+from diffcli.knowledge import SNR, WAYS, candidates, label_gain, label_knowledge, snr_step
 from diffcli.objective import Objective
 from diffcli.schedules import make_schedule
 
@@ -46,6 +46,20 @@ def test_knowledge_is_the_share_of_classes_known_above_chance():
     x0, labels = data()
     got = label_knowledge(oracle(schedule, "v", known=5), Objective.ddpm(schedule, "v"), x0, labels, 10, torch.Generator().manual_seed(0))
     assert got == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_the_gain_is_the_share_of_the_error_the_own_label_takes_away(prediction):
+    """Against the "no label" index 10, which the oracle reads as class 0's picture: knowing every
+    class takes all the error away (1), ignoring labels none (0). Knowing classes 0-4 leaves the
+    error of images of classes 5-9, each a constant k steps of MEANS from class 0's picture, and the
+    error at one noise level is proportional to (k step)^2 in ε or v alike: 1 - sum(k^2, 5..9) /
+    sum(k^2, 1..9) = 1 - 255/285."""
+    schedule = make_schedule("cosine", 1000)
+    objective, (x0, labels) = Objective.ddpm(schedule, prediction), data()
+    for known, want in ((10, 1.0), (0, 0.0), (5, 1 - 255 / 285)):
+        got = label_gain(oracle(schedule, prediction, known), objective, x0, labels, 10, torch.Generator().manual_seed(0))
+        assert got == pytest.approx(want, abs=1e-6), known
 
 
 def test_candidates_are_the_own_label_then_distinct_others():

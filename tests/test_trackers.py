@@ -141,6 +141,21 @@ def test_a_tracker_that_fails_costs_a_notice_not_the_run():
     assert broken.closed and not t.writers
 
 
+def test_the_label_readings_reach_the_trackers_as_scalars_at_their_step():
+    class Recording:
+        def __init__(self):
+            self.got = []
+
+        def scalars(self, step, values):
+            self.got.append((step, values))
+
+    writer = Recording()
+    report = trackers.Trackers({"tensorboard": writer}, print).wrap(lambda event, **info: None)
+    report("labels", step=1000, label_knowledge=0.53, label_gain=0.038)
+    report("checkpoint", step=1000, path="model.safetensors")
+    assert writer.got == [(1000, {"label_knowledge": 0.53, "label_gain": 0.038})]
+
+
 @pytest.mark.parametrize("text,names", [("none", []), ("tensorboard", ["tensorboard"]),
                                         ("wandb,tensorboard", ["wandb", "tensorboard"])])
 def test_log_names(text, names):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from diffcli.errors import UserError
 from diffcli.files import atomic_write_bytes
-from diffcli.spec import Trained
+from diffcli.spec import LabelReading, Trained
 
 FORMAT = "diffcli"
 SNAPSHOT_FORMAT = "diffcli-ema-snapshot"  # posthoc.py
@@ -93,7 +93,7 @@ def model_header(path: str | Path) -> dict:
     return header
 def model_metadata(header: dict) -> dict:
     """The diffcli metadata of a model file: config (dict), class_names (list), step, epoch,
-    version, label_knowledge (float, or None where it was not measured)."""
+    version, label_knowledge and label_gain (floats, or None where not measured)."""
     meta = header.get("__metadata__") or {}
     if meta.get("format") != FORMAT or "config" not in meta:
         raise UserError("this safetensors file was not written by diffcli (no diffcli config in its metadata).")
@@ -105,23 +105,31 @@ def model_metadata(header: dict) -> dict:
             "epoch": float(meta.get("epoch", 0)),
             "version": meta.get("version", "?"),
             "label_knowledge": float(meta["label_knowledge"]) if "label_knowledge" in meta else None,
+            "label_gain": float(meta["label_gain"]) if "label_gain" in meta else None,
         }
     except (ValueError, TypeError):
         raise UserError("the diffcli metadata in this checkpoint is damaged.") from None
 
 
-def knowledge_entry(label_knowledge: float | None) -> dict:
-    """The metadata entry of a measured label knowledge (model_metadata reads it back)."""
-    return {} if label_knowledge is None else {"label_knowledge": f"{label_knowledge:.4f}"}
+def labels_entry(labels: LabelReading | None) -> dict:
+    """The metadata entries of a label reading (model_metadata reads them back)."""
+    if labels is None:
+        return {}
+    return {"label_knowledge": f"{labels.knowledge:.4f}", **({} if labels.gain is None else {"label_gain": f"{labels.gain:.5f}"})}
+
+
+def label_reading(meta: dict) -> LabelReading | None:
+    """The label reading in model_metadata's dict; None where it was not measured."""
+    return None if meta["label_knowledge"] is None else LabelReading(meta["label_knowledge"], meta["label_gain"])
 
 
 def training(cfg, meta: dict) -> Trained:
     """What the guidance rule reads of a model's training, from its metadata."""
-    return Trained(cfg.images_seen(meta["step"]), meta["label_knowledge"])
+    return Trained(cfg.images_seen(meta["step"]), meta["label_knowledge"], meta["label_gain"])
 
 
 def save_model(path: Path, state_dict: dict, cfg_dict: dict, class_names: list[str], step: int, epoch: float,
-               label_knowledge: float | None = None) -> None:
+               labels: LabelReading | None = None) -> None:
     from diffcli import __version__
 
     metadata = {
@@ -132,7 +140,7 @@ def save_model(path: Path, state_dict: dict, cfg_dict: dict, class_names: list[s
         "step": str(step),
         "epoch": f"{epoch:.4f}",
     }
-    save_tensors(path, state_dict, {**metadata, **knowledge_entry(label_knowledge)})
+    save_tensors(path, state_dict, {**metadata, **labels_entry(labels)})
 
 
 def load_model(path: str | Path, device="cpu"):

@@ -122,7 +122,7 @@ class Pairs:
     def loss(self, model, batch: tuple) -> torch.Tensor:
         return distill_loss(model, self.objective, *batch)
 
-    def knowledge(self, model) -> None:  # a student samples with its guidance folded in: the rule does not apply
+    def label_reading(self, model) -> None:  # a student samples with its guidance folded in: the rule does not apply
         return None
 
     def dry_batch(self) -> tuple:

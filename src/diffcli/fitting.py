@@ -17,7 +17,6 @@ the NaN watch (`trainstate.NonFiniteGuard`) are named helpers below it.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import shutil
 import time
@@ -35,9 +34,9 @@ from diffcli.errors import UserError
 from diffcli.files import save_image
 from diffcli.generate import generate
 from diffcli.images import grid
-from diffcli.runs import METRICS_FILE, MODEL_FILE, check_free_space, truncate_metrics
+from diffcli.runs import METRICS_FILE, MODEL_FILE, append_metrics, check_free_space, truncate_metrics
 from diffcli.objective import of
-from diffcli.spec import SamplerSpec, Trained, default_guidance, knowledge_can_matter
+from diffcli.spec import LabelReading, SamplerSpec, Trained, default_guidance, knowledge_can_matter
 from diffcli.trackers import tracking
 from diffcli.trainstate import NonFiniteGuard, TrainState
 
@@ -57,7 +56,7 @@ class Task(Protocol):
     def get(self, step: int, gen: torch.Generator) -> tuple: ...  # this rank's share of batch `step`
     def loss(self, model, batch: tuple) -> torch.Tensor: ...
     def dry_batch(self) -> tuple: ...  # zeros shaped like `get`'s, for compiling
-    def knowledge(self, model) -> float | None: ...  # knowledge.label_knowledge on the data; None: not measurable
+    def label_reading(self, model) -> LabelReading | None: ...  # knowledge.py's two readings on the data; None: not measurable
 
 
 @dataclass
@@ -166,7 +165,7 @@ def _loop(cfg: RunConfig, task: Task, state: TrainState, model, limits: Limits, 
     if state.step > 0 and world.is_main and state.step % tc.sample_every:
         grid_path = _checkpoint(out, cfg, state, task, report, final=True)
     elif state.step > 0 and world.is_main and not _doubled(state.step // tc.sample_every):
-        _measure_and_save(out, cfg, state, task)  # the checkpoint was just taken; only its knowledge is missing
+        _measure_and_save(out, cfg, state, task, report)  # the checkpoint was just taken; only its reading is missing
     barrier(world)  # nobody leaves before rank 0 has written the last checkpoint
     report("done", step=state.step, stopped_by=stopped_by)
     return TrainResult(state.step, epochs(state.step, task), out / MODEL_FILE, grid_path, stopped_by)
@@ -265,8 +264,7 @@ class Meter:
                   "elapsed_s": now - self.started}
         self.last_step, self.last_t = step, now
         if self.world.is_main:
-            with open(self.out / METRICS_FILE, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_metrics(self.out, record)
             self.report("log", **record)
 
 
@@ -310,16 +308,16 @@ def _checkpoint(out: Path, cfg: RunConfig, state: TrainState, task: Task, report
     save inside the run, and after it at the end (a Ctrl-C or a spent budget should not wait
     on it to keep the work: the model is saved again once it is known)."""
     if _doubled(state.step // cfg.train.sample_every) and not final and knowledge_can_matter(cfg.images_seen(state.step)):
-        state.knowledge = task.knowledge(state.ema)
+        _read_labels(out, state, task, report)
     if state.profiles:  # first, so every checkpoint has its snapshot (one left past it is dropped on resume)
         _save_ema_snapshot(out, state)
     _save(out, cfg, state, task)
     if final:
-        _measure_and_save(out, cfg, state, task)
+        _measure_and_save(out, cfg, state, task, report)
     report("checkpoint", step=state.step, path=out / MODEL_FILE)
     try:
         path = sample_grid(state.ema, cfg, task.class_names, out / "samples" / f"step_{state.step:07d}.png", cfg.train.seed,
-                           Trained(cfg.images_seen(state.step), state.knowledge))
+                           state.trained(cfg))
         shutil.copyfile(path, out / "samples" / "latest.png")
     except OSError as e:
         raise UserError(f"could not write the grid for step {state.step} to '{out / 'samples'}' ({e.strerror or e}); "
@@ -337,13 +335,26 @@ def _save(out: Path, cfg: RunConfig, state: TrainState, task: Task) -> None:
                         f"the previous checkpoint there is intact.") from None
 
 
-def _measure_and_save(out: Path, cfg: RunConfig, state: TrainState, task: Task) -> None:
-    """The last model's label knowledge, where it can change its weight, saved with it."""
+def _measure_and_save(out: Path, cfg: RunConfig, state: TrainState, task: Task, report) -> None:
+    """The last model's label reading, where it can change its weight, saved with it."""
     if knowledge_can_matter(cfg.images_seen(state.step)):
-        knowledge = task.knowledge(state.ema)
-        if knowledge is not None and knowledge != state.knowledge:
-            state.knowledge = knowledge
+        before = state.labels
+        if _read_labels(out, state, task, report) and state.labels != before:
             _save(out, cfg, state, task)
+
+
+def _read_labels(out: Path, state: TrainState, task: Task, report) -> bool:
+    """Read the EMA's label knowledge and gain into `state`, and log them as a line of their own in
+    metrics.jsonl (and to the trackers), so a run shows how its labels are learned; False where
+    the task has none to read."""
+    labels = task.label_reading(state.ema)
+    if labels is None:
+        return False
+    state.labels = labels
+    record = {"step": state.step, "label_knowledge": labels.knowledge, "label_gain": labels.gain}
+    append_metrics(out, record)
+    report("labels", **record)
+    return True
 
 
 def _doubled(n: int) -> bool:

@@ -72,7 +72,7 @@ def read_metrics(path: Path) -> list[dict]:
 def loss_curve(metrics_path: Path, path: Path, dpi: int = 100) -> Path | None:
     """Loss per metrics line (faint), its exponential moving average (bold), and the
     learning rate on a second axis, against the optimizer step."""
-    records = read_metrics(metrics_path)
+    records = [r for r in read_metrics(metrics_path) if "loss" in r]  # not the label readings' lines
     if not records:
         return None
     plt = _pyplot()

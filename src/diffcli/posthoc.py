@@ -93,7 +93,7 @@ def write_models(run: Path, sigma_rels: list[float], paths: list[Path]) -> list[
     for path, (state, _) in zip(paths, made):
         with writing(path):
             checkpoint.save_model(path, state, meta["config"], meta["class_names"], meta["step"], meta["epoch"],
-                                  meta["label_knowledge"])  # the run's own EMA's: close, and far nearer than none
+                                  checkpoint.label_reading(meta))  # the run's own EMA's: close, and far nearer than none
     return [(path, error) for path, (_, error) in zip(paths, made)]
 
 

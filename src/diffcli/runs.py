@@ -133,6 +133,12 @@ def check_free_space(out: Path, params: int, profiles: int = 0) -> None:
                         f"{need / 1e6:.0f} MB; free some space or choose another --out.")
 
 
+def append_metrics(out: Path, record: dict) -> None:
+    """One line of metrics.jsonl: a loss line (fitting.Meter) or a label reading."""
+    with open(out / METRICS_FILE, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def truncate_metrics(out: Path, step: int) -> None:
     """On resume, drop metrics logged after the checkpoint we continue from (and a last
     line a kill cut short, which `read_metrics` skips)."""
@@ -181,11 +187,15 @@ def run_summary(run_dir: Path) -> dict:
     from diffcli.plots import read_metrics
 
     records = read_metrics(run_dir / METRICS_FILE)
+    losses = [r for r in records if "loss" in r]
+    labels = [r for r in records if "label_knowledge" in r]
     info = {}
-    if records:
-        last = records[-1]
+    if losses:
+        last = losses[-1]
         info.update({"last_step": last["step"], "last_loss": round(last["loss"], 5),
                      "images_per_s": round(last["images_per_s"], 1), "minutes_this_session": round(last["elapsed_s"] / 60, 1)})
+    if labels:  # how the label knowledge and gain moved, each reading: "step: knowledge / gain"
+        info["label_readings"] = ", ".join(f"{r['step']:,}: {r['label_knowledge']:.2f} / {r['label_gain']:.3f}" for r in labels)
     if found := snapshots(run_dir):
         size = sum(p.stat().st_size for p in found.values())
         info["ema_snapshots"] = f"{len(found)}, {size / 1e6:.0f} MB (diffcli ema --run {run_dir} --length L)"
@@ -254,7 +264,7 @@ def _guidance(cfg: dict, meta: dict) -> dict:
     seen = checkpoint.training(from_dict(cfg), meta)
     why = f"for {seen.images:,} training images" if seen.images else "training unknown"
     if seen.images and seen.knowledge is not None:
-        why += f", label knowledge {seen.knowledge:.2f}"
+        why += f", label knowledge {seen.knowledge:.2f}" + ("" if seen.gain is None else f", label gain {seen.gain:.3f}")
     return {"default_guidance": f"{default_guidance(seen):g} ({why})"}
 
 

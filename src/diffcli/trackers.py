@@ -82,7 +82,7 @@ class Trackers:
     def wrap(self, report: Callable[..., None]) -> Callable[..., None]:
         """`report`, with the metrics lines and grids also sent to the trackers."""
         def tracked(event: str, **info) -> None:
-            if event == "log":
+            if event in ("log", "labels"):
                 self.scalars(info["step"], {k: v for k, v in info.items() if k != "step"})
             elif event == "grid":
                 self.image(info["step"], "samples", Path(info["path"]))

@@ -18,8 +18,9 @@ from diffcli.data import ImageData, to_model_range
 from diffcli.devices import sampling_autocast, upload
 from diffcli.distributed import World, check_batch
 from diffcli.fitting import TrainResult, fit
-from diffcli.knowledge import IMAGES, label_knowledge
+from diffcli.knowledge import GAIN_IMAGES, IMAGES, label_gain, label_knowledge
 from diffcli.objective import Objective, of
+from diffcli.spec import LabelReading
 
 
 def batch_inputs(x0: torch.Tensor, labels: torch.Tensor, objective: Objective, null_label: int, label_dropout: float,
@@ -80,16 +81,19 @@ class Batches:
     def loss(self, model, batch: tuple) -> torch.Tensor:
         return diffusion_loss(model, self.objective, *batch, self.min_snr_gamma)
 
-    def knowledge(self, model) -> float | None:
-        """The model's label knowledge on the same training images each time (knowledge.py);
-        None without two classes to tell apart."""
+    def label_reading(self, model) -> LabelReading | None:
+        """The model's label knowledge and gain on the same training images each time
+        (knowledge.py; the knowledge on the first IMAGES of the gain's); None without two
+        classes to tell apart."""
         if self.null < 2:
             return None
         gen = torch.Generator().manual_seed(self.seed)
-        pick = torch.randperm(len(self.labels), generator=gen)[:IMAGES]
+        pick = torch.randperm(len(self.labels), generator=gen)[:max(IMAGES, GAIN_IMAGES)]
         x0 = to_model_range(self.images[upload(pick, self.device)]).contiguous(memory_format=self.layout)
+        y = self.labels[pick]
         with sampling_autocast(self.device):
-            return label_knowledge(model, self.objective, x0, self.labels[pick], self.null, gen)
+            return LabelReading(label_knowledge(model, self.objective, x0[:IMAGES], y[:IMAGES], self.null, gen),
+                                label_gain(model, self.objective, x0[:GAIN_IMAGES], y[:GAIN_IMAGES], self.null, gen))
 
     def dry_batch(self) -> tuple:
         """Zeros shaped like `get`'s, for compiling. t and y must be separate tensors: one for

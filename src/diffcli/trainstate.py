@@ -26,6 +26,7 @@ from diffcli.devices import fused_adamw
 from diffcli.distributed import World, max_over_ranks
 from diffcli.errors import UserError
 from diffcli.runs import MODEL_FILE, STATE_FILE, state_path
+from diffcli.spec import LabelReading, Trained
 from diffcli.unet import UNet
 
 MAX_ROLLBACKS = 3  # with on_nonfinite=rollback: give up after this many
@@ -39,7 +40,7 @@ class TrainState:
     batch_gen: torch.Generator  # timesteps, noise, label dropout and flips (CPU)
     profiles: list[torch.nn.Module]  # power-function EMAs for post-hoc EMA (ema.PROFILES), or none
     step: int = 0
-    knowledge: float | None = None  # the EMA's label knowledge when last measured (fitting._checkpoint)
+    labels: LabelReading | None = None  # the EMA's label knowledge and gain when last measured (fitting._checkpoint)
 
     @classmethod
     def create(cls, cfg: RunConfig, device: torch.device, layout: torch.memory_format) -> TrainState:
@@ -58,6 +59,11 @@ class TrainState:
         for sigma_rel, profile in zip(ema.PROFILES, self.profiles):
             ema.update(profile, self.net, ema.power_decay(t, sigma_rel))
 
+    def trained(self, cfg: RunConfig) -> Trained:
+        """What the guidance rule reads of the EMA at this step."""
+        knowledge, gain = self.labels or (None, None)
+        return Trained(cfg.images_seen(self.step), knowledge, gain)
+
     # --- files -----------------------------------------------------------------------
 
     def save(self, out: Path, cfg: RunConfig, class_names: list[str], epoch: float) -> None:
@@ -73,10 +79,10 @@ class TrainState:
         tensors["rng.torch"] = torch.get_rng_state()
         metadata = {"format": checkpoint.FORMAT, "config": json.dumps(to_dict(cfg)), "class_names": json.dumps(class_names),
                     "step": str(self.step), "epoch": repr(epoch), "optimizer": json.dumps({"param_groups": opt_sd["param_groups"]}),
-                    **checkpoint.knowledge_entry(self.knowledge)}
+                    **checkpoint.labels_entry(self.labels)}
         checkpoint.save_tensors(out / STATE_FILE, tensors, metadata)
         checkpoint.save_model(out / MODEL_FILE, self.ema.state_dict(), to_dict(cfg), class_names, self.step, epoch,
-                              self.knowledge)
+                              self.labels)
 
     def load(self, out: Path) -> None:
         """Continue from the run in `out`: weights, moments, RNG states and step."""
@@ -113,7 +119,7 @@ class TrainState:
                     st[name] = torch.empty_like(param).copy_(value)
         self.batch_gen.set_state(tensors["rng.batch"])
         torch.set_rng_state(tensors["rng.torch"])
-        self.step, self.knowledge = meta["step"], meta["label_knowledge"]
+        self.step, self.labels = meta["step"], checkpoint.label_reading(meta)
 
     # --- in memory (the rollback after a non-finite loss) -------------------------------
 
