@@ -51,6 +51,7 @@ def test_benchmark_scripts_run(mnist_root, tmp_path):
     rules_root = shutil.copytree(mnist_root, tmp_path / "rules-data")
     ema_root = shutil.copytree(mnist_root, tmp_path / "ema-data")
     knowledge_root = shutil.copytree(mnist_root, tmp_path / "knowledge-data")
+    folder_root = shutil.copytree(mnist_root, tmp_path / "folder-data")
     flow_root = shutil.copytree(mnist_root, tmp_path / "flow-data")
     flow_cfg = build_config("tiny", None, {"data": {"name": "mnist", "root": str(flow_root)}, "diffusion": {"objective": "flow"}})
     flow_cfg.model.image_size, flow_cfg.model.in_channels, flow_cfg.model.num_classes = 28, 1, 10
@@ -77,6 +78,8 @@ def test_benchmark_scripts_run(mnist_root, tmp_path):
                          "--out", str(tmp_path / "flow.png")],
         "label_knowledge.py": [f"{model}=mnist", "--data-root", str(knowledge_root), "--n", "4", "--draws", "1",
                                "--timesteps", "500"],
+        "class_folder.py": ["mnist", "--classes", "3,5", "--limit", "4", "--data-root", str(folder_root),
+                            "--out", str(tmp_path / "pair")],
     }
     one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}
     running = {name: subprocess.Popen([sys.executable, str(BENCH / name), *args], stdout=subprocess.PIPE,
@@ -111,6 +114,11 @@ def test_benchmark_scripts_run(mnist_root, tmp_path):
     assert "| v | euler | 2 | 4 |" in flows and "| flow | euler | 2 | 4 |" in flows
     assert (tmp_path / "flow.png").stat().st_size > 0
     assert "16/8: training" in out["size_cost.py"] and "| t = 500 | gain |" in out["label_knowledge.py"]
+    from diffcli import data as D  # the folder reads back as --data reads it: two classes, both splits
+
+    pair = D.load(str(tmp_path / "pair"))
+    assert out["class_folder.py"].split() == ["train:", "8", "pictures", "test:", "8", "pictures"]
+    assert pair.images.shape == (8, 1, 28, 28) and len(pair.class_names) == 2 and D.test_split(str(tmp_path / "pair")) is not None
 
 
 def test_shape_fit_tells_an_outline_from_another():

@@ -4,7 +4,7 @@ and the summaries `diffcli inspect` prints of a run folder or a checkpoint file.
     runs/NAME/model.safetensors        EMA weights + config: enough to sample
               train_state.safetensors  everything `--resume` needs (trainstate.py)
               config.yaml              the resolved config, accepted back by --config
-              metrics.jsonl            one line per LOG_EVERY steps
+              metrics.jsonl            a loss line per LOG_EVERY steps; a line per label reading
               samples/step_*.png       one grid per checkpoint; samples/latest.png
               ema_snapshots/step_*     post-hoc EMA profiles, with --ema-snapshot-every (posthoc.py)
               loss.png                 the loss curve (with the plots extra)
@@ -183,7 +183,7 @@ def describe(target: Path) -> dict:
 
 
 def run_summary(run_dir: Path) -> dict:
-    """The last metrics line and the latest pictures of a run folder."""
+    """The last loss line of metrics.jsonl, its label readings, and the latest pictures of a run folder."""
     from diffcli.plots import read_metrics
 
     records = read_metrics(run_dir / METRICS_FILE)
@@ -195,7 +195,8 @@ def run_summary(run_dir: Path) -> dict:
         info.update({"last_step": last["step"], "last_loss": round(last["loss"], 5),
                      "images_per_s": round(last["images_per_s"], 1), "minutes_this_session": round(last["elapsed_s"] / 60, 1)})
     if labels:  # how the label knowledge and gain moved, each reading: "step: knowledge / gain"
-        info["label_readings"] = ", ".join(f"{r['step']:,}: {r['label_knowledge']:.2f} / {r['label_gain']:.3f}" for r in labels)
+        info["label_readings"] = ", ".join(f"{r['step']:,}: {r['label_knowledge']:.2f}"
+                                           + ("" if r.get("label_gain") is None else f" / {r['label_gain']:.3f}") for r in labels)
     if found := snapshots(run_dir):
         size = sum(p.stat().st_size for p in found.values())
         info["ema_snapshots"] = f"{len(found)}, {size / 1e6:.0f} MB (diffcli ema --run {run_dir} --length L)"
