@@ -93,10 +93,15 @@ def test_a_run_longer_than_max_bins_is_solved_as_its_steps_one_by_one():
     assert residual(x.flatten()) == pytest.approx(residual(best), rel=1e-4)
 
 
-def test_reconstructions_match_the_emas_a_resumed_run_tracked(tmp_path):
+def test_reconstructions_match_the_emas_a_resumed_run_tracked(tmp_path, monkeypatch):
     """12 steps, a resume to 24, a snapshot after every step: the run's own EMA, rebuilt
     from the snapshots, equals the model it saved, and `diffcli ema` at a profile's length
-    gives that profile as the run tracked it (in train_state), within float tolerance."""
+    gives that profile as the run tracked it (in train_state), within float tolerance, with
+    the run's label reading for the default guidance (measured here on a few images, though a
+    run this short could not move the weight by it)."""
+    monkeypatch.setattr("diffcli.fitting.knowledge_can_matter", lambda images: True)
+    monkeypatch.setattr("diffcli.training.IMAGES", 8)
+    monkeypatch.setattr("diffcli.training.GAIN_IMAGES", 8)
     out = tmp_path / "run"
     common = ["--data", "shapes", "--limit", "48", "--image-size", "16", "--preset", "tiny", "--sample-every", "12",
               "--ema-snapshot-every", "1", "--ema-decay", "0.95"]
@@ -121,6 +126,11 @@ def test_reconstructions_match_the_emas_a_resumed_run_tracked(tmp_path):
     tracked = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("profile1.")}
     assert made.keys() == model.keys()
     assert max((made[k] - tracked[k]).abs().max().item() for k in tracked) < 1e-5 * scale
+    from diffcli.checkpoint import model_metadata, read_header
+
+    labels = [[model_metadata(read_header(f))[k] for k in ("label_knowledge", "label_gain")]
+              for f in (out / "model.safetensors", out / f"ema-{ema.PROFILES[1]:g}.safetensors")]
+    assert None not in labels[0] and labels[1] == labels[0]
     assert run("sample", "--ckpt", out / f"ema-{ema.PROFILES[1]:g}.safetensors", "--n", "1", "--steps", "2",
                "--out", tmp_path / "s.png").exit_code == 0
 
