@@ -68,7 +68,7 @@ KNOWLEDGE_SLOW, KNOWLEDGE_FULL = 0.6, 0.7
 # label's gain (knowledge.label_gain: the share of the network's error its label takes away) tells
 # them apart: Fashion-MNIST's four tops (T-shirt, pullover, coat, shirt) know their labels no better
 # than the vehicles (0.53 against 0.59) but their label moves more of the picture (gain 0.034-0.039
-# on three picks of 1,024 images, against 0.010-0.019 for every photo set measured), and at 10 minutes the digits'
+# on three picks of 1,024 images, against at most 0.019 for every photo set measured), and at 10 minutes the digits'
 # 1.25 drew them at 1.14x the classifier-FD floor where the photos' 2.7 drew 6.6x (docs/results.md,
 # "A second reading"). So the photos' rule needs both readings low: up to GAIN_SLOW it holds, from
 # GAIN_FULL the digits' rule does whatever the knowledge, linearly between. GAIN_SLOW sits above
