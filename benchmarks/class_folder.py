@@ -17,20 +17,8 @@ from pathlib import Path
 from PIL import Image
 
 from diffcli import data as D
-
-
-def pick(names: list[str], text: str) -> list[int]:
-    """'0,2' or 'airplane,frog' -> class indices, refused in one sentence when unknown."""
-    chosen = []
-    for item in text.split(","):
-        item = item.strip()
-        if item in names:
-            chosen.append(names.index(item))
-        elif item.isdigit() and int(item) < len(names):
-            chosen.append(int(item))
-        else:
-            raise SystemExit(f"no class {item!r}: the classes are {', '.join(names)}")
-    return chosen
+from diffcli.cli._common import parse_labels
+from diffcli.errors import UserError
 
 
 def write(split: D.ImageData, classes: list[int], folder: Path, limit: int | None) -> int:
@@ -55,7 +43,10 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=None, help="pictures a class and split (default: all)")
     args = p.parse_args()
     train = D.load(args.data, args.data_root)
-    classes = pick(train.class_names, args.classes)
+    try:
+        classes = parse_labels(args.classes, train.class_names, "--classes")  # as `sample --label` reads them
+    except UserError as e:
+        raise SystemExit(str(e)) from None
     print(f"train: {write(train, classes, args.out / 'train', args.limit):,} pictures")
     test = D.test_split(args.data, args.data_root)
     if test is not None:

@@ -304,7 +304,7 @@ def _dry_step(fast, net, cfg: RunConfig, task: Task, device: torch.device, quiet
 
 
 def _checkpoint(out: Path, cfg: RunConfig, state: TrainState, task: Task, report, final: bool = False) -> Path:
-    """Snapshot, state and model, then the grid. The label knowledge is measured before the
+    """Snapshot, state and model, then the grid. The label reading is taken before the
     save inside the run, and after it at the end (a Ctrl-C or a spent budget should not wait
     on it to keep the work: the model is saved again once it is known)."""
     if _doubled(state.step // cfg.train.sample_every) and not final and knowledge_can_matter(cfg.images_seen(state.step)):
