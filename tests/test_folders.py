@@ -231,6 +231,14 @@ def test_a_tar_damaged_past_its_first_header_says_how_much_was_read(tmp_path, ca
     train = D.load(str(damaged), root=str(tmp_path / "root"))
     assert train.class_names == ["cat", "dog"] and train.images.shape[0] == 4  # dog/1 and dog/2 are lost
     assert f"the archive '{damaged}' is damaged after its first" in caplog.text
+    caplog.clear()  # the test split, read from the entry just written: no second word in one process
+    assert D.test_split(str(damaged), root=str(tmp_path / "root")) is not None and not caplog.text
+    from diffcli import imagecache
+
+    imagecache._REMINDED.clear()  # a later start, from the cache: it still says what was lost, once
+    assert D.load(str(damaged), root=str(tmp_path / "root")).images.shape[0] == 4
+    D.test_split(str(damaged), root=str(tmp_path / "root"))
+    assert caplog.text.count(f"when '{damaged}' was decoded into the cache: the archive") == 1
     caplog.clear()
     cut = tmp_path / "cut.tar.gz"
     cut.write_bytes(whole.read_bytes()[:-12])  # the gzip stream's end and a little of the end blocks

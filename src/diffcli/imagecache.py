@@ -30,6 +30,10 @@ from diffcli.folders import contents, layout, names_in, source_digest
 
 log = logging.getLogger("diffcli")
 
+# The entries whose decoding warnings this process has shown: a later start repeats them once
+# (what a damaged archive or a broken link left out), since only the decoding start saw them.
+_REMINDED: set[Path] = set()
+
 CACHE_FORMAT = 2  # part of every key: bump it when decoding changes, so older caches are not read (2: float TIFFs, test sizes)
 
 
@@ -49,8 +53,9 @@ def load(source: Path, cache_root: Path, image_size: int | None, split: str) -> 
     digest = source_digest(source)
     folder = _cached(cache_root, digest, image_size)
     if folder is None:
-        decoded, classes = _decode_source(source, image_size)
-        folder = _write(cache_root / cache_key(digest, image_size), decoded, classes, source)
+        with _Kept() as warned:
+            decoded, classes = _decode_source(source, image_size)
+        folder = _write(cache_root / cache_key(digest, image_size), decoded, classes, source, warned.messages)
         if folder is None:  # a data root that cannot be written: this run keeps its own copy in memory
             found, how = decoded.get(split), "decoded (the cache could not be written)"
             return None if found is None else Decoded(*found, classes, f"{how} in {time.monotonic() - started:.2f} s")
@@ -58,6 +63,10 @@ def load(source: Path, cache_root: Path, image_size: int | None, split: str) -> 
     else:
         how = f"read from the cache {folder}"
     meta = json.loads((folder / "meta.json").read_text())
+    if folder not in _REMINDED and how.startswith("read") and (warned := meta.get("warnings")):
+        log.warning("when '%s' was decoded into the cache: %s%s (kept in %s)", source, warned[0],
+                    f", and {len(warned) - 1} more warning(s)" if len(warned) > 1 else "", folder / "meta.json")
+    _REMINDED.add(folder)  # each split loads the entry: one reminder a process, none where it was just decoded
     if split not in meta["splits"]:
         return None
     shape = meta["splits"][split]["shape"]
@@ -117,14 +126,30 @@ def _decode_source(source: Path, image_size: int | None) -> tuple[dict, list[str
     return decoded, classes
 
 
-def _write(folder: Path, decoded: dict, classes: list[str], source: Path) -> Path | None:
+class _Kept(logging.Handler):
+    """Keeps the text of each warning logged while it is entered, so the cache can repeat them."""
+
+    def __enter__(self) -> "_Kept":
+        self.messages: list[str] = []
+        log.addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        log.removeHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.WARNING:
+            self.messages.append(record.getMessage())
+
+
+def _write(folder: Path, decoded: dict, classes: list[str], source: Path, warnings: list[str]) -> Path | None:
     """Write the cache entry through a temporary folder renamed into place (a reader sees
     all of it or none); None, with a warning, where the data root cannot be written."""
     tmp = None
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-        meta = {"format": CACHE_FORMAT, "source": str(source), "class_names": classes, "splits": {}}
+        meta = {"format": CACHE_FORMAT, "source": str(source), "class_names": classes, "warnings": warnings, "splits": {}}
         for split, (images, labels) in decoded.items():
             images.numpy().tofile(tmp / f"{split}-images.u8")
             labels.numpy().tofile(tmp / f"{split}-labels.i64")
