@@ -99,13 +99,15 @@ def gpu_peak(device) -> float | None:
     return next((peak for key, peak in GPU_BF16_PEAK.items() if key in name), None)
 
 
-def worker(name: str, preset: str, batch: int, steps: int, compile_: bool, cpu_bf16: bool) -> tuple[float, float]:
-    """One contender in this process: build, warm up, time `steps` steps; (images/s, peak MiB on CUDA)."""
+def worker(name: str, preset: str, batch: int, steps: int, compile_: bool, cpu_bf16: bool) -> tuple[float, ...]:
+    """One contender in this process: build, count, warm up, time `steps` steps; (images/s,
+    peak MiB on CUDA, parameters, FLOPs per training image), so the parent imports no peer."""
     if name != "diffusers":
         keep_freed_memory()  # what the `diffcli` command does at start-up
     device = pick_device("auto")
     torch.manual_seed(0)
     model, fwd, cl, fused = contender(name, preset, cpu_bf16)
+    params, flops = sum(p.numel() for p in model.parameters()), flops_per_image(model, fwd, 32)
     model.to(device, memory_format=torch.channels_last if cl else torch.contiguous_format).train()
     compiled = torch.compile(model, dynamic=False) if compile_ and name != "diffusers" else model
     step = step_fn(compiled, fwd, device, batch, 32, cl, fused, cpu_bf16)
@@ -114,7 +116,7 @@ def worker(name: str, preset: str, batch: int, steps: int, compile_: bool, cpu_b
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     rate = batch * steps / timed(lambda: [step() for _ in range(steps)], device)[1]
-    return rate, (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan"))
+    return rate, (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")), params, flops
 
 
 def main():
@@ -142,18 +144,16 @@ def main():
     print(f"{'preset':8} {'impl':15} {'params':>11} {'GFLOP/img':>10} {'img/s':>8} {'%peak':>6} {'peak MB':>8}")
     for preset in args.presets.split(","):
         batch = args.batch or (256 if device.type == "cuda" else (8 if preset == "base" else 64))
-        rates, mems = {name: [] for name in IMPLS}, {}
+        rates, mems, sizes = {name: [] for name in IMPLS}, {}, {}
         for _ in range(args.rounds):  # interleaved: A B C A B C ...
             for name in IMPLS:
-                rate, mems[name] = in_fresh_process(__file__, name, ["--presets", preset, "--batch", str(batch),
+                rate, mems[name], *sizes[name] = in_fresh_process(__file__, name, ["--presets", preset, "--batch", str(batch),
                                                                      "--steps", str(args.steps), "--compile", args.compile,
                                                                      *(["--cpu-bf16"] if args.cpu_bf16 else [])])
                 rates[name].append(rate)
         med = {name: statistics.median(r) for name, r in rates.items()}
         for name in IMPLS:
-            model, fwd, _, _ = contender(name, preset)
-            flops = flops_per_image(model, fwd, 32)
-            params = sum(p.numel() for p in model.parameters())
+            params, flops = int(sizes[name][0]), sizes[name][1]
             frac = f"{100 * med[name] * flops / (peak * 1e12):5.1f}" if peak else "   - "
             mem = f"{mems[name]:8.0f}" if device.type == "cuda" else "       -"
             print(f"{preset:8} {name:15} {params:11,} {flops / 1e9:10.2f} {med[name]:8.1f} {frac:>6} {mem}")
