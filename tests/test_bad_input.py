@@ -164,6 +164,9 @@ def test_class_names_that_differ_only_in_case():
     assert parse_labels("Cat,cat,DOG,2", names) == [0, 1, 2, 2]  # spelled as a class: that class
     with pytest.raises(UserError, match="'CAT' could be any of the classes Cat, cat"):
         parse_labels("CAT", names)
+    commas = ["x,y", "x", "Y"]  # a folder may be named with a comma: the whole text names it first
+    assert parse_labels("x,y", commas) == [0] and parse_labels(" X,Y ", commas) == [0]
+    assert parse_labels("x,Y", ["x", "Y"]) == [0, 1] and parse_labels("Y,x", commas) == [2, 1]
 
 
 def test_out_folder_holding_another_run(tiny_run, tmp_path):

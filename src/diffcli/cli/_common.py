@@ -117,8 +117,10 @@ def parse_labels(text: str, class_names: list[str], option: str = "--label") -> 
     folded: dict[str, list[int]] = {}  # any case; "Cat" and "cat" may both be classes
     for i, name in enumerate(class_names):
         folded.setdefault(name.lower(), []).append(i)
+    whole = text.strip()
+    parts = [whole] if whole in exact or len(folded.get(whole.lower(), [])) == 1 else text.split(",")  # a class named "x,y"
     out = []
-    for part in (p.strip() for p in text.split(",")):
+    for part in (p.strip() for p in parts):
         matches = [exact[part]] if part in exact else folded.get(part.lower(), [])
         if len(matches) > 1:
             raise UserError(f"{option} '{part}' could be any of the classes {', '.join(class_names[i] for i in matches)}; "
