@@ -120,6 +120,16 @@ def test_an_output_folder_may_not_hold_an_input_and_an_output_may_not_sit_in_an_
     with pytest.raises(UserError, match="is inside FOLDER"):
         check({"FOLDER": tmp_path / "run"}, [Output("--out", tmp_path / "run" / "deep" / "x.safetensors", MODEL)])
     check({"--teacher": teacher}, [Output("--out", tmp_path / "student", FOLDER)])
+    # A class folder that is a link: the data reads its target, so a run may not land there
+    # (its pictures would be read as that class), however the link is reached; a loop is cut.
+    (tmp_path / "photos" / "cat").mkdir(parents=True)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "cat").symlink_to(tmp_path / "photos" / "cat", target_is_directory=True)
+    (tmp_path / "photos" / "cat" / "up").symlink_to(tmp_path / "data", target_is_directory=True)
+    for out in (tmp_path / "data" / "cat" / "run", tmp_path / "photos" / "cat" / "run"):
+        with pytest.raises(UserError, match="is inside --data"):
+            check({"--data": tmp_path / "data"}, [Output("--out", out, MODEL_FOLDER)])
+    check({"--data": tmp_path / "data"}, [Output("--out", tmp_path / "photos" / "run", MODEL_FOLDER)])
 
 
 def test_one_overwrite_policy_for_model_files_and_folders(tmp_path):

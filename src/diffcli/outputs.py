@@ -60,8 +60,30 @@ def _same(a: Path, b: Path) -> bool:
 
 
 def inside(inner: Path, outer: Path) -> bool:
-    """Whether `inner` is `outer` or lies below it (an existing folder), links resolved."""
-    return outer.is_dir() and inner.resolve().is_relative_to(outer.resolve())
+    """Whether `inner` is `outer` or lies below it (an existing folder), links resolved: also
+    below a folder that a link inside `outer` leads to, since reading `outer` reads that too
+    (a class folder may be a link, folders.py)."""
+    if not outer.is_dir():
+        return False
+    target = inner.resolve()
+    return any(target.is_relative_to(folder) for folder in _folders_read(outer))
+
+
+def _folders_read(outer: Path) -> set[Path]:
+    """`outer` and the real folder behind each folder link below it, each walked once."""
+    found = {outer.resolve()}
+    for here, dirs, _ in os.walk(outer, followlinks=True):
+        walk = []
+        for d in dirs:
+            path = Path(here) / d
+            if path.is_symlink():
+                real = path.resolve()
+                if any(real.is_relative_to(f) for f in found):  # read already, another way: a loop cut
+                    continue
+                found.add(real)
+            walk.append(d)
+        dirs[:] = walk
+    return found
 
 
 def _apart(out: Output, name: str, source: Path) -> None:
