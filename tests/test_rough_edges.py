@@ -177,3 +177,9 @@ def test_resume_with_the_runs_folder_given_again_relative_says_nothing(tmp_path,
     assert cli("train", *tiny, "--max-steps", "1").exit_code == 0
     assert cli("train", *tiny, "--max-steps", "2", "--resume").exit_code == 0
     assert "recipe" not in caplog.text
+    # A renamed class folder renumbers the classes (b is now class 0): refused, not relabelled.
+    (tmp_path / "pics" / "a").rename(tmp_path / "pics" / "zebra")
+    before = (tmp_path / "run" / "train_state.safetensors").read_bytes()
+    r = cli("train", *tiny, "--max-steps", "3", "--resume")
+    assert r.exit_code == 1 and "the run learned the classes a, b, and the data now has b, zebra" in " ".join(r.output.split()), said(r)
+    assert (tmp_path / "run" / "train_state.safetensors").read_bytes() == before

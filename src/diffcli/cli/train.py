@@ -101,7 +101,7 @@ def _run(cfg, out: Path, resume: bool, overwrite: bool, config: Path | None) -> 
     from diffcli import data as D
     from diffcli import distributed
     from diffcli.config import fit_to_data
-    from diffcli.runs import claimed
+    from diffcli.runs import check_classes, claimed
 
     reads = {"--data": Path(cfg.data.name) if cfg.data.name not in D.NAMED else None, "--config": config}
     with processes(cfg.train.device) as (world, device), \
@@ -112,6 +112,8 @@ def _run(cfg, out: Path, resume: bool, overwrite: bool, config: Path | None) -> 
                 with console.status(f"loading {cfg.data.name} ..."):
                     data = D.load(cfg.data.name, cfg.data.root, cfg.data.image_size, cfg.data.limit)
             distributed.barrier(world)
+        if resume:
+            check_classes(out, data.class_names)
         _, c, h, _ = data.images.shape
         fit_to_data(cfg, c, h, data.num_classes)
         _print_dataset(data)
