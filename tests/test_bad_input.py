@@ -112,6 +112,7 @@ def test_empty_folder_and_folder_of_broken_images(tmp_path):
     ({"model": {"head_channels": 20}}, "model.head_channels must split the widths where attention runs (64)"),  # (3 heads: a reshape traceback)
     ({"train": {"seed": 10**19}}, "train.seed must be between 0 and 9e+18"),
     ({"train": {"lr": "fast"}}, "train.lr"),
+    ({"diffusion": {"timesteps": 10**11}}, "diffusion.timesteps must be between 2 and 100000"),  # (a traceback for memory)
     (["a", "list"], "must hold a mapping"),
 ])
 def test_bad_yaml_configs(tmp_path, content, fragment):  # (each refused before any data loads)
@@ -128,9 +129,15 @@ def test_bad_yaml_configs(tmp_path, content, fragment):  # (each refused before 
     (["--eta", "-0.5"], "--eta must be 0 or more"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--variance", "big"], "--variance must be"),
+    (["--n", "26215"], "--n asks for 262,150 images of 32 px, more than one command holds in memory (262,144"),  # (killed for memory)
 ])
 def test_bad_sample_options(tiny_run, tmp_path, args, fragment):
     fails_cleanly(["sample", "--ckpt", tiny_run / "model.safetensors", *args, "--out", tmp_path / "s.png"], fragment)
+
+
+def test_more_images_or_timesteps_than_memory_holds_are_refused(tiny_run, tmp_path):
+    fails_cleanly(["eval", "--ckpt", tiny_run / "model.safetensors", "--n", "26215"], "--n asks for 262,150 images")
+    fails_cleanly(["noise-preview", "--plot", tmp_path / "p.png", "--timesteps", "100001"], "--timesteps must be between 2 and 100000")
 
 
 def test_a_large_training_seed_trains(tmp_path):  # (each epoch's order seeds from seed x 1,000,003: it overflowed)

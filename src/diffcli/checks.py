@@ -65,6 +65,8 @@ AT_LEAST_ONE = Range(1)
 SHARE = Range(0, 1, high_open=True)  # a probability that must leave something: [0, 1)
 # Past 1024 px a single image fills gigabytes of activations: the largest this tool trains or draws.
 IMAGE_SIZE = Range(4, 1024)
+# Diffusion steps T: the literature's most is 4,000 (iDDPM); a typo's 1e11 filled memory with its tables.
+TIMESTEPS = Range(2, 100_000)
 # torch's generators take seeds below 2^63, and image i of a command uses SEED + i: room for any n
 SEED = Range(0, 9 * 10**18, why="torch's seeds end at 2^63")
 

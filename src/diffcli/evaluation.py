@@ -154,10 +154,11 @@ def evaluate(model, cfg, class_names: list[str], opts: EvalOptions, real: RealIm
     arrays or None). `inception` is (network, weights hash) from inception.load_inception;
     `status(text)` gives a context manager shown while each stage runs; `world`: see `run`."""
     from diffcli.devices import timed
-    from diffcli.generate import generate
+    from diffcli.generate import check_count, generate
     from diffcli.objective import of
 
     spec = opts.spec.resolve(cfg.diffusion.timesteps, model.student, model.trained)
+    check_count(max(1, len(class_names)) * opts.n_per_class, cfg.model.image_size)
     labels = torch.tensor([k for k in (range(len(class_names)) or [0]) for _ in range(opts.n_per_class)])
     device = next(model.parameters()).device
     with status(f"sampling {len(labels)} images with {spec.sampler}, {spec.steps} steps ..."):

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from diffcli.checks import IMAGE_SIZE, SEED, Range
+from diffcli.checks import IMAGE_SIZE, SEED, TIMESTEPS, Range
 from diffcli.cli._common import AsJson, console, parse_list, writing
 from diffcli.errors import UserError
 
@@ -39,7 +39,7 @@ def noise_preview(
     steps: Annotated[Optional[str], typer.Option(help="Comma-separated timesteps to show, e.g. 0,50,100,250,500,999.")] = None,
     frames: Annotated[int, typer.Option(help="Evenly spaced frames from t=0 to T-1 (when --steps is not given)."), Range(1, 100)] = 8,
     schedule: Annotated[str, typer.Option(help="linear, cosine, or all (one row per schedule).")] = "cosine",
-    timesteps: Annotated[int, typer.Option(help="Diffusion steps T."), Range(2)] = 1000,
+    timesteps: Annotated[int, typer.Option(help="Diffusion steps T."), TIMESTEPS] = 1000,
     image_size: Annotated[int, typer.Option(help="The image is center-cropped and resized to this size."), IMAGE_SIZE] = 64,
     seed: Annotated[int, typer.Option(help="Seed of the noise."), SEED] = 0,
 ):

@@ -58,7 +58,7 @@ def _sample(world, dev, ckpt, spec, label, n, seed, out, save_individual, batch_
     from diffcli.devices import describe, timed
     from diffcli.figures import enlargement, trajectory_gif, trajectory_strip
     from diffcli.files import save_image
-    from diffcli.generate import Trajectory, compiled_for_sampling, generate
+    from diffcli.generate import Trajectory, check_count, compiled_for_sampling, generate
     from diffcli.images import grid, to_pil
     from diffcli.objective import of
 
@@ -68,6 +68,7 @@ def _sample(world, dev, ckpt, spec, label, n, seed, out, save_individual, batch_
     objective = of(cfg.diffusion)
     spec = spec.resolve(objective.T, model.student, model.trained)
     labels = parse_labels(label, meta["class_names"])
+    check_count(len(labels) * n, cfg.model.image_size)
     per_image = [lab for lab in labels for _ in range(n)]
     seeds = list(range(seed, seed + len(per_image)))
     if compile:
