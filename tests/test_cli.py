@@ -237,6 +237,18 @@ def test_resume_survives_a_metrics_line_cut_short_by_a_kill(tmp_path):
     assert r.exit_code == 0, r.output
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [rec["step"] for rec in lines] == [4, 6]
+    # Lines edited or damaged past use: inspect and a resume skip them (each was a traceback),
+    # and a resume keeps those it cannot place, as they were.
+    with open(out / "metrics.jsonl", "ab") as f:
+        f.write(b'{"step": 6, "loss": 0.1}\n{"step": 6, "loss": "x", "lr": 1, "images_per_s": 1, "elapsed_s": 1}\n'
+                b'{"step": "6", "label_knowledge": 0.5}\n[6]\n\xff\xfe\x00 damaged\n')
+    r = run("inspect", out)
+    assert r.exit_code == 0 and "last loss" in r.output, r.output
+    r = run("train", "--out", out, "--resume", "--max-steps", "8")
+    assert r.exit_code == 0, r.output
+    assert run("inspect", out).exit_code == 0
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [rec["step"] for rec in lines] == [4, 6, 6, 6, "6", 8]
 
 
 @pytest.mark.parametrize("sampler_args,spec_args", [

@@ -57,16 +57,35 @@ def schedule_plot(schedules, path: Path, dpi: int = 100) -> Path:
     return path
 
 
-def read_metrics(path: Path) -> list[dict]:
+LOSS_FIELDS = ("loss", "lr", "images_per_s", "elapsed_s")  # a loss line's numbers (fitting.Meter)
+
+
+def read_metrics(path: Path, checked: bool = True) -> list[dict]:
+    """The lines of a run's metrics.jsonl as dicts, skipping what is not JSON (a line a kill
+    cut short, damaged bytes). `checked`: only the lines every reader can use, a loss line
+    (fitting.Meter) or a label reading with its numbers, so an edited or damaged line
+    cannot stop `inspect` or a resume."""
     if not path.exists():
         return []
     records = []
-    for line in path.read_text().splitlines():
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
-            continue  # a line cut short by a crash; the rest are still good
+            continue  # the rest are still good
+        if isinstance(record, dict) and (not checked or _usable(record)):
+            records.append(record)
     return records
+
+
+def _usable(record: dict) -> bool:
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731  (NaN is one: a diverged loss)
+    if not (isinstance(record.get("step"), int) and number(record["step"])):
+        return False
+    if "loss" in record:
+        return all(number(record.get(k)) for k in LOSS_FIELDS)
+    gain = record.get("label_gain")
+    return number(record.get("label_knowledge")) and (gain is None or number(gain))
 
 
 def loss_curve(metrics_path: Path, path: Path, dpi: int = 100) -> Path | None:

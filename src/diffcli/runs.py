@@ -156,7 +156,8 @@ def truncate_metrics(out: Path, step: int) -> None:
 
     path = out / METRICS_FILE
     if path.exists():
-        keep = [json.dumps(r) + "\n" for r in read_metrics(path) if r.get("step", 0) <= step]
+        keep = [json.dumps(r) + "\n" for r in read_metrics(path, checked=False)  # (a line inspect cannot use is kept as it was)
+                if not isinstance(r.get("step"), (int, float)) or r["step"] <= step]
         atomic_write_bytes(path, "".join(keep).encode())
 
 
