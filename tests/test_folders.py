@@ -144,6 +144,28 @@ def test_the_cache_is_reused_and_rebuilt_when_the_source_changes(tmp_path):
     assert D.load(str(tar)).origin.startswith("decoded")
 
 
+@pytest.mark.parametrize("damage", ["cut", "meta", "gone"])
+def test_a_damaged_cache_entry_is_decoded_again(tmp_path, caplog, damage):
+    """A file of the entry cut short, meta.json damaged, or a file gone (a disk that filled or
+    failed): a warning, and the source is decoded again into a whole entry (a traceback on
+    every start before)."""
+    tree = make_tree(tmp_path / "src")
+    first = D.load(str(tree), root=str(tmp_path / "root")).images.clone()  # (a map of the file about to be cut)
+    entry = next((tmp_path / "root" / "decoded").iterdir())
+    if damage == "cut":
+        (entry / "train-images.u8").write_bytes((entry / "train-images.u8").read_bytes()[:100])
+    elif damage == "meta":
+        (entry / "meta.json").write_text('{"splits": ')
+    else:
+        (entry / "test-labels.i64").unlink()
+    again = D.load(str(tree), root=str(tmp_path / "root"))
+    assert f"the decoded-image cache entry {entry} is damaged" in caplog.text
+    assert again.origin.startswith("decoded into the cache") and torch.equal(again.images, first)
+    assert D.test_split(str(tree), root=str(tmp_path / "root")).labels.tolist() == [0, 0, 1, 1]
+    assert D.load(str(tree), root=str(tmp_path / "root")).origin.startswith("read from the cache")
+    assert [p.name for p in (tmp_path / "root" / "decoded").iterdir()] == [entry.name]  # the damaged copy is gone
+
+
 def test_an_image_size_has_its_own_cache_entry(tmp_path):
     tree = make_tree(tmp_path / "src")
     assert D.load(str(tree)).images.shape[-1] == 8

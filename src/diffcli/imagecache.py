@@ -56,13 +56,12 @@ def load(source: Path, cache_root: Path, image_size: int | None, split: str) -> 
         with _Kept() as warned:
             decoded, classes = _decode_source(source, image_size)
         folder = _write(cache_root / cache_key(digest, image_size), decoded, classes, source, warned.messages)
-        if folder is None:  # a data root that cannot be written: this run keeps its own copy in memory
+        if folder is None or (meta := _entry(folder)) is None:  # a data root that cannot be written: this run keeps its own copy
             found, how = decoded.get(split), "decoded (the cache could not be written)"
             return None if found is None else Decoded(*found, classes, f"{how} in {time.monotonic() - started:.2f} s")
         how = f"decoded into the cache {folder}"
     else:
-        how = f"read from the cache {folder}"
-    meta = json.loads((folder / "meta.json").read_text())
+        how, meta = f"read from the cache {folder}", json.loads((folder / "meta.json").read_text())
     if folder not in _REMINDED and how.startswith("read") and (warned := meta.get("warnings")):
         log.warning("when '%s' was decoded into the cache: %s%s (kept in %s)", source, warned[0],
                     f", and {len(warned) - 1} more warning(s)" if len(warned) > 1 else "", folder / "meta.json")
@@ -80,11 +79,32 @@ def _cached(cache_root: Path, digest: str, image_size: int | None) -> Path | Non
     images' own size when that is the size asked for (eval names the size training left out)."""
     for size in (image_size, None) if image_size else (None,):
         folder = cache_root / cache_key(digest, size)
-        if (folder / "meta.json").is_file():
-            shape = json.loads((folder / "meta.json").read_text())["splits"]["train"]["shape"]
-            if size == image_size or shape[-1] == image_size:
+        if folder.exists() and (meta := _entry(folder)) is not None:
+            if size == image_size or meta["splits"]["train"]["shape"][-1] == image_size:
                 return folder
     return None
+
+
+def _entry(folder: Path) -> dict | None:
+    """The entry's meta.json where every file it names is whole; else None, with a warning, and
+    the entry is moved out of the way so that it is decoded again (a disk that filled or failed,
+    an edit: it was a traceback on every start)."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        for split, info in meta["splits"].items():
+            shape = info["shape"]
+            if ((folder / f"{split}-images.u8").stat().st_size != math.prod(shape)
+                    or (folder / f"{split}-labels.i64").stat().st_size != 8 * shape[0]):
+                raise ValueError(f"{split}-images.u8 or {split}-labels.i64 is not the size meta.json gives")
+        return meta
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        log.warning("the decoded-image cache entry %s is damaged (%s); decoding the source again", folder, str(e).splitlines()[0][:120])
+        try:
+            os.rename(folder, aside := folder.with_name(f".{folder.name}.damaged.{os.getpid()}"))
+            shutil.rmtree(aside, ignore_errors=True)
+        except OSError:
+            pass  # (another process moved it first, or the root is read-only: this run keeps its images in memory)
+        return None
 
 
 def _mapped(path: Path, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
