@@ -231,6 +231,20 @@ def test_a_windows_zip_with_a_damaged_member_and_a_hard_linked_tar(tmp_path, cap
     assert D.load(str(tar)).images.shape[0] == D.load(str(tree)).images.shape[0] == 7
 
 
+def test_members_named_from_the_root_or_with_dotdot_are_left_out_with_a_warning(tmp_path, caplog):
+    """They would land outside the archive's folder (tar and unzip refuse them): not the data's
+    images, never a class named "/" (as an absolute member made), never read silently."""
+    tree = make_tree(tmp_path / "src")
+    zipped = archive(tree, tmp_path / "data.zip")
+    png = (tree / "train" / "cat" / "0.png").read_bytes()
+    with zipfile.ZipFile(zipped, "a") as z:
+        for name in ("/etc/x.png", "../up.png", "top/train/../../up2.png", "C:/win.png"):
+            z.writestr(name, png)
+    train = D.load(str(zipped))
+    assert train.class_names == ["cat", "dog"] and train.images.shape[0] == 6
+    assert "left out 4 image(s) lying outside the archive's own folders" in caplog.text
+
+
 def test_a_zip_named_as_a_tar_is_one_sentence_that_says_so(tmp_path):
     wrong = archive(make_tree(tmp_path / "src"), tmp_path / "data.zip").rename(tmp_path / "data.tar.gz")
     with pytest.raises(UserError, match=r"it is a zip file: name it \.zip") as e:

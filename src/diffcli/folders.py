@@ -142,7 +142,19 @@ def names_in(source: Path) -> list[str]:
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, lzma.LZMAError, zlib.error) as e:
         kind = " (it is a zip file: name it .zip)" if not source.name.lower().endswith(".zip") and zipfile.is_zipfile(source) else ""
         raise UserError(f"cannot read the archive '{source}' ({_first_line(e)}){kind}.") from None
-    return [n for n in names if _is_image_name(n)]
+    from diffcli.files import IMAGE_EXTENSIONS
+
+    outside = [n for n in names if _outside(n)]
+    _left_out([n for n in outside if PurePosixPath(n).suffix.lower() in IMAGE_EXTENSIONS],
+              "outside the archive's own folders (named from / or with '..')")
+    return [n for n in names if _is_image_name(n) and n not in outside]
+
+
+def _outside(name: str) -> bool:
+    """A member named from the root, a drive, or with '..': extracted, it would land outside
+    the archive's folder (tar and unzip refuse such names), so it is not the data's."""
+    parts = PurePosixPath(name).parts
+    return PurePosixPath(name).is_absolute() or ".." in parts or bool(parts and parts[0].endswith(":"))
 
 
 def _check_the_tar_ended(t: tarfile.TarFile, source: Path, files: int) -> None:
