@@ -85,6 +85,21 @@ def test_nonfinite_loss_rolls_back_when_asked(tmp_path, monkeypatch):
     assert saved_step(tmp_path / "run") == 20 and all(torch.isfinite(v).all() for k, v in state.items() if v.is_floating_point())
 
 
+def test_a_rollback_that_cannot_mend_says_so_instead_of_suggesting_itself(tmp_path, monkeypatch):
+    real = training.diffusion_loss  # every loss from step 7 on is NaN: three rollbacks, then a stop
+    calls = {"n": 0}
+
+    def loss(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs) * (float("nan") if calls["n"] >= 7 else 1.0)
+
+    monkeypatch.setattr(training, "diffusion_loss", loss)
+    r = cli("train", *TINY, "--max-steps", "20", "--sample-every", "5", "--on-nonfinite", "rollback", "--out", tmp_path / "run")
+    text = " ".join(r.output.split())
+    assert r.exit_code == 1 and "--on-nonfinite rollback could not recover (3 rollbacks did not mend it)" in text, text
+    assert "or pass --on-nonfinite rollback" not in text
+
+
 # --- disk ---------------------------------------------------------------------------
 
 

@@ -175,5 +175,10 @@ class NonFiniteGuard:
             return True
         saved = checkpoint.model_metadata(checkpoint.read_header(out / MODEL_FILE))["step"] if (out / MODEL_FILE).exists() else None
         kept = f"the last checkpoint (step {saved}) in '{out}' is intact" if saved is not None else "no checkpoint had been saved yet"
-        raise UserError(f"the loss became NaN or infinite at step {bad}; {kept}. Lower --lr, keep --grad-clip on, "
-                        f"or pass --on-nonfinite rollback.")
+        if self.mode == "rollback":  # (the advice not to repeat the option already given)
+            why = (f"{MAX_ROLLBACKS} rollbacks did not mend it" if self.rollbacks >= MAX_ROLLBACKS else
+                   "no good state had been kept yet" if self.last_good is None else "it went bad in the last steps")
+            advice = f"--on-nonfinite rollback could not recover ({why}): lower --lr and keep --grad-clip on."
+        else:
+            advice = "Lower --lr, keep --grad-clip on, or pass --on-nonfinite rollback."
+        raise UserError(f"the loss became NaN or infinite at step {bad}; {kept}. {advice}")
