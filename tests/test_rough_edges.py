@@ -95,6 +95,13 @@ def test_cifar10_without_its_files_names_a_folder_to_pass(tmp_path, monkeypatch)
     r = cli("train", "--data", "cifar10", "--data-root", tmp_path, "--max-steps", "1", "--out", tmp_path / "run")
     assert r.exit_code == 1 and "could not be downloaded" in said(r), said(r)
     assert "holding )" not in said(r) and "holding .)" not in said(r) and "pass --data-root to the folder holding it" in said(r)
+    # The files there, but damaged: torchvision finds them wrong and tries to download (it said "is not in")
+    monkeypatch.setattr(tvd, "MNIST", offline)
+    (tmp_path / "MNIST" / "raw").mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
+        (tmp_path / "MNIST" / "raw" / name).write_bytes(b"\x1f\x8b cut short")
+    r = cli("train", "--data", "mnist", "--data-root", tmp_path, "--max-steps", "1", "--out", tmp_path / "run")
+    assert r.exit_code == 1 and "are not the official files (damaged, cut short, or another release)" in said(r), said(r)
 
 
 def test_help_names_the_extras_in_full():

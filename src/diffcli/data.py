@@ -164,6 +164,10 @@ def load_torchvision(name: str, root: Path, split: str = "train") -> ImageData:
         ds = cls(str(root), train=split == "train", download=True)
     except Exception as e:  # torchvision raises RuntimeError, URLError, OSError... when offline
         where = root / folder if folder != "." else root
+        if all((where / f).is_file() for f in files):  # there, but not the official bytes: torchvision then downloads
+            raise UserError(f"{name}'s {' and '.join(files)} in '{where}' are not the official files (damaged, cut short, "
+                            f"or another release), and whole ones could not be downloaded ({type(e).__name__}); "
+                            "replace them and run again.") from None
         raise UserError(
             f"{name} is not in '{where}' and could not be downloaded ({type(e).__name__}); "
             f"put {' and '.join(files)} there (or pass --data-root to the folder holding "
