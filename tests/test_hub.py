@@ -164,6 +164,9 @@ def test_the_published_ddpm_cifar10_layout_imports_and_gives_its_output(tmp_path
     r = run("sample", "--ckpt", tmp_path / "ddpm.safetensors", "--label", "all", "--n", "1", "--steps", "1",
             "--out", tmp_path / "s.png", "--device", "cpu")
     assert r.exit_code == 0, r.output
+    # It records no training images: eval asks for --data (it looked for images in the pipeline folder)
+    one_sentence_error(run("eval", "--ckpt", tmp_path / "ddpm.safetensors", "--n", "2", "--steps", "1"),
+                       f"this model was imported from the diffusers folder '{folder}', which records no training images; pass --data")
 
 
 def test_the_attention_names_of_early_diffusers_files_are_read_too():

@@ -56,12 +56,16 @@ def run(opts: EvalOptions, device, status=lambda text: contextlib.nullcontext(),
     Under torchrun (`world`) every rank draws its share of the images; rank 0 measures
     them all and the other ranks return {}."""
     from diffcli.checkpoint import load_model
+    from diffcli.hub_files import IMPORTED
 
     if not (opts.classifier or opts.fid or opts.memorisation):
         raise UserError("nothing to measure: give --classifier, --fid, or leave --memorisation on.")
     model, cfg, meta = load_model(opts.ckpt, device)
     opts.spec.resolve(cfg.diffusion.timesteps, model.student, model.trained)  # a bad --steps should fail before the data loads
     data_name, data_root = opts.data or cfg.data.name, opts.data_root or cfg.data.root
+    if not opts.data and cfg.train.preset == IMPORTED:  # its data.name is the pipeline folder it came from
+        raise UserError(f"this model was imported from the diffusers folder '{data_name}', which records no training images; "
+                        "pass --data with the images to measure it against.")
     if not opts.data and data_name not in D.NAMED and not Path(data_name).expanduser().exists():
         raise UserError(f"this model's data '{data_name}' (as its config names it) is not there; pass --data with it or a copy.")
     if not world.is_main:  # the other ranks only draw their share of the images

@@ -14,6 +14,8 @@ from diffcli.hub import (DIFFUSERS_VERSION, PREDICTIONS, SCHEDULER_NUMBERS, UNET
                          diffusion_config, from_diffusers, model_config, pipeline_classes, read_json, scheduler_config,
                          to_diffusers, unet_config, write_json)
 
+IMPORTED = "imported"  # the preset an imported model's config names: it was not trained here
+
 
 # --- out ----------------------------------------------------------------------------
 
@@ -115,7 +117,7 @@ def import_pipeline(folder: Path, out: Path) -> RunConfig:
                         "class_names.json), so classifier-free guidance cannot run on it.")
     cfg = RunConfig(diffusion=diffusion_config(sched))
     cfg.model = model_config(unet, unet["num_class_embeds"] - 1 if unet.get("num_class_embeds") else 0)
-    cfg.data.name, cfg.train.preset = str(folder), "imported"
+    cfg.data.name, cfg.train.preset = str(folder.resolve()), IMPORTED  # where it came from: no training data
     validate(cfg)
     net = UNet(cfg.model)
     try:
