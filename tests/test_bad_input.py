@@ -98,6 +98,16 @@ def test_empty_folder_and_folder_of_broken_images(tmp_path):
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "a.png").write_bytes(b"nope")
     fails_cleanly(["train", "--data", tmp_path / "broken", "--out", tmp_path / "run"], "could be read")
+    # one class whose every file is broken: it trains, and says that class will not be learnt
+    from PIL import Image
+
+    for cls in ("cat", "dog"):
+        (tmp_path / "pets" / cls).mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (8, 8), (9 * i, 0, 0)).save(tmp_path / "pets" / "cat" / f"{i}.png")
+    (tmp_path / "pets" / "dog" / "0.png").write_bytes(b"nope")
+    r = ok(["train", "--data", tmp_path / "pets", "--preset", "tiny", "--max-steps", "1", "--out", tmp_path / "pets-run"])
+    assert "no image of the class(es) dog could be read" in " ".join(r.output.split())
 
 
 # --- configs and options ----------------------------------------------------------

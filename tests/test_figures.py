@@ -95,6 +95,19 @@ def test_run_folder_gets_a_loss_curve_and_inspect_reads_the_folder(tiny_run):
     assert info["loss_curve"].endswith("loss.png") and info["training_step"] == 12
 
 
+def test_a_loss_curve_of_one_line_draws_without_a_warning(tmp_path):
+    """A run of fewer steps than a metrics line has one point: its log axis had no span for
+    some values (matplotlib's divide-by-zero warning in the run's output; 0.2 itself draws)."""
+    import warnings
+
+    from diffcli.plots import loss_curve
+
+    (tmp_path / "m.jsonl").write_text(json.dumps({"step": 2, "loss": 0.20366254448890686, "lr": 2e-4, "images_per_s": 9.0, "elapsed_s": 0.1}) + "\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert loss_curve(tmp_path / "m.jsonl", tmp_path / "loss.png") == tmp_path / "loss.png"
+
+
 def test_preflight_table_and_warnings(tmp_path):
     from diffcli.files import save_image as save
     from diffcli.images import to_pil

@@ -104,7 +104,7 @@ def loss_curve(metrics_path: Path, path: Path, dpi: int = 100) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 3.5), dpi=dpi)
     ax.plot(steps, loss, color="tab:blue", alpha=0.3, label="loss")
     ax.plot(steps, smooth, color="tab:blue", label="loss (smoothed)")
-    if all(v > 0 and math.isfinite(v) for v in loss):
+    if len(set(loss)) > 1 and all(v > 0 and math.isfinite(v) for v in loss):  # (one value: a log axis has no span, a warning)
         ax.set_yscale("log")
     ax.set(xlabel="step", ylabel="training loss")
     ax.grid(alpha=0.3)
