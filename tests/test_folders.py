@@ -144,6 +144,16 @@ def test_the_cache_is_reused_and_rebuilt_when_the_source_changes(tmp_path):
     assert D.load(str(tar)).origin.startswith("decoded")
 
 
+def test_mixed_sizes_say_a_skipped_file_once(tmp_path, caplog):
+    """Mixed sizes decode a second time at 32 px: the broken file's warning is not repeated."""
+    for k, size in enumerate((8, 12)):
+        (tmp_path / "mixed" / f"c{k}").mkdir(parents=True)
+        Image.new("RGB", (size, size), (9, 9, 9)).save(tmp_path / "mixed" / f"c{k}" / "0.png")
+    (tmp_path / "mixed" / "c0" / "1.png").write_bytes(b"nope")
+    assert D.load(str(tmp_path / "mixed"), root=str(tmp_path / "root")).images.shape == (2, 3, 32, 32)
+    assert caplog.text.count("skipping c0/1.png") == 1
+
+
 @pytest.mark.parametrize("damage", ["cut", "meta", "gone"])
 def test_a_damaged_cache_entry_is_decoded_again(tmp_path, caplog, damage):
     """A file of the entry cut short, meta.json damaged, or a file gone (a disk that filled or

@@ -134,10 +134,16 @@ def _decode_source(source: Path, image_size: int | None) -> tuple[dict, list[str
 
         raise UserError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in '{source}' or its sub-folders.")
     splits, classes = layout(names)
-    try:
-        decoded = _decode(source, splits, image_size)
-    except _MixedSizes:
-        decoded = _decode(source, splits, 32)  # the default for mixed sizes (docs/data.md)
+    with _Kept() as said:
+        try:
+            decoded = _decode(source, splits, image_size)
+        except _MixedSizes:
+            said_once = lambda record: record.getMessage() not in said.messages  # noqa: E731  (a skipped file, once)
+            log.addFilter(said_once)
+            try:
+                decoded = _decode(source, splits, 32)  # the default for mixed sizes (docs/data.md)
+            finally:
+                log.removeFilter(said_once)
     if not len(decoded["train"][1]):
         raise UserError(f"none of the {len(splits['train'])} training image files in '{source}' could be read.")
     if "test" in decoded and not len(decoded["test"][1]):
