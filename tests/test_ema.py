@@ -150,6 +150,7 @@ def test_ema_refuses_what_it_cannot_do(tmp_path):
     refused("is not a run folder", "--run", out / "model.safetensors", "--length", "0.1")
     refused("--out names one file", "--run", out, "--length", "0.05,0.1", "--out", tmp_path / "one.safetensors")
     refused("must be in (0, 0.28]", "--run", out, "--length", "0.3")
+    refused("--length gives 0.1 more than once", "--run", out, "--length", "0.1,0.05,0.10")  # (it said "--out and --out")
     # A snapshot of another network, a damaged one, and the run's own model as --out.
     (out / "ema_snapshots").mkdir()
     (out / "ema_snapshots" / "step_0000001.safetensors").write_bytes((other / "ema_snapshots" / "step_0000001.safetensors").read_bytes())
@@ -173,7 +174,7 @@ def test_ema_refuses_what_it_cannot_do(tmp_path):
     meta["config"]["model"]["num_res_blocks"] = 2
     checkpoint.save_model(mixed / "model.safetensors", load_file(str(other / "model.safetensors")), meta["config"],
                           meta["class_names"], meta["step"], meta["epoch"])
-    refused("does not match its own config", "--run", mixed, "--length", "0.1")
+    refused("does not match its own config: 56 weight(s) missing.", "--run", mixed, "--length", "0.1")
 
     # A new run in the folder leaves none of the old run's snapshots, or models made from them, behind.
     assert run("ema", "--run", other, "--length", "0.1").exit_code == 0 and (other / "ema-0.1.safetensors").exists()

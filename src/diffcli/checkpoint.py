@@ -35,7 +35,7 @@ def read_header(path: str | Path) -> dict:
     """The safetensors JSON header (tensor dtypes, shapes, metadata) without reading the weights."""
     path = Path(path)
     if not path.exists():
-        raise UserError(f"checkpoint '{path}' does not exist.")
+        raise UserError(f"'{path}' does not exist.")  # (a model, a classifier, a snapshot: the option names which)
     if path.is_dir():
         raise UserError(f"'{path}' is a folder; pass the .safetensors file inside it (usually {path / 'model.safetensors'}).")
     try:
@@ -169,9 +169,9 @@ def load_model(path: str | Path, device="cpu"):
     unexpected = sorted(set(tensors) - set(expected))
     bad_shape = [k for k in expected if k in tensors and tensors[k].shape != expected[k].shape]
     if missing or unexpected or bad_shape:
-        what = (f"{len(missing)} missing" if missing else "") or (f"{len(unexpected)} unexpected" if unexpected else "") \
-            or f"{len(bad_shape)} with the wrong shape (e.g. {bad_shape[0]})"
-        raise UserError(f"'{path}' does not match its own config: {what} weights.")
+        what = (f"{len(missing)} weight(s) missing" if missing else "") or (f"{len(unexpected)} weight(s) it does not name" if unexpected else "") \
+            or f"{len(bad_shape)} weight(s) of the wrong shape (e.g. {bad_shape[0]})"
+        raise UserError(f"'{path}' does not match its own config: {what}.")
     model.load_state_dict(tensors)
     model.student = cfg.distill.student() if cfg.distill is not None else None
     model.trained = training(cfg, meta)

@@ -69,7 +69,7 @@ def edit(
     spec = SamplerSpec(sampler, steps, guidance, eta, shift=shift)
     from diffcli.outputs import FOLDER, IMAGE, Output, check
 
-    check({"IMAGES": images, "--mask": mask, "--ckpt": ckpt},
+    check({"input image": images, "--mask": mask, "--ckpt": ckpt},
           [Output("--out", out, IMAGE), Output("--save-individual", save_individual, FOLDER)])
     import torch
 

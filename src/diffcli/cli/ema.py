@@ -33,6 +33,8 @@ def ema(
     from diffcli.runs import MODEL_FILE, SNAPSHOT_DIR, STATE_FILE
 
     lengths = parse_list(length, float, "--length", LENGTHS)
+    if twice := sorted({x for x in lengths if lengths.count(x) > 1}):
+        raise UserError(f"--length gives {', '.join(f'{x:g}' for x in twice)} more than once; give each length once.")
     if out is not None and len(lengths) > 1:
         raise UserError("--out names one file; give one --length with it, or leave --out out.")
     if not (run / MODEL_FILE).is_file():
