@@ -160,6 +160,7 @@ def test_sample_errors_are_one_sentence(tiny_run, tmp_path):
 
 def test_train_errors_are_one_sentence(tmp_path):
     assert_one_sentence_error(run("train", "--data", tmp_path / "nope", "--out", tmp_path / "o"), "neither a dataset name")
+    assert_one_sentence_error(run("train", "--data", "Fashion-MNIST", "--out", tmp_path / "o"), "did you mean 'fashion-mnist'?")
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  bach_size: 3\n")
     assert_one_sentence_error(run("train", "--config", bad, "--out", tmp_path / "o"), "train.bach_size")

@@ -251,7 +251,8 @@ def load_source(name: str, root: str | None, image_size: int | None, split: str)
         if path.exists():
             raise UserError(f"--data '{name}' is a file but not an archive ({', '.join(folders.ARCHIVES)}); "
                             f"give a dataset name ({', '.join(NAMED)}), a folder of images or an archive of one.")
-        raise UserError(f"--data '{name}' is neither a dataset name ({', '.join(NAMED)}) nor an existing folder or archive.")
+        hint = f"; did you mean '{path.name.lower()}'?" if path.name.lower() in NAMED else "."  # names are lower case
+        raise UserError(f"--data '{name}' is neither a dataset name ({', '.join(NAMED)}) nor an existing folder or archive{hint}")
     cache = (Path(root).expanduser() if root else default_root()) / "decoded"
     found = imagecache.load(path, cache, image_size, split)
     if found is None:
