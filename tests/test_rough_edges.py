@@ -102,6 +102,12 @@ def test_cifar10_without_its_files_names_a_folder_to_pass(tmp_path, monkeypatch)
         (tmp_path / "MNIST" / "raw" / name).write_bytes(b"\x1f\x8b cut short")
     r = cli("train", "--data", "mnist", "--data-root", tmp_path, "--max-steps", "1", "--out", tmp_path / "run")
     assert r.exit_code == 1 and "are not the official files (damaged, cut short, or another release)" in said(r), said(r)
+    # A data root that is not there: the failure leaves no empty folders (it left new/MNIST/raw); one that is a file
+    r = cli("train", "--data", "mnist", "--data-root", tmp_path / "new", "--max-steps", "1", "--out", tmp_path / "run2")
+    assert r.exit_code == 1 and "is not in" in said(r) and not (tmp_path / "new").exists(), said(r)
+    r = cli("train", "--data", "mnist", "--data-root", tmp_path / "MNIST" / "raw" / "train-labels-idx1-ubyte.gz",
+            "--max-steps", "1", "--out", tmp_path / "run3")
+    assert r.exit_code == 1 and "is a file; give a folder" in said(r), said(r)
 
 
 def test_help_names_the_extras_in_full():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -154,6 +155,9 @@ def load_torchvision(name: str, root: Path, split: str = "train") -> ImageData:
     files = split_files[split]
     cls = getattr(tvd, cls_name)
     root = _writable_root(root, folder)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"the data root '{root}' is a file; give a folder (--data-root or DIFFCLI_DATA_ROOT).")
+    made = next((p for p in reversed([root / folder, *(root / folder).parents]) if not p.exists()), None)  # the highest new folder
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -163,6 +167,8 @@ def load_torchvision(name: str, root: Path, split: str = "train") -> ImageData:
     try:
         ds = cls(str(root), train=split == "train", download=True)
     except Exception as e:  # torchvision raises RuntimeError, URLError, OSError... when offline
+        if made is not None and not any(p.is_file() for p in made.rglob("*")):  # leave no empty folders behind
+            shutil.rmtree(made, ignore_errors=True)
         where = root / folder if folder != "." else root
         if all((where / f).is_file() for f in files):  # there, but not the official bytes: torchvision then downloads
             raise UserError(f"{name}'s {' and '.join(files)} in '{where}' are not the official files (damaged, cut short, "
