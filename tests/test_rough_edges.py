@@ -196,3 +196,15 @@ def test_resume_with_the_runs_folder_given_again_relative_says_nothing(tmp_path,
     r = cli("train", *tiny, "--max-steps", "3", "--resume")
     assert r.exit_code == 1 and "the run learned the classes a, b, and the data now has b, zebra" in " ".join(r.output.split()), said(r)
     assert (tmp_path / "run" / "train_state.safetensors").read_bytes() == before
+
+
+def test_eval_against_another_sets_classes_warns(tiny_run, tmp_path, caplog):
+    from PIL import Image
+
+    for k, cls in enumerate(("a", "b")):
+        (tmp_path / "pics" / cls).mkdir(parents=True)
+        for i in range(10):  # (a tenth of them held out as the reference: at least 2)
+            Image.new("RGB", (32, 32), (90 * k, 20 * i, 9)).save(tmp_path / "pics" / cls / f"{i}.png")
+    r = cli("eval", "--ckpt", tiny_run / "model.safetensors", "--data", tmp_path / "pics", "--n", "2", "--steps", "1")
+    assert r.exit_code == 0, said(r)
+    assert "has the classes a, b, and the model circle, square" in " ".join(caplog.text.split())

@@ -101,6 +101,9 @@ def _measures(opts: EvalOptions, cfg, meta: dict, data_name: str, data_root, dev
     if tuple(real.train.images.shape[1:]) != shape:
         raise UserError(f"'{data_name}' holds {tuple(real.train.images.shape[1:])} images but the model makes "
                         f"{shape}; pass --data with the model's training data.")
+    if meta["class_names"] and real.train.class_names != meta["class_names"]:  # (another set given as --data)
+        log.warning("'%s' has the classes %s, and the model %s: the figures compare its pictures with those of other classes",
+                    data_name, _names(real.train.class_names), _names(meta["class_names"]))
     if len(real.reference.labels) < 2:  # a Fréchet distance needs a covariance, the close share a percentile
         raise UserError(f"'{data_name}' leaves {len(real.reference.labels)} real image(s) the model never saw to measure "
                         "against, and eval needs at least 2: add a test/ folder or more images.")
