@@ -53,9 +53,9 @@ def load(source: Path, cache_root: Path, image_size: int | None, split: str) -> 
     digest = source_digest(source)
     folder = _cached(cache_root, digest, image_size)
     if folder is None:
-        with _Kept() as warned:
+        with _Kept() as kept:
             decoded, classes = _decode_source(source, image_size)
-        folder = _write(cache_root / cache_key(digest, image_size), decoded, classes, source, warned.messages)
+        folder = _write(cache_root / cache_key(digest, image_size), decoded, classes, source, kept.messages)
         if folder is None or (meta := _entry(folder)) is None:  # a data root that cannot be written: this run keeps its own copy
             found, how = decoded.get(split), "decoded (the cache could not be written)"
             return None if found is None else Decoded(*found, classes, f"{how} in {time.monotonic() - started:.2f} s")
@@ -91,6 +91,8 @@ def _entry(folder: Path) -> dict | None:
     an edit: it was a traceback on every start)."""
     try:
         meta = json.loads((folder / "meta.json").read_text())
+        if not isinstance(meta["class_names"], list) or len(meta["splits"]["train"]["shape"]) != 4:
+            raise ValueError("meta.json lacks the class names or the training split's shape")
         for split, info in meta["splits"].items():
             shape = info["shape"]
             if ((folder / f"{split}-images.u8").stat().st_size != math.prod(shape)
