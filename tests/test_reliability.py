@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -243,3 +244,18 @@ def test_sigkill_during_save_never_leaves_a_broken_checkpoint(tmp_path):
             meta = model_metadata(read_header(path))
             tensors = load_file(str(path))
             assert torch.all(tensors["w"] == meta["step"]), "weights and metadata from different writes"
+
+
+def test_ctrl_c_before_the_first_step_claims_no_model(tmp_path, capsys):
+    """A new run (distill's, here in its loop's place) stopped before its first step saved
+    nothing: no "model:" or "--resume" hint for a file that is not there."""
+    import typer
+
+    from diffcli.cli._progress import with_progress
+    from diffcli.fitting import TrainResult
+
+    stopped = lambda report, should_stop: TrainResult(0, 0.0, tmp_path / "run" / "model.safetensors", None, "interrupt")  # noqa: E731
+    with pytest.raises(typer.Exit) as e:
+        with_progress("distill", stopped)
+    out = capsys.readouterr()
+    assert e.value.exit_code == 130 and "nothing was saved" in out.err and "--resume goes on" not in out.out + out.err
