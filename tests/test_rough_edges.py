@@ -161,6 +161,10 @@ def test_resume_names_the_options_it_does_not_use(tiny_run, tmp_path, caplog):
     caplog.clear()
     assert cli("train", "--resume", "--out", run, "--max-steps", "14", "--data", "shapes").exit_code == 0
     assert "recipe" not in caplog.text
+    # --data-root says where the data is now, not the recipe: taken and stored (a run that found its data
+    # through DIFFCLI_DATA_ROOT could not be resumed without it, and the warning called it --root)
+    assert cli("train", "--resume", "--out", run, "--max-steps", "15", "--data-root", tmp_path / "moved").exit_code == 0
+    assert "recipe" not in caplog.text and f"root: {tmp_path / 'moved'}" in (run / "config.yaml").read_text()
 
 
 def test_a_model_with_nan_weights_says_its_pictures_are_black(tiny_run, tmp_path, caplog):

@@ -79,16 +79,6 @@ def run_config(out: Path) -> RunConfig:
     return from_dict(checkpoint.model_metadata(checkpoint.read_header(state_path(out)))["config"])
 
 
-def check_classes(out: Path, class_names: list[str]) -> None:
-    """Refuse to resume on data whose classes are not the run's: class i of the model must
-    stay class i (a renamed, added or removed class folder renumbers them)."""
-    saved = checkpoint.model_metadata(checkpoint.read_header(state_path(out)))["class_names"]
-    if saved != class_names:
-        shown = lambda names: ", ".join(names[:12]) + (" ..." if len(names) > 12 else "") or "none"  # noqa: E731
-        raise UserError(f"cannot resume: the run learned the classes {shown(saved)}, and the data now has {shown(class_names)}; "
-                        "train a new run (another --out) on the changed data.")
-
-
 STOP_KEYS = ("epochs", "max_steps", "minutes")
 RUN_ON_KEYS = ("device", "compile", "precision", "log", "wandb_project")
 
@@ -99,8 +89,8 @@ def resumed(saved: RunConfig, values: dict) -> RunConfig:
     values given are still checked, so a bad one is refused rather than silently ignored."""
     given = {s: {k: v for k, v in d.items() if v is not None} for s, d in values.items()}
     validate(apply_overrides(copy.deepcopy(saved), given))
-    kept = ["--data" if (s, k) == ("data", "name") else f"--{k.replace('_', '-')}" for s, d in given.items() for k, v in d.items()
-            if k not in STOP_KEYS + RUN_ON_KEYS and not _same_value(s, k, v, getattr(getattr(saved, s), k, v))]
+    kept = [OPTION_OF.get((s, k), f"--{k.replace('_', '-')}") for s, d in given.items() for k, v in d.items()
+            if k not in STOP_KEYS + RUN_ON_KEYS and (s, k) != DATA_ROOT and not _same_value(s, k, v, getattr(getattr(saved, s), k, v))]
     if kept:
         log.warning("--resume continues the run's own recipe, so %s given here %s not used (start a new --out to "
                     "change the recipe)", ", ".join(kept), "is" if len(kept) == 1 else "are")
@@ -108,12 +98,16 @@ def resumed(saved: RunConfig, values: dict) -> RunConfig:
     if stop:
         saved.train.epochs = saved.train.max_steps = saved.train.minutes = None
     run_on = {k: values["train"][k] for k in RUN_ON_KEYS if values["train"].get(k) is not None}
+    if values["data"].get("root") is not None:  # where the data lives now (moved, or found through DIFFCLI_DATA_ROOT before)
+        saved.data.root = str(Path(values["data"]["root"]).expanduser().resolve())
     apply_overrides(saved, {"train": {**stop, **run_on}})
     validate(saved)
     return saved
 
 
 PATH_KEYS = {("data", "name"), ("data", "root")}  # stored absolute, given as the user wrote them
+DATA_ROOT = ("data", "root")  # not the recipe but where the data is: a resume may name another
+OPTION_OF = {("data", "name"): "--data", DATA_ROOT: "--data-root"}  # the config keys whose option is named otherwise
 
 
 def _same_value(section: str, key: str, given, saved) -> bool:

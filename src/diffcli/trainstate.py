@@ -182,3 +182,13 @@ class NonFiniteGuard:
         else:
             advice = "Lower --lr, keep --grad-clip on, or pass --on-nonfinite rollback."
         raise UserError(f"the loss became NaN or infinite at step {bad}; {kept}. {advice}")
+
+
+def check_classes(out: Path, class_names: list[str]) -> None:
+    """Refuse to resume on data whose classes are not the run's: class i of the model must
+    stay class i (a renamed, added or removed class folder renumbers them)."""
+    saved = checkpoint.model_metadata(checkpoint.read_header(state_path(out)))["class_names"]
+    if saved != class_names:
+        shown = lambda names: ", ".join(names[:12]) + (" ..." if len(names) > 12 else "") or "none"  # noqa: E731
+        raise UserError(f"cannot resume: the run learned the classes {shown(saved)}, and the data now has {shown(class_names)}; "
+                        "train a new run (another --out) on the changed data.")

@@ -101,7 +101,8 @@ def _run(cfg, out: Path, resume: bool, overwrite: bool, config: Path | None) -> 
     from diffcli import data as D
     from diffcli import distributed
     from diffcli.config import fit_to_data
-    from diffcli.runs import check_classes, claimed
+    from diffcli.runs import claimed
+    from diffcli.trainstate import check_classes
 
     reads = {"--data": Path(cfg.data.name) if cfg.data.name not in D.NAMED else None, "--config": config}
     with processes(cfg.train.device) as (world, device), \
