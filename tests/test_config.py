@@ -16,6 +16,13 @@ def test_precedence_defaults_preset_file_cli(tmp_path):
     assert cfg.train.lr == 0.005  # file over preset
     assert cfg.train.batch_size == 3  # command line over file
     assert cfg.diffusion.schedule == "linear"
+    # A run's config.yaml (preset tiny) with --preset small: the command line's preset wins over the
+    # file's, network included (it only relabelled tiny's network "small"); the file's own choices stay
+    run = tmp_path / "run.yaml"
+    run.write_text(yaml.safe_dump(to_dict(build_config("tiny", str(f), {}))))
+    cfg = build_config("small", str(run), {})
+    assert cfg.train.preset == "small" and cfg.model == preset_config("small").model and cfg.diffusion.schedule == "linear"
+    assert build_config(None, str(run), {}).model == preset_config("tiny").model
 
 
 def test_round_trip_through_yaml(tmp_path):

@@ -198,15 +198,13 @@ def apply_overrides(cfg: RunConfig, overrides: dict) -> RunConfig:
 def preset_config(preset: str) -> RunConfig:
     if preset not in PRESETS:
         raise UserError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}.")
-    cfg = RunConfig()
-    apply_overrides(cfg, {s: dict(v) for s, v in PRESETS[preset].items()})
+    cfg = apply_overrides(RunConfig(), {s: dict(v) for s, v in PRESETS[preset].items()})
     cfg.train.preset = preset
     return cfg
 
 
 def load_yaml(path: str | Path) -> dict:
-    import yaml
-
+    import yaml  # (here: `diffcli --help` reads no YAML)
     if not Path(path).is_file():
         raise UserError(f"config file '{path}' does not exist or is not a file.")
     try:
@@ -223,11 +221,13 @@ def build_config(preset: str | None, config_file: str | None, cli: dict,
     file_values = load_yaml(config_file) if config_file else {}
     if not isinstance(file_values, dict):
         raise UserError(f"config file '{config_file}' must hold a mapping with sections model, diffusion, data, train.")
-    preset = preset or (file_values.get("train") or {}).get("preset") or "auto"
+    file_train = file_values.get("train") or {}
+    given, preset = preset, preset or file_train.get("preset") or "auto"
     if preset == "auto":
-        preset = auto_preset((cli.get("train") or {}).get("device") or (file_values.get("train") or {}).get("device") or "auto")
-    cfg = preset_config(preset)
-    apply_overrides(cfg, file_values)
+        preset = auto_preset((cli.get("train") or {}).get("device") or file_train.get("device") or "auto")
+    if given and preset != file_train.get("preset", preset):  # a --preset beats the file's: its network and its own values
+        file_values = {s: {**(v or {}), **PRESETS[preset].get(s, {})} for s, v in file_values.items() if s != "model"}
+    cfg = apply_overrides(preset_config(preset), file_values)
     apply_overrides(cfg, {s: {k: v for k, v in vals.items() if v is not None} for s, vals in cli.items()})
     cfg.train.preset = preset
     validate(cfg)
