@@ -132,6 +132,20 @@ def test_an_output_folder_may_not_hold_an_input_and_an_output_may_not_sit_in_an_
     check({"--data": tmp_path / "data"}, [Output("--out", tmp_path / "photos" / "run", MODEL_FOLDER)])
 
 
+def test_no_command_writes_over_a_runs_own_weight_files(tmp_path):
+    """A classifier or an import written as RUN/model.safetensors or RUN/train_state.safetensors
+    with --overwrite broke the run (its resume read "not written by diffcli")."""
+    (tmp_path / "run").mkdir()
+    for name in ("model.safetensors", "train_state.safetensors"):
+        (tmp_path / "run" / name).write_bytes(b"w")
+    for name in ("model.safetensors", "train_state.safetensors"):
+        with pytest.raises(UserError, match="is a training run's own file"):
+            check({}, [Output("--out", tmp_path / "run" / name, MODEL)], overwrite=True)
+    check({}, [Output("--out", tmp_path / "run" / "clf.safetensors", MODEL)], overwrite=True)  # beside them is fine
+    (tmp_path / "run" / "train_state.safetensors").unlink()  # a model file alone is not a run: --overwrite replaces it
+    check({}, [Output("--out", tmp_path / "run" / "model.safetensors", MODEL)], overwrite=True)
+
+
 def test_one_overwrite_policy_for_model_files_and_folders(tmp_path):
     model, folder = tmp_path / "m.safetensors", tmp_path / "export"
     model.write_bytes(b"w")

@@ -13,6 +13,9 @@ import os
 import tempfile
 from pathlib import Path
 
+# A run folder's two weight files (runs.py writes them): here, so that outputs.py can keep every
+# other command from writing over them without importing torch.
+MODEL_FILE, STATE_FILE = "model.safetensors", "train_state.safetensors"
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}  # what diffcli reads and writes as images
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterable
 
 from diffcli.errors import UserError
-from diffcli.files import IMAGE_EXTENSIONS
+from diffcli.files import IMAGE_EXTENSIONS, MODEL_FILE, STATE_FILE
 
 IMAGE, FILE, MODEL, FOLDER, MODEL_FOLDER = "image", "file", "model", "folder", "model folder"
 
@@ -107,6 +107,9 @@ def _writable(out: Output, overwrite: bool) -> None:
         raise UserError(f"{option} must end in an image extension ({', '.join(sorted(IMAGE_EXTENSIONS))}), got '{path.name}'.")
     if out.kind == MODEL and path.suffix.lower() != ".safetensors":
         raise UserError(f"{option} must end in .safetensors (the format diffcli's model files are written in), got '{path.name}'.")
+    if out.kind == MODEL and path.name in (MODEL_FILE, STATE_FILE) and (path.parent / STATE_FILE).is_file():
+        raise UserError(f"{option} '{path}' is a training run's own file ('{path.parent}' holds a run); write somewhere else "
+                        "(--overwrite does not change this).")
     if out.kind == MODEL and path.exists() and not overwrite:
         raise UserError(f"{option} '{path}' already exists; pass --overwrite to replace it, or give another {option}.")
     if out.kind == MODEL_FOLDER and path.is_dir() and any(path.iterdir()) and not overwrite:

@@ -23,13 +23,11 @@ from pathlib import Path
 from diffcli import checkpoint, outputs, runlock
 from diffcli.config import RunConfig, apply_overrides, from_dict, validate
 from diffcli.errors import UserError
-from diffcli.files import atomic_write_bytes
+from diffcli.files import MODEL_FILE, STATE_FILE, atomic_write_bytes
 from diffcli.spec import default_guidance
 
 log = logging.getLogger("diffcli")
 
-MODEL_FILE = "model.safetensors"
-STATE_FILE = "train_state.safetensors"
 METRICS_FILE = "metrics.jsonl"
 SNAPSHOT_DIR = "ema_snapshots"
 _SNAPSHOT_NAME = re.compile(r"step_(\d+)\.safetensors")
