@@ -153,7 +153,7 @@ def test_what_cannot_be_distilled_is_refused_in_one_sentence(student, tiny_run, 
                        "holds the --teacher this command reads")
     one_sentence_error(run("distill", "--teacher", tiny_run / "model.safetensors", "--out", student), "already holds a run")
     one_sentence_error(run("distill", "--teacher", tiny_run / "model.safetensors", "--steps", "5000", "--out", tmp_path / "d"),
-                       "--steps must be below the teacher's T=1000")
+                       "--steps (distill.steps) must be between 1 and 999, below the teacher's T=1000; got 5000")
     one_sentence_error(run("distill", "--teacher", tiny_run / "model.safetensors", "--steps", "8", "--teacher-steps", "4",
                            "--out", tmp_path / "e"), "--teacher-steps (4) must be at least --steps (8)")
     assert not (tmp_path / "e").exists()

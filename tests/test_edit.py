@@ -145,7 +145,7 @@ def test_inversion_then_sampling_reconstructs_the_input(tiny_run, tmp_path):
     (["--strength", "0.5", "--invert"], "--strength is for image-to-image"),
     (["--invert", "--n", "2"], "deterministic"),
     (["--jumps", "3"], "--jumps goes with --mask"),
-    (["--invert", "--sampler", "dpm++"], "--invert runs DDIM"),
+    (["--invert", "--sampler", "dpm++"], "use --sampler ddim or euler, without --eta or --shift."),  # (it named --spacing, which edit lacks)
     (["--mask", "MASK", "--sampler", "dpm++"], "inpainting runs"),
     (["--strength", "1.5"], "--strength must be between 0 and 1"),
     (["--label", "dragon"], "unknown class"),
@@ -163,7 +163,7 @@ def test_edit_refusals_are_one_sentence(tiny_run, picture, tmp_path, args, fragm
 
 def test_interpolate_refusals(tiny_run, tmp_path):
     ckpt = str(tiny_run / "model.safetensors")
-    for args, fragment in ((["--sampler", "ddpm"], "deterministic sampler"), (["--seeds", "1,2,3"], "two --seeds"),
+    for args, fragment in ((["--sampler", "ddpm"], "deterministic sampler, so that nearby noise gives nearby images: use --sampler ddim, euler, dpm++ or heun."), (["--seeds", "1,2,3"], "two --seeds"),
                            (["--out", str(tmp_path / "x.jpg")], "must end in .png or .gif"),
                            (["--seeds", "4,4"], "the two ends are the same (seeds 4 -> 4)")):
         out = [] if "--out" in args else ["--out", str(tmp_path / "i.png")]  # never the working folder's interp.png

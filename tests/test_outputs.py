@@ -117,8 +117,8 @@ def test_an_output_folder_may_not_hold_an_input_and_an_output_may_not_sit_in_an_
         check({"--teacher": teacher}, [Output("--out", tmp_path / "run", FOLDER)], overwrite=True)
     with pytest.raises(UserError, match="holds the --teacher"):
         check({"--teacher": teacher}, [Output("--out", tmp_path, FOLDER)])
-    with pytest.raises(UserError, match="is inside FOLDER"):
-        check({"FOLDER": tmp_path / "run"}, [Output("--out", tmp_path / "run" / "deep" / "x.safetensors", MODEL)])
+    with pytest.raises(UserError, match="is inside the pipeline folder"):
+        check({"the pipeline folder": tmp_path / "run"}, [Output("--out", tmp_path / "run" / "deep" / "x.safetensors", MODEL)])
     check({"--teacher": teacher}, [Output("--out", tmp_path / "student", FOLDER)])
     # A class folder that is a link: the data reads its target, so a run may not land there
     # (its pictures would be read as that class), however the link is reached; a loop is cut.

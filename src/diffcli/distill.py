@@ -160,7 +160,8 @@ def configure(teacher: Path, d: dict, train: dict) -> RunConfig:
     cfg.distill = DistillConfig(teacher=str(teacher.resolve()), teacher_sha256=sha256(teacher))
     apply_overrides(cfg, {"train": train, "distill": d})
     if not 1 <= cfg.distill.steps < cfg.diffusion.timesteps:
-        raise UserError(f"--steps must be below the teacher's T={cfg.diffusion.timesteps}, got {cfg.distill.steps}.")
+        raise UserError(f"--steps (distill.steps) must be between 1 and {cfg.diffusion.timesteps - 1}, below the teacher's "
+                        f"T={cfg.diffusion.timesteps}; got {cfg.distill.steps}.")
     if not (cfg.train.max_steps or cfg.train.minutes):
         cfg.train.max_steps = DEFAULT_MAX_STEPS
     cfg.train.epochs = None  # no data, no epochs

@@ -95,7 +95,7 @@ def invert(model, objective: Objective, spec: SamplerSpec, *, images: torch.Tens
     spec = for_edit(spec, model).resolve(schedule.T, model.student, model.trained)
     if spec.sampler not in DDIM_SAMPLERS or spec.eta != 0 or spec.spacing != "trailing" or spec.shift != 1:
         raise UserError("--invert runs DDIM (Euler) both ways on trailing steps: use --sampler ddim or euler, "
-                        "without --eta, --spacing or --shift.")
+                        "without --eta or --shift.")
     there = denoiser(model, objective, 1.0)
     back = denoiser(model, objective, spec.guidance, spec.interval)
 
@@ -127,7 +127,7 @@ def _deterministic(spec: SamplerSpec, model, T: int) -> SamplerSpec:
     spec = spec.resolve(T, model.student, model.trained)
     if spec.sampler == "ddpm" or spec.eta > 0:
         raise UserError("interpolation needs a deterministic sampler, so that nearby noise gives nearby images: "
-                        "use --sampler ddim (with --eta 0), euler, dpm++ or heun.")
+                        "use --sampler ddim, euler, dpm++ or heun.")
     return spec
 
 

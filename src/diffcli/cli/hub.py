@@ -41,7 +41,7 @@ def import_(
     from diffcli import outputs
     from diffcli.hub_files import import_pipeline
 
-    outputs.check({"FOLDER": folder}, [outputs.Output("--out", out, outputs.MODEL)], overwrite)
+    outputs.check({"the pipeline folder": folder}, [outputs.Output("--out", out, outputs.MODEL)], overwrite)
 
     with writing(out):
         cfg = import_pipeline(folder, out)

@@ -62,7 +62,7 @@ def noise_preview(
     from diffcli.outputs import FILE, IMAGE, Output, check
 
     # --plot is matplotlib's: .pdf and .svg too
-    check({"IMAGE": image}, [Output("--out", out if image is not None else None, IMAGE), Output("--plot", plot, FILE)])
+    check({"input image": image}, [Output("--out", out if image is not None else None, IMAGE), Output("--plot", plot, FILE)])
     if plot is not None:
         from diffcli.plots import schedule_plot
         from diffcli.schedules import make_schedule
