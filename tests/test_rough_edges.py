@@ -212,3 +212,13 @@ def test_eval_against_another_sets_classes_warns(tiny_run, tmp_path, caplog):
     r = cli("eval", "--ckpt", tiny_run / "model.safetensors", "--data", tmp_path / "pics", "--n", "2", "--steps", "1")
     assert r.exit_code == 0, said(r)
     assert "has the classes a, b, and the model circle, square" in " ".join(caplog.text.split())
+
+
+def test_printed_paths_are_whole_and_quoted_where_they_hold_a_space(tmp_path):
+    """Piped output broke lines at 80 columns inside paths, and a `next:` command with a
+    space in its path could not be pasted."""
+    out = tmp_path / ("a folder name long enough to pass eighty columns on its own" + "x" * 30) / "run"
+    r = cli("train", "--data", "shapes", "--limit", "32", "--preset", "tiny", "--max-steps", "1", "--out", out)
+    assert r.exit_code == 0, said(r)
+    assert f"model: {out / 'model.safetensors'}\n" in r.output, r.output
+    assert f"next: diffcli sample --ckpt '{out / 'model.safetensors'}' --label all" in r.output, r.output

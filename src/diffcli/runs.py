@@ -19,6 +19,7 @@ import logging
 import re
 import shutil
 from pathlib import Path
+from shlex import quote
 
 from diffcli import checkpoint, outputs, runlock
 from diffcli.config import RunConfig, apply_overrides, from_dict, validate
@@ -202,7 +203,7 @@ def run_summary(run_dir: Path) -> dict:
                                            + ("" if r.get("label_gain") is None else f" / {r['label_gain']:.3f}") for r in labels)
     if found := snapshots(run_dir):
         size = sum(p.stat().st_size for p in found.values())
-        info["ema_snapshots"] = f"{len(found)}, {size / 1e6:.0f} MB (diffcli ema --run {run_dir} --length L)"
+        info["ema_snapshots"] = f"{len(found)}, {size / 1e6:.0f} MB (diffcli ema --run {quote(str(run_dir))} --length L)"
     for key, name in (("latest_grid", "samples/latest.png"), ("loss_curve", "loss.png")):
         if (run_dir / name).exists():
             info[key] = str(run_dir / name)

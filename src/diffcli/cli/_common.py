@@ -22,8 +22,10 @@ from diffcli.checks import AT_LEAST_ONE, SEED, Range, check, field_range
 from diffcli.errors import UserError, writing  # noqa: F401  (writing: for the commands)
 from diffcli.spec import DEFAULT_STEPS, GUIDANCE_CEILING, GUIDANCE_FLOOR, SamplerSpec
 
-console = Console()
-err_console = Console(stderr=True)
+# Lines are not broken at the console's width (80 when piped): a path or a `next:` command split
+# in two could not be copied or grepped from a log; the terminal wraps them on screen. Tables still fit.
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 EXIT_USER_ERROR = 1  # a problem the user can fix; usage errors from the parser exit 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell convention

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import time
+from shlex import quote
 
 import typer
 from rich.markup import escape
@@ -96,7 +97,7 @@ def with_progress(label: str, loop) -> None:
     if result.grid_path:
         console.print(f"samples: [cyan]{result.grid_path}[/]")
     if result.stopped_by == "interrupt":
-        console.print(f"next: diffcli {label} --out {result.model_path.parent} --resume goes on from step {result.step} "
+        console.print(f"next: diffcli {label} --out {quote(str(result.model_path.parent))} --resume goes on from step {result.step} "
                       f"(add --max-steps or --minutes for a new limit)", highlight=False)
         raise typer.Exit(EXIT_INTERRUPTED)
-    console.print(f"next: diffcli sample --ckpt {result.model_path} --label all --out samples.png", highlight=False)
+    console.print(f"next: diffcli sample --ckpt {quote(str(result.model_path))} --label all --out samples.png", highlight=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from shlex import quote
 from typing import Annotated, Optional
 
 import typer
@@ -179,4 +180,4 @@ def classifier_train(
     for name, acc in zip(train_data.class_names, scores["per_class_accuracy"]):
         table.add_row(name, "-" if acc is None else f"{acc:.2%}")
     console.print(table)
-    console.print(f"wrote [cyan]{out}[/]; next: diffcli eval --ckpt MODEL --classifier {out}", highlight=False)
+    console.print(f"wrote [cyan]{out}[/]; next: diffcli eval --ckpt MODEL --classifier {quote(str(out))}", highlight=False)

@@ -1,6 +1,7 @@
 """`diffcli export` and `diffcli import`: a model to and from the diffusers folder format."""
 
 from pathlib import Path
+from shlex import quote
 from typing import Annotated
 
 import typer
@@ -50,4 +51,4 @@ def import_(
     from diffcli.objective import of
 
     console.print(f"wrote [cyan]{out}[/]: {m.base_channels} channels x {list(m.channel_mult)}, {kind}, {of(d).describe()}; "
-                  f"next: diffcli sample --ckpt {out} --label all", highlight=False)
+                  f"next: diffcli sample --ckpt {quote(str(out))} --label all", highlight=False)
