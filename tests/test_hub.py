@@ -66,7 +66,14 @@ def inputs(classes, n=3, size=16):
 def test_an_exported_model_gives_diffcli_s_output_in_diffusers(tmp_path, classes, scale_shift, shallow, preset, groups):
     from diffusers import DDIMScheduler, UNet2DModel
 
+    from safetensors.torch import load_file
+
+    from diffcli.checkpoint import model_metadata, read_header, save_model
+    from diffcli.spec import LabelReading, default_guidance
+
     ckpt = random_model(tmp_path, classes, scale_shift, shallow, preset, groups)
+    meta = model_metadata(read_header(ckpt))  # trained as a photo model is: the rule gives it neither 2 nor its ceiling
+    save_model(ckpt, load_file(str(ckpt)), meta["config"], meta["class_names"], 9000, 0.0, LabelReading(0.3, 0.012))
     r = run("export", "--ckpt", ckpt, "--out", tmp_path / "out")
     assert r.exit_code == 0, r.output
     theirs = UNet2DModel.from_pretrained(str(tmp_path / "out"), subfolder="unet").eval()
@@ -89,6 +96,10 @@ def test_an_exported_model_gives_diffcli_s_output_in_diffusers(tmp_path, classes
     with torch.no_grad():
         assert (back(x, t, y) - want).abs().max() < 1e-5
     assert back_meta["class_names"] == [f"c{i}" for i in range(classes)] and back_cfg.diffusion == cfg.diffusion
+    # with the training the guidance rule reads, so both sample with one weight (the import drew at 2), as the card says
+    w = default_guidance(ours.trained)
+    assert default_guidance(back.trained) == w not in (2.0, 3.0) and back_meta["step"] == 9000
+    assert (f"uncond + {w:g} * (cond - uncond)" in (tmp_path / "out" / "README.md").read_text()) == bool(classes)
 
 
 @pytest.mark.parametrize("broken", [False, True])

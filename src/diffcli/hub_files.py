@@ -4,6 +4,7 @@ file. What maps to what is `hub.py`."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -13,6 +14,7 @@ from diffcli.errors import UserError
 from diffcli.hub import (DIFFUSERS_VERSION, PREDICTIONS, SCHEDULER_NUMBERS, UNET2D_NUMBERS, UNET_WEIGHTS, check_numbers,
                          diffusion_config, from_diffusers, model_config, pipeline_classes, read_json, scheduler_config,
                          to_diffusers, unet_config, write_json)
+from diffcli.spec import LabelReading, default_guidance
 
 IMPORTED = "imported"  # the preset an imported model's config names: it was not trained here
 
@@ -38,17 +40,20 @@ def export(ckpt: Path, out: Path) -> tuple[dict, str]:
     pipeline, scheduler = pipeline_classes(cfg)
     write_json(out / "model_index.json", {"_class_name": pipeline, "_diffusers_version": DIFFUSERS_VERSION,
                                           "scheduler": ["diffusers", scheduler], "unet": ["diffusers", "UNet2DModel"]})
-    write_json(out / "class_names.json", {"class_names": names, "null_label": k if k else None})
-    (out / "README.md").write_text(model_card(cfg, names, ckpt))
+    # what the guidance rule reads of its training, so that an import samples with the same default weight
+    trained = {"step": meta["step"], "batch_size": cfg.train.batch_size, "label_knowledge": meta["label_knowledge"],
+               "label_gain": meta["label_gain"]}
+    write_json(out / "class_names.json", {"class_names": names, "null_label": k if k else None, "diffcli_training": trained})
+    (out / "README.md").write_text(model_card(cfg, names, ckpt, default_guidance(model.trained)))
     return unet, scheduler
 
 
-def model_card(cfg: RunConfig, names: list[str], ckpt: Path) -> str:
+def model_card(cfg: RunConfig, names: list[str], ckpt: Path, guidance: float) -> str:
     k = cfg.model.num_classes
     labels = (f"Class labels 0..{k - 1} ({', '.join(names[:10])}{' ...' if k > 10 else ''}); label {k} is \"no label\", "
               "for classifier-free guidance.") if k else "Unconditional: call the UNet without class labels."
     guided = ("        both = unet(torch.cat([x, x]), t, class_labels=torch.cat([y, torch.full_like(y, %d)])).sample\n"
-              "        cond, uncond = both.chunk(2)\n        out = uncond + 2.0 * (cond - uncond)  # guidance 2, diffcli's default\n" % k
+              "        cond, uncond = both.chunk(2)\n        out = uncond + %g * (cond - uncond)  # the weight diffcli samples it with\n" % (k, guidance)
               if k else "        out = unet(x, t).sample\n")
     flow = cfg.diffusion.objective == "flow"
     learned = ("flow matching (the UNet predicts the velocity noise - image at timestep t = s·T)" if flow else
@@ -127,5 +132,20 @@ def import_pipeline(folder: Path, out: Path) -> RunConfig:
         detail = lines[1] if lines[0].endswith(":") and len(lines) > 1 else lines[0]
         raise UserError(f"the weights in '{folder / 'unet'}' do not fit their config.json ({detail.rstrip('.')}).") from None
     names = labels.get("class_names") or [str(i) for i in range(cfg.model.num_classes)]
-    save_model(out, net.state_dict(), to_dict(cfg), names, 0, 0.0)
+    step, reading = _training(labels.get("diffcli_training"), cfg)
+    save_model(out, net.state_dict(), to_dict(cfg), names, step, 0.0, reading)
     return cfg
+
+
+def _training(entry, cfg: RunConfig) -> tuple[int, LabelReading | None]:
+    """(step, label reading) from a diffcli export's class_names.json, with the batch size put in
+    `cfg` (the images seen are step x batch): what the guidance rule reads. Step 0 and no reading,
+    the rule's "training unknown", for a folder from elsewhere or an entry that is not numbers."""
+    entry = entry if isinstance(entry, dict) else {}
+    step, batch, knowledge, gain = (entry.get(k) for k in ("step", "batch_size", "label_knowledge", "label_gain"))
+    whole = lambda v, low: isinstance(v, int) and not isinstance(v, bool) and v >= low  # noqa: E731
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+    if not (whole(step, 0) and whole(batch, 1)):
+        return 0, None
+    cfg.train.batch_size = batch
+    return step, LabelReading(knowledge, gain if number(gain) else None) if number(knowledge) else None
