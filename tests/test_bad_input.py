@@ -139,6 +139,9 @@ def test_bad_yaml_configs(tmp_path, content, fragment):  # (each refused before 
     (["--eta", "-0.5"], "--eta must be 0 or more"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--variance", "big"], "--variance must be"),
+    (["--sampler", "heun", "--eta", "1"], "--eta is DDIM's noise, which heun does not take"),  # (ignored without a word)
+    (["--sampler", "euler", "--eta", "1"], "--eta is DDIM's noise, which euler does not take"),
+    (["--variance", "beta"], "--variance sets DDPM's step noise, which ddim does not take"),  # (ignored)
     (["--n", "26215"], "--n asks for 262,150 images of 32 px, more than one command holds in memory (262,144"),  # (killed for memory)
 ])
 def test_bad_sample_options(tiny_run, tmp_path, args, fragment):

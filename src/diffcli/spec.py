@@ -173,8 +173,10 @@ class SamplerSpec:
             raise UserError(f"--spacing must be one of {', '.join(SPACINGS)}, got '{self.spacing}'.")
         if self.sampler == "ddpm" and (self.spacing != "trailing" or self.shift != 1):
             raise UserError("ddpm runs all T steps, so there is no spacing to choose; drop --spacing and --shift.")
-        if self.sampler == "euler" and self.eta > 0:
-            raise UserError("euler is deterministic; for DDIM's noise use --sampler ddim with --eta.")
+        if self.eta > 0 and self.sampler != "ddim":  # (each was ignored without a word, but euler's)
+            raise UserError(f"--eta is DDIM's noise, which {self.sampler} does not take; use --sampler ddim with --eta.")
+        if self.variance != VARIANCES[0] and self.sampler != "ddpm":
+            raise UserError(f"--variance sets DDPM's step noise, which {self.sampler} does not take; use --sampler ddpm with it.")
         check_fields(self, lambda name: f"--{name}", skip=("steps",))  # steps: by `resolve`, which knows T
         if self.interval is not None:
             low, high = self.interval
