@@ -147,7 +147,7 @@ def test_ema_refuses_what_it_cannot_do(tmp_path):
         assert r.exit_code == 1 and "Traceback" not in r.output and fragment in " ".join(r.output.split()), r.output
 
     refused("holds no EMA snapshots", "--run", out, "--length", "0.1")
-    refused("is not a run folder", "--run", out / "model.safetensors", "--length", "0.1")
+    refused(f"is a file; give the run folder that holds it ('{out}')", "--run", out / "model.safetensors", "--length", "0.1")
     refused("--out names one file", "--run", out, "--length", "0.05,0.1", "--out", tmp_path / "one.safetensors")
     refused("must be in (0, 0.28]", "--run", out, "--length", "0.3")
     refused("--length gives 0.1 more than once", "--run", out, "--length", "0.1,0.05,0.10")  # (it said "--out and --out")

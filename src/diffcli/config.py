@@ -197,7 +197,7 @@ def apply_overrides(cfg: RunConfig, overrides: dict) -> RunConfig:
 
 def preset_config(preset: str) -> RunConfig:
     if preset not in PRESETS:
-        raise UserError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}.")
+        raise UserError(f"unknown preset '{preset}'; choose one of auto, {', '.join(PRESETS)}.")
     cfg = apply_overrides(RunConfig(), {s: dict(v) for s, v in PRESETS[preset].items()})
     cfg.train.preset = preset
     return cfg

@@ -38,7 +38,8 @@ def ema(
     if out is not None and len(lengths) > 1:
         raise UserError("--out names one file; give one --length with it, or leave --out out.")
     if not (run / MODEL_FILE).is_file():
-        raise UserError(f"'{run}' is not a run folder (no {MODEL_FILE} in it).")
+        holds = f"is a file; give the run folder that holds it ('{run.parent}')" if run.is_file() else f"is not a run folder (no {MODEL_FILE} in it)"
+        raise UserError(f"'{run}' {holds}.")
     paths = [out] if out is not None else [posthoc.made_path(run, s) for s in lengths]
     outputs.check({"run's model": run / MODEL_FILE, "run's training state": run / STATE_FILE,
                    "run's EMA snapshots": run / SNAPSHOT_DIR}, [outputs.Output("--out", p, outputs.MODEL) for p in paths],
