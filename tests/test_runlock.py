@@ -107,3 +107,23 @@ def test_without_kernel_locks_a_live_holder_here_is_refused_and_a_dead_one_taken
     with pytest.raises(UserError, match=f"another machine .* remove '{tmp_path / runlock.LOCK_FILE}'"):
         with runlock.holding(tmp_path, "diffcli train"):
             pass
+
+
+def test_distilling_a_run_still_being_trained_says_so(tiny_run, tmp_path):
+    """Its teacher's model changes at each checkpoint, and a resume then finds another
+    teacher: a note at the start, not a surprise later. `busy` takes nothing."""
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_run, teacher)
+    assert runlock.busy(teacher) is None
+    with runlock.holding(teacher, "diffcli train"):
+        assert runlock.busy(teacher)["command"] == "diffcli train"
+        r = cli("distill", "--teacher", teacher / "model.safetensors", "--max-steps", "1", "--batch-size", "4", "--steps", "2",
+                "--teacher-steps", "2", "--out", tmp_path / "student")
+        assert r.exit_code == 0, r.output
+        assert "the teacher's run is still being written (pid" in " ".join(r.output.split())
+    assert runlock.busy(teacher) is None
+    r = cli("distill", "--teacher", teacher / "model.safetensors", "--max-steps", "1", "--batch-size", "4", "--steps", "2",
+            "--teacher-steps", "2", "--out", tmp_path / "student2")
+    assert r.exit_code == 0 and "still being written" not in r.output, r.output

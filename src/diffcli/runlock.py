@@ -68,6 +68,27 @@ def holding(folder: Path, command: str, notice: Callable[[str], None] = lambda m
         os.close(fd)
 
 
+def busy(folder: Path) -> dict | None:
+    """Who holds `folder`'s lock, while a live process does (a run being written: its model
+    changes at each checkpoint); None when no one does, or where locks cannot tell. Takes nothing."""
+    try:
+        import fcntl
+
+        fd = os.open(folder / LOCK_FILE, os.O_RDONLY)
+    except (ImportError, OSError):
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # a shared lock is refused while a holder has its exclusive one
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    except BlockingIOError:
+        return _read(fd)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
 def _lock(fd: int, left: dict, path: Path, folder: Path) -> bool:
     try:
         import fcntl

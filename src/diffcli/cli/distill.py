@@ -61,6 +61,11 @@ def distill(
         from diffcli.distill import distill as distill_loop
         from diffcli.distill import paths_per_step
 
+        from diffcli.runlock import busy, holder_text
+
+        if (holder := busy(Path(cfg.distill.teacher).parent)) is not None:
+            print_notice(f"the teacher's run is still being written ({holder_text(holder)}): its model changes at each "
+                         "checkpoint, and this distillation resumes only while the teacher stays as it is now.")
         d, paths = cfg.distill, paths_per_step(cfg.train.batch_size, cfg.distill.steps)
         console.print(f"teacher: [cyan]{d.teacher}[/]; student: ddim, {d.steps} steps, guidance {d.guidance:g} built in, "
                       f"from the teacher's {d.teacher_steps}-step guided DDIM path; {paths} paths a step "
