@@ -55,8 +55,8 @@ def test_trajectory_needs_png_or_gif(tiny_run, tmp_path):
 
 def test_compare_sheet_with_guidance_sweep(tiny_run, tmp_path):
     out = tmp_path / "cmp.png"
-    r = run("compare", "--ckpt", tiny_run / "model.safetensors", "--samplers", "ddim,dpm++", "--steps", "2,5,9",
-            "--guidance", "0,1,4", "--label", "star", "--n", "3", "--out", out)
+    r = run("compare", "--ckpt", tiny_run / "model.safetensors", "--samplers", "ddim,dpm++,ddim", "--steps", "2,5,9,5",
+            "--guidance", "0,1,4,1", "--label", "star", "--n", "3", "--out", out)  # a repeated value is one row or column
     sheet = Image.open(out)
     rows, cols = 2 * 3, 3
     cell_w, cell_h = grid_size(3, 3, 32, 32)

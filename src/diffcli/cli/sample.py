@@ -111,9 +111,9 @@ def compare(
     device: Device = "auto",
 ):
     """Contact sheet of samplers x steps (x guidance) from the same starting noise, each cell timed."""
-    names = parse_list(samplers, str, "--samplers")
+    names = list(dict.fromkeys(parse_list(samplers, str, "--samplers")))  # a row once, as a column is (it was drawn twice)
     step_list = parse_list(steps, int, "--steps", AT_LEAST_ONE)
-    weights = parse_list(guidance, float, "--guidance") if guidance else [None]
+    weights = list(dict.fromkeys(parse_list(guidance, float, "--guidance"))) if guidance else [None]
     rows = [(s, w) for s in names for w in weights]
     specs = {(s, w): SamplerSpec(s, guidance=w) for s, w in rows}  # refuses a bad sampler or weight now
     from diffcli.outputs import IMAGE, Output, check
