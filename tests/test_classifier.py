@@ -97,6 +97,11 @@ def test_cli_trains_saves_and_reports_what_a_reload_measures(tmp_path):
     assert rescored["test_accuracy"] == pytest.approx(meta["test_accuracy"], abs=1e-6)
     assert rescored["per_class_accuracy"] == pytest.approx(meta["per_class_accuracy"], abs=1e-6)
     assert meta["test_accuracy"] > 0.5  # 10 classes: chance is 0.1
+    assert "no training image of the class" not in " ".join(r.output.split())
+    # --limit 3 of 10 classes: the seven it never sees are named (it said nothing)
+    r = runner.invoke(app, ["classifier", "train", "--data", "shapes", "--limit", "3", "--epochs", "1", "--width", "4",
+                            "--no-augment", "--out", str(tmp_path / "three.safetensors"), "--device", "cpu"])
+    assert r.exit_code == 0 and "no training image of the class(es) ring, cross, star" in " ".join(r.output.split()), r.output
 
     again = runner.invoke(app, ["classifier", "train", "--data", "shapes", "--out", str(out)])
     assert again.exit_code == 1 and "already exists" in again.output  # never overwritten silently

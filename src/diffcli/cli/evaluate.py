@@ -164,6 +164,10 @@ def classifier_train(
         train_data, test_data, held = reference_splits(data, data_root, image_size, limit)
     console.print(f"{data}: {len(train_data.labels):,} training images, {len(test_data.labels):,} test images ({held}); "
                   f"{describe(dev)}", highlight=False)
+    seen = set(train_data.labels.tolist())
+    if unseen := [name for i, name in enumerate(train_data.class_names) if i not in seen]:
+        print_notice(f"no training image of the class(es) {', '.join(unseen[:12])} (--limit?): the classifier cannot learn "
+                     "them, and its figures will not judge a model's pictures of them.")
     with progress("classifier") as bar:
         task = bar.add_task("train", total=None, info="")
 
