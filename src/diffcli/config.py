@@ -216,8 +216,7 @@ def load_yaml(path: str | Path) -> dict:
 
 def build_config(preset: str | None, config_file: str | None, cli: dict,
                  auto_preset: typing.Callable[[str], str] = lambda device: "small") -> RunConfig:
-    """Defaults < preset < YAML file < command-line options (only those given); the preset
-    "auto" is `auto_preset` of the run's device (devices.preset_for)."""
+    """Defaults < preset < YAML file < options given; a --preset not the file's sets all presets set ("auto": the device's)."""
     file_values = load_yaml(config_file) if config_file else {}
     if not isinstance(file_values, dict):
         raise UserError(f"config file '{config_file}' must hold a mapping with sections model, diffusion, data, train.")
@@ -225,8 +224,9 @@ def build_config(preset: str | None, config_file: str | None, cli: dict,
     given, preset = preset, preset or file_train.get("preset") or "auto"
     if preset == "auto":
         preset = auto_preset((cli.get("train") or {}).get("device") or file_train.get("device") or "auto")
-    if given and preset != file_train.get("preset", preset):  # a --preset beats the file's: its network and its own values
-        file_values = {s: {**(v or {}), **PRESETS[preset].get(s, {})} for s, v in file_values.items() if s != "model"}
+    if given not in (None, "auto", file_train.get("preset", preset)):  # a --preset beats the file's: all a preset sets
+        set_by = {(s, k) for values in PRESETS.values() for s, keys in values.items() for k in keys}
+        file_values = {s: {k: x for k, x in v.items() if (s, k) not in set_by} if isinstance(v, dict) else v for s, v in file_values.items()}
     cfg = apply_overrides(preset_config(preset), file_values)
     apply_overrides(cfg, {s: {k: v for k, v in vals.items() if v is not None} for s, vals in cli.items()})
     cfg.train.preset = preset
