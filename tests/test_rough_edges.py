@@ -222,3 +222,23 @@ def test_printed_paths_are_whole_and_quoted_where_they_hold_a_space(tmp_path):
     assert r.exit_code == 0, said(r)
     assert f"model: {out / 'model.safetensors'}\n" in r.output, r.output
     assert f"next: diffcli sample --ckpt '{out / 'model.safetensors'}' --label all" in r.output, r.output
+
+
+def test_a_piped_warning_is_one_line(tmp_path):
+    """Piped, rich laid a warning out at 80 columns and broke a long file name in two."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    for cls in ("a", "b"):
+        (tmp_path / "pics" / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / "pics" / cls / f"{i}.png")
+    name = "a-broken-file-whose-name-alone-runs-past-eighty-columns-of-a-log-" + "x" * 20 + ".png"
+    (tmp_path / "pics" / "a" / name).write_bytes(b"not a picture")
+    proc = subprocess.run([sys.executable, "-m", "diffcli", "train", "--data", str(tmp_path / "pics"), "--preset", "tiny",
+                           "--max-steps", "1", "--data-root", str(tmp_path / "root"), "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"WARNING  skipping a/{name}: it is not an image" in proc.stderr, proc.stderr

@@ -88,18 +88,6 @@ def print_notice(message: str) -> None:
     err_console.print(f"[yellow]note:[/] {escape(message)}", highlight=False)
 
 
-def setup_logging() -> None:
-    """Warnings from the core (a skipped image file, a read-only data folder) through rich."""
-    import logging
-
-    from rich.logging import RichHandler
-
-    log = logging.getLogger("diffcli")
-    if not log.handlers:
-        log.addHandler(RichHandler(console=err_console, show_time=False, show_path=False))
-        log.setLevel(logging.INFO)
-
-
 def safe_name(text: str) -> str:
     """`text` as a piece of a file name."""
     return "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in text)

@@ -36,7 +36,7 @@ def distill(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over in an --out folder that holds another run.")] = False,
 ):
     """Distil a trained model into a student that samples in a few steps, guidance built in."""
-    from diffcli.cli._common import setup_logging
+    from diffcli.cli._logs import setup_logging
 
     setup_logging()
     values = config_values(distill, locals())

@@ -8,7 +8,8 @@ import typer
 from rich.table import Table
 
 from diffcli.cli._common import (DATA_ROOT_HELP, DEVICE_HELP, LOG_HELP, WANDB_PROJECT_HELP, Sets, console, err_console,
-                                 print_notice, setup_logging)
+                                 print_notice)
+from diffcli.cli._logs import setup_logging
 from diffcli.cli._progress import with_progress
 from diffcli.cli._ranks import processes
 from diffcli.config import DataConfig, DiffusionConfig, TrainConfig
