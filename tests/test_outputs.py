@@ -130,6 +130,8 @@ def test_an_output_folder_may_not_hold_an_input_and_an_output_may_not_sit_in_an_
         with pytest.raises(UserError, match="is inside --data"):
             check({"--data": tmp_path / "data"}, [Output("--out", out, MODEL_FOLDER)])
     check({"--data": tmp_path / "data"}, [Output("--out", tmp_path / "photos" / "run", MODEL_FOLDER)])
+    (tmp_path / "data" / ".home").symlink_to(tmp_path, target_is_directory=True)  # hidden: not read, so not guarded
+    check({"--data": tmp_path / "data"}, [Output("--out", tmp_path / "runs" / "x", MODEL_FOLDER)])
 
 
 def test_no_command_writes_over_a_runs_own_weight_files(tmp_path):

@@ -76,6 +76,8 @@ def _folders_read(outer: Path) -> set[Path]:
         walk = []
         for d in dirs:
             path = Path(here) / d
+            if d.startswith("."):  # hidden: not read (folders.py), so no output is inside it through here
+                continue
             if path.is_symlink():
                 real = path.resolve()
                 if any(real.is_relative_to(f) for f in found):  # read already, another way: a loop cut
