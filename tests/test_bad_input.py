@@ -107,7 +107,7 @@ def test_empty_folder_and_folder_of_broken_images(tmp_path):
         Image.new("RGB", (8, 8), (9 * i, 0, 0)).save(tmp_path / "pets" / "cat" / f"{i}.png")
     (tmp_path / "pets" / "dog" / "0.png").write_bytes(b"nope")
     r = ok(["train", "--data", tmp_path / "pets", "--preset", "tiny", "--max-steps", "1", "--out", tmp_path / "pets-run"])
-    assert "no image of the class(es) dog could be read" in " ".join(r.output.split())
+    assert "no training image of the class(es) dog (unreadable files, or --limit)" in " ".join(r.output.split())
 
 
 # --- configs and options ----------------------------------------------------------
@@ -142,14 +142,14 @@ def test_bad_yaml_configs(tmp_path, content, fragment):  # (each refused before 
     (["--sampler", "heun", "--eta", "1"], "--eta is DDIM's noise, which heun does not take"),  # (ignored without a word)
     (["--sampler", "euler", "--eta", "1"], "--eta is DDIM's noise, which euler does not take"),
     (["--variance", "beta"], "--variance sets DDPM's step noise, which ddim does not take"),  # (ignored)
-    (["--n", "26215"], "--n asks for 262,150 images of 32 px, more than one command holds in memory (262,144"),  # (killed for memory)
+    (["--n", "104858"], "--n asks for 1,048,580 images of 32 px, more than one command holds in memory (1,048,576"),  # (killed for memory)
 ])
 def test_bad_sample_options(tiny_run, tmp_path, args, fragment):
     fails_cleanly(["sample", "--ckpt", tiny_run / "model.safetensors", *args, "--out", tmp_path / "s.png"], fragment)
 
 
 def test_more_images_or_timesteps_than_memory_holds_are_refused(tiny_run, tmp_path):
-    fails_cleanly(["eval", "--ckpt", tiny_run / "model.safetensors", "--n", "26215"], "--n asks for 262,150 images")
+    fails_cleanly(["eval", "--ckpt", tiny_run / "model.safetensors", "--n", "104858"], "images of 32 px, more than one command holds in memory (1,048,576 at this size); lower --n.")
     fails_cleanly(["noise-preview", "--plot", tmp_path / "p.png", "--timesteps", "100001"], "--timesteps must be between 2 and 100000")
 
 

@@ -56,12 +56,14 @@ def run(opts: EvalOptions, device, status=lambda text: contextlib.nullcontext(),
     Under torchrun (`world`) every rank draws its share of the images; rank 0 measures
     them all and the other ranks return {}."""
     from diffcli.checkpoint import load_model
+    from diffcli.generate import check_count
     from diffcli.hub_files import IMPORTED
 
     if not (opts.classifier or opts.fid or opts.memorisation):
         raise UserError("nothing to measure: give --classifier, --fid, or leave --memorisation on.")
     model, cfg, meta = load_model(opts.ckpt, device)
     opts.spec.resolve(cfg.diffusion.timesteps, model.student, model.trained)  # a bad --steps should fail before the data loads
+    check_count(max(1, len(meta["class_names"])) * opts.n_per_class, cfg.model.image_size, "lower --n")  # and too many images
     data_name, data_root = opts.data or cfg.data.name, opts.data_root or cfg.data.root
     if not opts.data and cfg.train.preset == IMPORTED:  # its data.name is the pipeline folder it came from
         raise UserError(f"this model was imported from the diffusers folder '{data_name}', which records no training images; "
@@ -161,11 +163,10 @@ def evaluate(model, cfg, class_names: list[str], opts: EvalOptions, real: RealIm
     arrays or None). `inception` is (network, weights hash) from inception.load_inception;
     `status(text)` gives a context manager shown while each stage runs; `world`: see `run`."""
     from diffcli.devices import timed
-    from diffcli.generate import check_count, generate
+    from diffcli.generate import generate
     from diffcli.objective import of
 
     spec = opts.spec.resolve(cfg.diffusion.timesteps, model.student, model.trained)
-    check_count(max(1, len(class_names)) * opts.n_per_class, cfg.model.image_size)
     labels = torch.tensor([k for k in (range(len(class_names)) or [0]) for _ in range(opts.n_per_class)])
     device = next(model.parameters()).device
     with status(f"sampling {len(labels)} images with {spec.sampler}, {spec.steps} steps ..."):

@@ -22,16 +22,16 @@ from diffcli.spec import SamplerSpec
 log = logging.getLogger("diffcli")
 
 # The most pixels one command draws: every image is held in memory until the end (and `sample`'s
-# grid holds them again). 2^28 is a 16k x 16k grid, 0.8 GB of RGB bytes: 262k images of 32 px,
-# 65k of 64 px, beyond the 50k an FID wants. Past it a typo's --n ran out of memory or for days.
-MAX_PIXELS = 2**28
+# grid holds them again). 2^30 is a 32k x 32k grid, 3.2 GB of RGB bytes: 1M images of 32 px, 65k
+# of 128 px, an FID's 50k at 128 px. Past it a typo's --n ran out of memory or ran for days.
+MAX_PIXELS = 2**30
 
 
-def check_count(images: int, size: int, option: str = "--n") -> None:
+def check_count(images: int, size: int, advice: str = "draw them in parts, each with its own --seed") -> None:
     """Refuse, before any list is built, a request for more images than one command holds."""
     if images * size * size > MAX_PIXELS:
-        raise UserError(f"{option} asks for {images:,} images of {size} px, more than one command holds in memory "
-                        f"({MAX_PIXELS // (size * size):,} at this size); draw them in parts, each with its own --seed.")
+        raise UserError(f"--n asks for {images:,} images of {size} px, more than one command holds in memory "
+                        f"({MAX_PIXELS // (size * size):,} at this size); {advice}.")
 
 
 def sampling_network(model: torch.nn.Module, objective: Objective) -> samplers.Network:

@@ -62,7 +62,7 @@ def load(source: Path, cache_root: Path, image_size: int | None, split: str) -> 
         how = f"decoded into the cache {folder}"
     else:
         how, meta = f"read from the cache {folder}", json.loads((folder / "meta.json").read_text())
-    if folder not in _REMINDED and how.startswith("read") and (warned := meta.get("warnings")):
+    if folder not in _REMINDED and how.startswith("read") and isinstance(warned := meta.get("warnings"), list) and warned:
         log.warning("when '%s' was decoded into the cache: %s%s (kept in %s)", source, warned[0],
                     f", and {len(warned) - 1} more warning(s)" if len(warned) > 1 else "", folder / "meta.json")
     _REMINDED.add(folder)  # each split loads the entry: one reminder a process, none where it was just decoded

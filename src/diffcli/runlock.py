@@ -82,7 +82,7 @@ def busy(folder: Path) -> dict | None:
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None
     except BlockingIOError:
-        return _read(fd)
+        return _read(fd) or None  # (no text: another probe's moment, not a run)
     except OSError:
         return None
     finally:
@@ -94,15 +94,19 @@ def _lock(fd: int, left: dict, path: Path, folder: Path) -> bool:
         import fcntl
     except ImportError:  # Windows: no flock
         return _by_text(left, path, folder)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-    except OSError as e:
-        if e.errno in _NO_LOCKS:
-            return _by_text(left, path, folder)
-        raise UserError(f"cannot lock '{path}' ({e.strerror}).") from None
+    for attempt in range(2):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if attempt or _read(fd):  # held by a run that says so
+                return False
+            time.sleep(0.1)  # held without a word: `busy`'s shared probe, for an instant
+        except OSError as e:
+            if e.errno in _NO_LOCKS:
+                return _by_text(left, path, folder)
+            raise UserError(f"cannot lock '{path}' ({e.strerror}).") from None
+    return False
 
 
 def _unlock(fd: int) -> None:

@@ -88,7 +88,7 @@ def with_progress(label: str, loop) -> None:
             result = loop(_Progress(bar), lambda: stops["count"] > 0)
     finally:
         signal.signal(signal.SIGINT, old_handler)
-    if not result.model_path.exists():  # stopped before the first step of a new run: there is nothing to resume
+    if result.step == 0:  # stopped before a new run's first step (a checkpoint holds one at least): nothing to resume
         err_console.print("interrupted before the first step; nothing was saved (start again without --resume).")
         raise typer.Exit(EXIT_INTERRUPTED)
     epochs = f" ({result.epoch:.2f} epochs)" if result.epoch else ""

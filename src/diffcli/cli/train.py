@@ -140,9 +140,9 @@ def _print_dataset(data) -> None:
         counts = torch.bincount(data.labels, minlength=data.num_classes).tolist()
         shown = ", ".join(f"{name} {k}" for name, k in list(zip(data.class_names, counts))[:12])
         table.add_row("classes", f"{data.num_classes}: {shown}{' ...' if data.num_classes > 12 else ''}")
-        if empty := [name for name, k in zip(data.class_names, counts) if k == 0]:  # every file of its folder unreadable
-            err_console.print(f"[yellow]warning:[/] no image of the class(es) {', '.join(empty[:12])} could be read: "
-                              "the model will not learn to draw them.")
+        if empty := [name for name, k in zip(data.class_names, counts) if k == 0]:  # unreadable files, or --limit
+            err_console.print(f"[yellow]warning:[/] no training image of the class(es) {', '.join(empty[:12])} (unreadable "
+                              "files, or --limit): the model will not learn to draw them.")
         elif min(counts) * 2 < max(counts):
             err_console.print(f"[yellow]warning:[/] classes are unbalanced ({min(counts)} to {max(counts)} images).")
     else:
