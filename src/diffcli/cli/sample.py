@@ -14,7 +14,7 @@ from diffcli.cli._common import (BatchSize, Ckpt, Device, Eta, Guidance, Guidanc
                                  console, parse_interval, parse_labels, parse_list, print_notice, safe_name, writing)
 from diffcli.cli._ranks import processes, where
 from diffcli.errors import UserError
-from diffcli.spec import SamplerSpec
+from diffcli.spec import DDIM_SAMPLERS, SamplerSpec
 
 
 def sample(
@@ -111,7 +111,11 @@ def compare(
     device: Device = "auto",
 ):
     """Contact sheet of samplers x steps (x guidance) from the same starting noise, each cell timed."""
-    names = list(dict.fromkeys(parse_list(samplers, str, "--samplers")))  # a row once, as a column is (it was drawn twice)
+    names, seen = [], set()  # each sampler once, as each step count (ddim and euler: one sampler, two names)
+    for name in parse_list(samplers, str, "--samplers"):
+        if (key := "ddim" if name in DDIM_SAMPLERS else name) not in seen:
+            seen.add(key)
+            names.append(name)
     step_list = parse_list(steps, int, "--steps", AT_LEAST_ONE)
     weights = list(dict.fromkeys(parse_list(guidance, float, "--guidance"))) if guidance else [None]
     rows = [(s, w) for s in names for w in weights]
