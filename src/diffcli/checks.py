@@ -74,6 +74,11 @@ SEED = Range(0, 9 * 10**18, why="torch's seeds end at 2^63")
 _DECIMAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")  # YAML 1.2's decimal numbers
 
 
+def is_number(value, kind: type | tuple = (int, float)) -> bool:
+    """A JSON or YAML number of `kind`, never a bool (which Python counts as an int)."""
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
 def yaml_number(value, kind: type):
     """A config value as the number it spells: PyYAML (YAML 1.1) reads 1e-4, with no dot, as
     a string, where the command line's --lr 1e-4 is a number. Anything else is left as it is."""

@@ -13,6 +13,11 @@ class UserError(Exception):
     """A problem the user can fix (bad path, bad option, missing data)."""
 
 
+def listed(names: list[str], most: int = 12) -> str:
+    """Names for a one-line message: the first `most`, then "..." where there are more."""
+    return ", ".join(names[:most] + (["..."] if len(names) > most else [])) or "none"
+
+
 @contextlib.contextmanager
 def writing(path: Path):
     """Turn a failure to write `path` (a missing folder, no permission, a full disk, an

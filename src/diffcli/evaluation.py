@@ -24,7 +24,7 @@ from diffcli import data as D
 from diffcli import folders, metrics
 from diffcli.classifier import Classifier, per_class_accuracy, predict, reference_split
 from diffcli.distributed import World
-from diffcli.errors import UserError, writing
+from diffcli.errors import UserError, listed, writing
 from diffcli.spec import SamplerSpec
 
 log = logging.getLogger("diffcli")
@@ -105,7 +105,7 @@ def _measures(opts: EvalOptions, cfg, meta: dict, data_name: str, data_root, dev
                         f"{shape}; pass --data with the model's training data.")
     if meta["class_names"] and real.train.class_names != meta["class_names"]:  # (another set given as --data)
         log.warning("'%s' has the classes %s, and the model %s: the figures compare its pictures with those of other classes",
-                    data_name, _names(real.train.class_names), _names(meta["class_names"]))
+                    data_name, listed(real.train.class_names, 5), listed(meta["class_names"], 5))
     if len(real.reference.labels) < 2:  # a Fréchet distance needs a covariance, the close share a percentile
         raise UserError(f"'{data_name}' leaves {len(real.reference.labels)} real image(s) the model never saw to measure "
                         "against, and eval needs at least 2: add a test/ folder or more images.")
@@ -125,12 +125,8 @@ def _matching_classifier(path: Path, cfg, meta: dict, data_name: str, device):
                         f"of {m.num_classes}; train one with --data {data_name} --image-size {m.image_size}.")
     if clf_meta["class_names"] != meta["class_names"]:  # e.g. an MNIST classifier on a Fashion-MNIST model
         log.warning("the classifier's classes (%s) are not the model's (%s): its accuracy compares them by number",
-                    _names(clf_meta["class_names"]), _names(meta["class_names"]))
+                    listed(clf_meta["class_names"], 5), listed(meta["class_names"], 5))
     return clf, clf_meta
-
-
-def _names(class_names: list[str]) -> str:
-    return ", ".join(class_names[:5]) + (", ..." if len(class_names) > 5 else "")
 
 
 @dataclass

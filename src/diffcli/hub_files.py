@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from diffcli.checks import is_number
 from diffcli.config import RunConfig
 from diffcli.errors import UserError
 from diffcli.hub import (DIFFUSERS_VERSION, PREDICTIONS, SCHEDULER_NUMBERS, UNET2D_NUMBERS, UNET_WEIGHTS, check_numbers,
@@ -143,9 +144,8 @@ def _training(entry, cfg: RunConfig) -> tuple[int, LabelReading | None]:
     the rule's "training unknown", for a folder from elsewhere or an entry that is not numbers."""
     entry = entry if isinstance(entry, dict) else {}
     step, batch, knowledge, gain = (entry.get(k) for k in ("step", "batch_size", "label_knowledge", "label_gain"))
-    whole = lambda v, low: isinstance(v, int) and not isinstance(v, bool) and v >= low  # noqa: E731
-    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
-    if not (whole(step, 0) and whole(batch, 1)):
+    number = lambda v: is_number(v) and math.isfinite(v)  # noqa: E731
+    if not (is_number(step, int) and step >= 0 and is_number(batch, int) and batch >= 1):
         return 0, None
     cfg.train.batch_size = batch
     return step, LabelReading(knowledge, gain if number(gain) else None) if number(knowledge) else None

@@ -60,12 +60,13 @@ def load(source: Path, cache_root: Path, image_size: int | None, split: str) -> 
             found, how = decoded.get(split), "decoded (the cache could not be written)"
             return None if found is None else Decoded(*found, classes, f"{how} in {time.monotonic() - started:.2f} s")
         how = f"decoded into the cache {folder}"
+        _REMINDED.add(folder)  # its warnings were just given
     else:
         how, meta = f"read from the cache {folder}", json.loads((folder / "meta.json").read_text())
-    if folder not in _REMINDED and how.startswith("read") and isinstance(warned := meta.get("warnings"), list) and warned:
+    if folder not in _REMINDED and isinstance(warned := meta.get("warnings"), list) and warned:
         log.warning("when '%s' was decoded into the cache: %s%s (kept in %s)", source, warned[0],
                     f", and {len(warned) - 1} more warning(s)" if len(warned) > 1 else "", folder / "meta.json")
-    _REMINDED.add(folder)  # each split loads the entry: one reminder a process, none where it was just decoded
+    _REMINDED.add(folder)  # each split loads the entry: one reminder a process
     if split not in meta["splits"]:
         return None
     shape = meta["splits"][split]["shape"]

@@ -10,6 +10,7 @@ import json
 import math
 from pathlib import Path
 
+from diffcli.checks import is_number
 from diffcli.errors import UserError
 
 MISSING = "plots need matplotlib, an optional extra: pip install 'diffcli[plots]' (or pip install matplotlib)."
@@ -79,13 +80,12 @@ def read_metrics(path: Path, checked: bool = True) -> list[dict]:
 
 
 def _usable(record: dict) -> bool:
-    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731  (NaN is one: a diverged loss)
-    if not (isinstance(record.get("step"), int) and number(record["step"])):
+    if not is_number(record.get("step"), int):
         return False
     if "loss" in record:
-        return all(number(record.get(k)) for k in LOSS_FIELDS)
+        return all(is_number(record.get(k)) for k in LOSS_FIELDS)
     gain = record.get("label_gain")
-    return number(record.get("label_knowledge")) and (gain is None or number(gain))
+    return is_number(record.get("label_knowledge")) and (gain is None or is_number(gain))  # (NaN is a number: a diverged loss)
 
 
 def loss_curve(metrics_path: Path, path: Path, dpi: int = 100) -> Path | None:

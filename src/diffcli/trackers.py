@@ -21,6 +21,7 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
+from diffcli.checks import is_number
 from diffcli.errors import UserError
 
 TRACKERS = ("tensorboard", "wandb")
@@ -128,7 +129,7 @@ def log_eval(names: list[str], ckpt: Path, report: dict, notice: Callable[[str],
 
     meta = model_metadata(read_header(ckpt))
     project = meta["config"].get("train", {}).get("wandb_project")
-    numbers = {k: v for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    numbers = {k: v for k, v in report.items() if is_number(v)}
     trackers = open_trackers(names, ckpt.parent, meta["config"], meta["step"], True, project, notice)
     trackers.summary(meta["step"], numbers)
     trackers.close()

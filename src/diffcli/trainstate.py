@@ -24,7 +24,7 @@ from diffcli import checkpoint, ema
 from diffcli.config import RunConfig, to_dict
 from diffcli.devices import fused_adamw
 from diffcli.distributed import World, max_over_ranks
-from diffcli.errors import UserError
+from diffcli.errors import UserError, listed
 from diffcli.runs import MODEL_FILE, STATE_FILE, state_path
 from diffcli.spec import LabelReading, Trained
 from diffcli.unet import UNet
@@ -189,6 +189,5 @@ def check_classes(out: Path, class_names: list[str]) -> None:
     stay class i (a renamed, added or removed class folder renumbers them)."""
     saved = checkpoint.model_metadata(checkpoint.read_header(state_path(out)))["class_names"]
     if saved != class_names:
-        shown = lambda names: ", ".join(names[:12]) + (" ..." if len(names) > 12 else "") or "none"  # noqa: E731
-        raise UserError(f"cannot resume: the run learned the classes {shown(saved)}, and the data now has {shown(class_names)}; "
+        raise UserError(f"cannot resume: the run learned the classes {listed(saved)}, and the data now has {listed(class_names)}; "
                         "train a new run (another --out) on the changed data.")

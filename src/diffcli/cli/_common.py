@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from diffcli.checks import AT_LEAST_ONE, SEED, Range, check, field_range
-from diffcli.errors import UserError, writing  # noqa: F401  (writing: for the commands)
+from diffcli.errors import UserError, listed, writing  # noqa: F401  (writing: for the commands)
 from diffcli.spec import DEFAULT_STEPS, GUIDANCE_CEILING, GUIDANCE_FLOOR, SamplerSpec
 
 # Lines are not broken at the console's width (80 when piped): a path or a `next:` command split
@@ -123,8 +123,7 @@ def parse_labels(text: str, class_names: list[str], option: str = "--label") -> 
                 raise UserError(f"{option} {i} is out of range: this model has classes 0..{k - 1}.")
             out.append(i)
         else:
-            shown = ", ".join(class_names[:12]) + (" ..." if k > 12 else "")
-            raise UserError(f"{option}: unknown class '{part}'; this model's classes are: {shown}.")
+            raise UserError(f"{option}: unknown class '{part}'; this model's classes are: {listed(class_names)}.")
     return out
 
 

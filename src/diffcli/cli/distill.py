@@ -60,7 +60,6 @@ def distill(
             claimed(out, resume, overwrite, "diffcli distill", reads, print_notice, world.is_main):
         from diffcli.distill import distill as distill_loop
         from diffcli.distill import paths_per_step
-
         from diffcli.runlock import busy, holder_text
 
         if (holder := busy(Path(cfg.distill.teacher).parent)) is not None:

@@ -16,7 +16,7 @@ from diffcli.cli._common import (AsJson, BatchSize, Ckpt, DataRoot, Device, Eta,
                                  Shift, Spacing, Steps, console, parse_interval, print_notice, safe_name, writing)
 from diffcli.cli._progress import progress
 from diffcli.cli._ranks import processes, where
-from diffcli.errors import UserError
+from diffcli.errors import UserError, listed
 from diffcli.spec import SamplerSpec, interval_text
 
 
@@ -166,7 +166,7 @@ def classifier_train(
                   f"{describe(dev)}", highlight=False)
     seen = set(train_data.labels.tolist())
     if unseen := [name for i, name in enumerate(train_data.class_names) if i not in seen]:
-        print_notice(f"no training image of the class(es) {', '.join(unseen[:12])} (--limit?): the classifier cannot learn "
+        print_notice(f"no training image of the class(es) {listed(unseen)} (--limit?): the classifier cannot learn "
                      "them, and its figures will not judge a model's pictures of them.")
     with progress("classifier") as bar:
         task = bar.add_task("train", total=None, info="")

@@ -111,11 +111,10 @@ def compare(
     device: Device = "auto",
 ):
     """Contact sheet of samplers x steps (x guidance) from the same starting noise, each cell timed."""
-    names, seen = [], set()  # each sampler once, as each step count (ddim and euler: one sampler, two names)
+    first: dict[str, str] = {}  # each sampler once, as each step count (ddim and euler: one sampler, two names)
     for name in parse_list(samplers, str, "--samplers"):
-        if (key := "ddim" if name in DDIM_SAMPLERS else name) not in seen:
-            seen.add(key)
-            names.append(name)
+        first.setdefault("ddim" if name in DDIM_SAMPLERS else name, name)
+    names = list(first.values())
     step_list = parse_list(steps, int, "--steps", AT_LEAST_ONE)
     weights = list(dict.fromkeys(parse_list(guidance, float, "--guidance"))) if guidance else [None]
     rows = [(s, w) for s in names for w in weights]

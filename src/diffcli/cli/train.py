@@ -13,7 +13,7 @@ from diffcli.cli._logs import setup_logging
 from diffcli.cli._progress import with_progress
 from diffcli.cli._ranks import processes
 from diffcli.config import DataConfig, DiffusionConfig, TrainConfig
-from diffcli.errors import UserError
+from diffcli.errors import UserError, listed
 
 
 def _opt(kind, cls, name: str, help: str, *decls: str):
@@ -141,7 +141,7 @@ def _print_dataset(data) -> None:
         shown = ", ".join(f"{name} {k}" for name, k in list(zip(data.class_names, counts))[:12])
         table.add_row("classes", f"{data.num_classes}: {shown}{' ...' if data.num_classes > 12 else ''}")
         if empty := [name for name, k in zip(data.class_names, counts) if k == 0]:  # unreadable files, or --limit
-            err_console.print(f"[yellow]warning:[/] no training image of the class(es) {', '.join(empty[:12])} (unreadable "
+            err_console.print(f"[yellow]warning:[/] no training image of the class(es) {listed(empty)} (unreadable "
                               "files, or --limit): the model will not learn to draw them.")
         elif min(counts) * 2 < max(counts):
             err_console.print(f"[yellow]warning:[/] classes are unbalanced ({min(counts)} to {max(counts)} images).")
