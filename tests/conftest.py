@@ -52,6 +52,20 @@ def tiny_run(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def shapes_classifier(tmp_path_factory) -> Path:
+    """A tiny reference classifier for the shapes set, through the command (~2 s on a CPU)."""
+    from typer.testing import CliRunner
+
+    from diffcli.cli import app
+
+    out = tmp_path_factory.mktemp("clf") / "shapes.safetensors"
+    r = CliRunner().invoke(app, ["classifier", "train", "--data", "shapes", "--limit", "1000", "--epochs", "2", "--width", "4",
+                                 "--out", str(out), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+@pytest.fixture(scope="session")
 def cifar_slice(tmp_path_factory) -> Path:
     """A .tar.gz of the first 12 training and 4 test JPEGs of each class, cut from the
     project's CIFAR-10 archive with its layout kept (one top folder, train/ and test/)."""

@@ -61,15 +61,6 @@ def test_class_fidelity_of_real_images_is_the_classifiers_own_accuracy(shapes_se
     assert wrong["class_accuracy"] < 1 - scores["test_accuracy"] + 0.05
 
 
-@pytest.fixture(scope="module")
-def shapes_classifier(tmp_path_factory):
-    out = tmp_path_factory.mktemp("clf") / "shapes.safetensors"
-    r = runner.invoke(app, ["classifier", "train", "--data", "shapes", "--limit", "1000", "--epochs", "2", "--width", "4",
-                            "--out", str(out), "--device", "cpu"])
-    assert r.exit_code == 0, r.output
-    return out
-
-
 @pytest.mark.parametrize("fd, warned", [(0.7, True), (1.4, False)])
 def test_a_classifier_fd_below_the_real_floor_is_called_bias(fd, warned, capsys):
     from diffcli.cli.evaluate import _print_report
@@ -146,10 +137,10 @@ def test_eval_of_a_folder_model_when_too_little_or_nothing_is_left_to_compare(tm
 
 
 def test_json_reports_carry_no_nan():
-    from diffcli.cli.evaluate import _finite
+    from diffcli.cli._common import as_json_text
 
     report = {"fd": float("nan"), "per_class": [0.5, float("inf"), None], "inner": {"x": -float("inf"), "n": 3}}
-    assert json.loads(json.dumps(_finite(report), allow_nan=False)) == {"fd": None, "per_class": [0.5, None, None],
+    assert json.loads(as_json_text(report), parse_constant=lambda c: pytest.fail(c)) == {"fd": None, "per_class": [0.5, None, None],
                                                                       "inner": {"x": None, "n": 3}}
 
 

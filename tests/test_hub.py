@@ -73,7 +73,8 @@ def test_an_exported_model_gives_diffcli_s_output_in_diffusers(tmp_path, classes
 
     ckpt = random_model(tmp_path, classes, scale_shift, shallow, preset, groups)
     meta = model_metadata(read_header(ckpt))  # trained as a photo model is: the rule gives it neither 2 nor its ceiling
-    save_model(ckpt, load_file(str(ckpt)), meta["config"], meta["class_names"], 9000, 0.0, LabelReading(0.3, 0.012))
+    tuned = {"weight": 1.15, "rule": 1.55} if groups else None  # a weight `tune-guidance` chose: it holds for the same weights
+    save_model(ckpt, load_file(str(ckpt)), meta["config"], meta["class_names"], 9000, 0.0, LabelReading(0.3, 0.012), tuned)
     r = run("export", "--ckpt", ckpt, "--out", tmp_path / "out")
     assert r.exit_code == 0, r.output
     theirs = UNet2DModel.from_pretrained(str(tmp_path / "out"), subfolder="unet").eval()
@@ -99,6 +100,7 @@ def test_an_exported_model_gives_diffcli_s_output_in_diffusers(tmp_path, classes
     # with the training the guidance rule reads, so both sample with one weight (the import drew at 2), as the card says
     w = default_guidance(ours.trained)
     assert default_guidance(back.trained) == w not in (2.0, 3.0) and back_meta["step"] == 9000
+    assert back_meta["tuned_guidance"] == tuned and (w == 1.15) == bool(groups)
     assert (f"uncond + {w:g} * (cond - uncond)" in (tmp_path / "out" / "README.md").read_text()) == bool(classes)
 
 

@@ -11,6 +11,8 @@ Every write is atomic (files.py): a crash leaves either the old file or the new 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import struct
 from pathlib import Path
 
@@ -18,10 +20,13 @@ from diffcli.errors import UserError
 from diffcli.files import atomic_write_bytes
 from diffcli.spec import LabelReading, Trained
 
+log = logging.getLogger("diffcli")
+
 FORMAT = "diffcli"
 SNAPSHOT_FORMAT = "diffcli-ema-snapshot"  # posthoc.py
 CLASSIFIER_FORMAT = "diffcli-classifier"  # classifier.py
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+TUNED = "tuned_guidance"  # the metadata entry `diffcli tune-guidance` writes (tuning.py)
 
 
 def save_tensors(path: Path, tensors: dict, metadata: dict[str, str]) -> None:
@@ -93,7 +98,8 @@ def model_header(path: str | Path) -> dict:
     return header
 def model_metadata(header: dict) -> dict:
     """The diffcli metadata of a model file: config (dict), class_names (list), step, epoch,
-    version, label_knowledge and label_gain (floats, or None where not measured)."""
+    version, label_knowledge and label_gain (floats, or None where not measured), and
+    tuned_guidance (`diffcli tune-guidance`'s entry, a dict with a "weight", or None)."""
     meta = header.get("__metadata__") or {}
     if meta.get("format") != FORMAT or "config" not in meta:
         raise UserError("this safetensors file was not written by diffcli (no diffcli config in its metadata).")
@@ -106,9 +112,43 @@ def model_metadata(header: dict) -> dict:
             "version": meta.get("version", "?"),
             "label_knowledge": float(meta["label_knowledge"]) if "label_knowledge" in meta else None,
             "label_gain": float(meta["label_gain"]) if "label_gain" in meta else None,
+            "tuned_guidance": _tuned(meta.get(TUNED)),
         }
     except (ValueError, TypeError):
         raise UserError("the diffcli metadata in this checkpoint is damaged.") from None
+
+
+def _tuned(text: str | None) -> dict | None:
+    """A tuned-guidance entry, or None where there is none; a damaged one is left out with a
+    warning, so that the model still samples (with the rule's weight)."""
+    if text is None:
+        return None
+    try:
+        entry = json.loads(text)
+        weight = entry["weight"]
+        if isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight) and weight >= 0:
+            return entry
+    except (ValueError, TypeError, KeyError):
+        pass
+    log.warning("this model's tuned guidance weight is damaged; it samples with the rule's weight "
+                "(`diffcli tune-guidance` measures it again).")
+    return None
+
+
+def tuned_entry(entry: dict | None) -> dict:
+    """The metadata entry of a tuned guidance weight (model_metadata reads it back)."""
+    return {} if entry is None else {TUNED: json.dumps(entry)}
+
+
+def with_metadata(data: bytes, extra: dict[str, str]) -> bytes:
+    """A safetensors file's bytes with `extra` added to its metadata and every tensor's bytes
+    as they were: only the header is written anew (its offsets count from the data's start)."""
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    header["__metadata__"] = {**(header.get("__metadata__") or {}), **extra}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # padded to 8 bytes, as safetensors writes it: the tensors stay aligned
+    return struct.pack("<Q", len(text)) + text + data[8 + n:]
 
 
 def labels_entry(labels: LabelReading | None) -> dict:
@@ -125,11 +165,13 @@ def label_reading(meta: dict) -> LabelReading | None:
 
 def training(cfg, meta: dict) -> Trained:
     """What the guidance rule reads of a model's training, from its metadata."""
-    return Trained(cfg.images_seen(meta["step"]), meta["label_knowledge"], meta["label_gain"])
+    tuned = meta.get("tuned_guidance")
+    return Trained(cfg.images_seen(meta["step"]), meta["label_knowledge"], meta["label_gain"],
+                   None if tuned is None else float(tuned["weight"]))
 
 
 def save_model(path: Path, state_dict: dict, cfg_dict: dict, class_names: list[str], step: int, epoch: float,
-               labels: LabelReading | None = None) -> None:
+               labels: LabelReading | None = None, tuned: dict | None = None) -> None:
     from diffcli import __version__
 
     metadata = {
@@ -140,7 +182,7 @@ def save_model(path: Path, state_dict: dict, cfg_dict: dict, class_names: list[s
         "step": str(step),
         "epoch": f"{epoch:.4f}",
     }
-    save_tensors(path, state_dict, {**metadata, **labels_entry(labels)})
+    save_tensors(path, state_dict, {**metadata, **labels_entry(labels), **tuned_entry(tuned)})
 
 
 def load_model(path: str | Path, device="cpu"):

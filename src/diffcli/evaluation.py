@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -50,17 +50,47 @@ class EvalOptions:
     real_n: int | None = None  # keep only the first N real reference images
 
 
+@dataclass
+class Loaded:
+    """What `prepare` loaded and checked: the model and what measures it (on ranks > 0 only the model)."""
+    model: torch.nn.Module
+    cfg: object  # config.RunConfig
+    meta: dict
+    clf: Classifier | None = None
+    clf_meta: dict | None = None
+    inception: tuple | None = None
+    real: RealImages | None = None
+
+
 def run(opts: EvalOptions, device, status=lambda text: contextlib.nullcontext(), world: World = World()) -> dict:
-    """Load what `opts` names, check that it fits together before minutes of sampling,
-    then `evaluate`. Returns the report of plain numbers (and writes the pairs sheet).
-    Under torchrun (`world`) every rank draws its share of the images; rank 0 measures
+    """`prepare`, then `evaluate`. Returns the report of plain numbers (and writes the pairs
+    sheet). Under torchrun (`world`) every rank draws its share of the images; rank 0 measures
     them all and the other ranks return {}."""
+    if not (opts.classifier or opts.fid or opts.memorisation):
+        raise UserError("nothing to measure: give --classifier, --fid, or leave --memorisation on.")
+    got = prepare(opts, device, status, world)
+    if not world.is_main:  # the other ranks only draw their share of the images
+        evaluate(got.model, got.cfg, got.meta["class_names"], opts, None, world=world)
+        return {}
+    report, images, mem = evaluate(got.model, got.cfg, got.meta["class_names"], opts, got.real, got.clf, got.inception, status, world)
+    if got.clf is not None:
+        report["classifier"] = {"path": str(opts.classifier), "test_accuracy": got.clf_meta["test_accuracy"]}
+    if opts.pairs and mem is not None:
+        from diffcli.figures import pairs_sheet
+        from diffcli.files import save_image
+
+        with writing(opts.pairs):
+            save_image(pairs_sheet(images, got.real.train.images, mem["nearest"], mem["distances"]), opts.pairs)
+    return {"model": str(opts.ckpt), "dataset": opts.data or got.cfg.data.name,
+            "class_names": got.meta["class_names"], **report}
+
+
+def prepare(opts: EvalOptions, device, status=lambda text: contextlib.nullcontext(), world: World = World()) -> Loaded:
+    """Load what `opts` names and check that it fits together, all before minutes of sampling."""
     from diffcli.checkpoint import load_model
     from diffcli.generate import check_count
     from diffcli.hub_files import IMPORTED
 
-    if not (opts.classifier or opts.fid or opts.memorisation):
-        raise UserError("nothing to measure: give --classifier, --fid, or leave --memorisation on.")
     model, cfg, meta = load_model(opts.ckpt, device)
     opts.spec.resolve(cfg.diffusion.timesteps, model.student, model.trained)  # a bad --steps should fail before the data loads
     check_count(max(1, len(meta["class_names"])) * opts.n_per_class, cfg.model.image_size, "lower --n")  # and too many images
@@ -70,20 +100,9 @@ def run(opts: EvalOptions, device, status=lambda text: contextlib.nullcontext(),
                         "pass --data with the images to measure it against.")
     if not opts.data and data_name not in D.NAMED and not Path(data_name).expanduser().exists():
         raise UserError(f"this model's data '{data_name}' (as its config names it) is not there; pass --data with it or a copy.")
-    if not world.is_main:  # the other ranks only draw their share of the images
-        evaluate(model, cfg, meta["class_names"], opts, None, world=world)
-        return {}
-    clf, clf_meta, inception, real = _measures(opts, cfg, meta, data_name, data_root, device, status)
-    report, images, mem = evaluate(model, cfg, meta["class_names"], opts, real, clf, inception, status, world)
-    if clf is not None:
-        report["classifier"] = {"path": str(opts.classifier), "test_accuracy": clf_meta["test_accuracy"]}
-    if opts.pairs and mem is not None:
-        from diffcli.figures import pairs_sheet
-        from diffcli.files import save_image
-
-        with writing(opts.pairs):
-            save_image(pairs_sheet(images, real.train.images, mem["nearest"], mem["distances"]), opts.pairs)
-    return {"model": str(opts.ckpt), "dataset": data_name, "class_names": meta["class_names"], **report}
+    if not world.is_main:
+        return Loaded(model, cfg, meta)
+    return Loaded(model, cfg, meta, *_measures(opts, cfg, meta, data_name, data_root, device, status))
 
 
 def _measures(opts: EvalOptions, cfg, meta: dict, data_name: str, data_root, device, status) -> tuple:
@@ -135,6 +154,7 @@ class RealImages:
     reference: D.ImageData  # real images it never saw: the test split, or a held-out share of a folder
     pool: D.ImageData | None  # for a folder: the training images minus the held-out share
     key: str  # names this reference in the FID statistics cache
+    known: dict = field(default_factory=dict)  # class_fidelity's figures of these images, kept between calls (a sweep)
 
 
 def real_images(name: str, root: str | None, image_size: int, limit: int | None = None) -> RealImages:
@@ -179,7 +199,8 @@ def evaluate(model, cfg, class_names: list[str], opts: EvalOptions, real: RealIm
         source = real.pool if real.pool is not None else real.train
         floor = source.images[torch.randperm(len(source.labels), generator=torch.Generator().manual_seed(opts.seed))[:len(labels)]]
         with status("classifying ..."):
-            report.update(class_fidelity(clf, images, labels, real.reference.images, floor))
+            known = real.known.setdefault((id(clf), opts.seed, len(labels)), {})  # the same from one call to the next
+            report.update(class_fidelity(clf, images, labels, real.reference.images, floor, known))
     mem = None
     if opts.memorisation:
         with status("searching the nearest training images ..."):
@@ -199,24 +220,30 @@ def evaluate(model, cfg, class_names: list[str], opts: EvalOptions, real: RealIm
 
 
 def class_fidelity(clf: Classifier, images: torch.Tensor, labels: torch.Tensor, real_images: torch.Tensor,
-                   floor_images: torch.Tensor | None = None) -> dict:
+                   floor_images: torch.Tensor | None = None, known: dict | None = None) -> dict:
     """Accuracy (overall, per class) of `clf` on generated `images` meant to show `labels`,
     and the Fréchet distance of their features to those of `real_images`.
 
     `floor_images`: real images, as many as generated, not among `real_images`; their
     distance to `real_images` is what a perfect generator would score at this sample size
     (the Fréchet distance is biased upwards for small samples, Chong & Forsyth 2020).
+    `known`: a dict kept between calls with the same real images, floor and classifier, where
+    what depends on them alone is computed once (the real features' statistics, the floor).
     """
+    known = {} if known is None else known
     predicted, feats = predict(clf, images)
-    _, real_feats = predict(clf, real_images)
-    real_stats = metrics.mean_cov(real_feats)
+    if "real" not in known:
+        known["real"] = metrics.mean_cov(predict(clf, real_images)[1])
+    real_stats = known["real"]
     out = {
         "class_accuracy": float((predicted == labels).float().mean()),
         "per_class_accuracy": per_class_accuracy(predicted, labels, clf.cfg.num_classes),
         "classifier_fd": metrics.frechet_distance(*metrics.mean_cov(feats), *real_stats),
     }
     if floor_images is not None:
-        out["classifier_fd_real_floor"] = metrics.frechet_distance(*metrics.mean_cov(predict(clf, floor_images)[1]), *real_stats)
+        if "floor" not in known:
+            known["floor"] = metrics.frechet_distance(*metrics.mean_cov(predict(clf, floor_images)[1]), *real_stats)
+        out["classifier_fd_real_floor"] = known["floor"]
     return out
 
 

@@ -43,7 +43,7 @@ def export(ckpt: Path, out: Path) -> tuple[dict, str]:
                                           "scheduler": ["diffusers", scheduler], "unet": ["diffusers", "UNet2DModel"]})
     # what the guidance rule reads of its training, so that an import samples with the same default weight
     trained = {"step": meta["step"], "batch_size": cfg.train.batch_size, "label_knowledge": meta["label_knowledge"],
-               "label_gain": meta["label_gain"]}
+               "label_gain": meta["label_gain"], "tuned_guidance": meta["tuned_guidance"]}
     write_json(out / "class_names.json", {"class_names": names, "null_label": k if k else None, "diffcli_training": trained})
     (out / "README.md").write_text(model_card(cfg, names, ckpt, default_guidance(model.trained)))
     return unet, scheduler
@@ -133,19 +133,22 @@ def import_pipeline(folder: Path, out: Path) -> RunConfig:
         detail = lines[1] if lines[0].endswith(":") and len(lines) > 1 else lines[0]
         raise UserError(f"the weights in '{folder / 'unet'}' do not fit their config.json ({detail.rstrip('.')}).") from None
     names = labels.get("class_names") or [str(i) for i in range(cfg.model.num_classes)]
-    step, reading = _training(labels.get("diffcli_training"), cfg)
-    save_model(out, net.state_dict(), to_dict(cfg), names, step, 0.0, reading)
+    step, reading, tuned = _training(labels.get("diffcli_training"), cfg)
+    save_model(out, net.state_dict(), to_dict(cfg), names, step, 0.0, reading, tuned)
     return cfg
 
 
-def _training(entry, cfg: RunConfig) -> tuple[int, LabelReading | None]:
-    """(step, label reading) from a diffcli export's class_names.json, with the batch size put in
-    `cfg` (the images seen are step x batch): what the guidance rule reads. Step 0 and no reading,
-    the rule's "training unknown", for a folder from elsewhere or an entry that is not numbers."""
+def _training(entry, cfg: RunConfig) -> tuple[int, LabelReading | None, dict | None]:
+    """(step, label reading, tuned guidance) from a diffcli export's class_names.json, with the
+    batch size put in `cfg` (the images seen are step x batch): what the guidance rule reads.
+    Step 0 and no reading, the rule's "training unknown", for a folder from elsewhere or an entry
+    that is not numbers; a tuned weight (tuning.py) holds for the same weights in either format."""
     entry = entry if isinstance(entry, dict) else {}
     step, batch, knowledge, gain = (entry.get(k) for k in ("step", "batch_size", "label_knowledge", "label_gain"))
     number = lambda v: is_number(v) and math.isfinite(v)  # noqa: E731
+    tuned = entry.get("tuned_guidance")
+    tuned = tuned if isinstance(tuned, dict) and number(tuned.get("weight")) and tuned["weight"] >= 0 else None
     if not (is_number(step, int) and step >= 0 and is_number(batch, int) and batch >= 1):
-        return 0, None
+        return 0, None, tuned
     cfg.train.batch_size = batch
-    return step, LabelReading(knowledge, gain if number(gain) else None) if number(knowledge) else None
+    return step, LabelReading(knowledge, gain if number(gain) else None) if number(knowledge) else None, tuned

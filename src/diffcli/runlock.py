@@ -36,8 +36,9 @@ def holder_text(holder: dict) -> str:
 
 
 @contextlib.contextmanager
-def holding(folder: Path, command: str, notice: Callable[[str], None] = lambda message: None) -> Iterator[None]:
-    """Hold `folder`'s lock for the body, or refuse in one sentence naming its holder."""
+def holding(folder: Path, command: str, notice: Callable[[str], None] = lambda message: None,
+            advice: str = "wait for it to end, or give another --out") -> Iterator[None]:
+    """Hold `folder`'s lock for the body, or refuse in one sentence naming its holder and `advice`."""
     path = folder / LOCK_FILE
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -51,8 +52,7 @@ def holding(folder: Path, command: str, notice: Callable[[str], None] = lambda m
         raise UserError(f"cannot write to the output folder '{folder}' ({e.strerror}).") from None
     try:
         if not _lock(fd, _read(fd), path, folder):
-            raise UserError(f"'{folder}' is being written by another run ({holder_text(_read(fd))}); wait for it to "
-                            f"end, or give another --out.")
+            raise UserError(f"'{folder}' is being written by another run ({holder_text(_read(fd))}); {advice}.")
         if left := _read(fd):  # read again under the lock: a holder that ended well has cleared it
             notice(f"took over the lock of '{folder}' from a run that ended without releasing it ({holder_text(left)}).")
         if mine:

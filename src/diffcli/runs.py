@@ -22,6 +22,7 @@ from pathlib import Path
 from shlex import quote
 
 from diffcli import checkpoint, outputs, runlock
+from diffcli.checks import is_number
 from diffcli.config import RunConfig, apply_overrides, from_dict, validate
 from diffcli.errors import UserError
 from diffcli.files import MODEL_FILE, STATE_FILE, atomic_write_bytes
@@ -267,6 +268,11 @@ def _guidance(cfg: dict, meta: dict) -> dict:
     if not meta["class_names"]:
         return {}
     seen = checkpoint.training(from_dict(cfg), meta)
+    if tuned := meta.get("tuned_guidance"):  # chosen by measurement (tuning.py): say by what
+        fd = tuned.get("classifier_fd") or {}
+        scores = ", ".join(f"{w} {v:.3g}" if is_number(v) else f"{w} ?" for w, v in fd.items()) if isinstance(fd, dict) else "?"
+        return {"default_guidance": f"{tuned['weight']:g} (tuned with {tuned.get('classifier', '?')}: classifier-FD by weight "
+                                    f"{scores}; the rule's {tuned.get('rule', '?')})"}
     why = f"for {seen.images:,} training images" if seen.images else "training unknown"
     if seen.images and seen.knowledge is not None:
         why += f", label knowledge {seen.knowledge:.2f}" + ("" if seen.gain is None else f", label gain {seen.gain:.3f}")

@@ -82,6 +82,7 @@ class Trained(NamedTuple):
     images: int | None  # training images seen; None or 0: unknown (an import)
     knowledge: float | None = None  # knowledge.label_knowledge; None: not measured
     gain: float | None = None  # knowledge.label_gain; None: not measured (a model trained before it)
+    tuned: float | None = None  # the weight `diffcli tune-guidance` chose by measurement; the rule defers to it
 
 
 class LabelReading(NamedTuple):
@@ -99,7 +100,9 @@ def knowledge_can_matter(images: int | None) -> bool:
 
 def default_guidance(trained: Trained | None) -> float:
     """The guidance weight for a model with this training, rounded to 0.05 so that the
-    weight a command prints is the one used."""
+    weight a command prints is the one used. A weight chosen by measurement (tuning.py) wins."""
+    if trained is not None and trained.tuned is not None:
+        return trained.tuned
     if trained is None or not trained.images:
         return DEFAULT_GUIDANCE
     early = _falling(trained.images, GUIDANCE_AT, GUIDANCE_PER_DOUBLING)

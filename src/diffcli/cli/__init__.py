@@ -9,7 +9,7 @@ from __future__ import annotations
 import typer
 
 from diffcli import __version__
-from diffcli.cli import distill, edit, ema, evaluate, hub, info, sample, train
+from diffcli.cli import distill, edit, ema, evaluate, hub, info, sample, train, tune
 from diffcli.cli._common import console, user_command
 
 app = typer.Typer(
@@ -42,6 +42,7 @@ COMMANDS = {  # name: function, in the order `diffcli --help` lists them
     "sample": sample.sample,
     "compare": sample.compare,
     "eval": evaluate.evaluate,
+    "tune-guidance": tune.tune_guidance,
     "ema": ema.ema,
     "edit": edit.edit,
     "interpolate": edit.interpolate,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
+import math
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +88,18 @@ def user_command(fn):
 
 def print_notice(message: str) -> None:
     err_console.print(f"[yellow]note:[/] {escape(message)}", highlight=False)
+
+
+def as_json_text(report) -> str:
+    """A report as JSON, NaN and infinities as null: JSON has no such numbers, and strict
+    readers (jq, JSON.parse) refuse Python's NaN."""
+    def finite(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        return [finite(v) for v in value] if isinstance(value, list) else value
+    return json.dumps(finite(report), indent=2)
 
 
 def safe_name(text: str) -> str:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 from shlex import quote
 from typing import Annotated, Optional
@@ -13,7 +11,7 @@ from rich.table import Table
 
 from diffcli.checks import IMAGE_SIZE, POSITIVE, SEED, Range
 from diffcli.cli._common import (AsJson, BatchSize, Ckpt, DataRoot, Device, Eta, Guidance, GuidanceInterval, ImageSeed, Sampler,
-                                 Shift, Spacing, Steps, console, parse_interval, print_notice, safe_name, writing)
+                                 Shift, Spacing, Steps, as_json_text, console, parse_interval, print_notice, safe_name, writing)
 from diffcli.cli._progress import progress
 from diffcli.cli._ranks import processes, where
 from diffcli.errors import UserError, listed
@@ -67,19 +65,9 @@ def evaluate(
     if trackers:
         log_eval(trackers, ckpt, report, print_notice)
     if as_json:
-        print(json.dumps(_finite(report), indent=2))
+        print(as_json_text(report))
     else:
         _print_report(report)
-
-
-def _finite(value):
-    """The report with NaN and infinities as null: JSON has no such numbers, and strict
-    readers (jq, JSON.parse) refuse Python's NaN."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    return [_finite(v) for v in value] if isinstance(value, list) else value
 
 
 def _print_report(report: dict) -> None:

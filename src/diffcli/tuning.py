@@ -1,0 +1,144 @@
+"""`diffcli tune-guidance`: a model's guidance weight chosen from its own pictures, for where
+the rule that guesses it from the training (spec.default_guidance) is off.
+
+The rule reads how long a model trained and how well it knows its labels. On a few classes
+that look alike it can miss far: Fashion-MNIST's T-shirts against shirts get 2.7, where 1
+draws a tenth of the classifier-FD (docs/results.md, "A second reading"), and five readings of
+the model alone have not told such sets apart. A classifier of the user's data can: `tune`
+draws the same seeds at each weight and scores them as `diffcli eval` does, and `store` writes
+the weight of the lowest classifier-FD into the model file's metadata, where the rule defers to
+it (spec.Trained.tuned). The weights' bytes stay as they were. A run's next checkpoint writes
+new weights without it: the choice belongs to the weights it was measured on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from diffcli.errors import UserError
+
+if TYPE_CHECKING:  # (evaluation imports torch, and the command line reads WEIGHTS and SEED without it)
+    from diffcli.evaluation import EvalOptions
+
+# Tried when no weights are given, with the rule's own: the rule's span (1.25 to 3) widened to
+# the plain conditional model, 1, and to 3.5, where CIFAR-10's four vehicles drew best after
+# 10 CPU-minutes (docs/results.md, "Fashion-MNIST").
+WEIGHTS = (1.0, 1.5, 2.0, 2.5, 3.0, 3.5)
+# The sweep's first image seed, far from eval's 0: an eval after tuning scores pictures the
+# choice never saw, so its figure is not flattered by the pick.
+SEED = 1_000_000
+# Classifier-FD has one valley in the weight (diversity lost on one side, classes on the other),
+# so the sweep stops after this many weights in a row worse than the best so far; two, so that
+# one noisy point does not end it.
+PAST_BEST = 2
+
+
+def sweep(measure: Callable[[float], dict], weights: Sequence[float], always: Sequence[float] = ()) -> list[dict]:
+    """Rows {"guidance": w, **measure(w)} (measure gives at least "classifier_fd") for `weights`
+    in rising order, stopping after PAST_BEST in a row worse than the best; each weight of
+    `always` is measured whatever the stop, so that the table shows what tuning gains."""
+    rows: list[dict] = []
+    worse = 0
+    for w in sorted(set(weights) | set(always)):
+        if worse >= PAST_BEST and w not in always:
+            continue
+        rows.append({"guidance": w, **measure(w)})
+        worse = 0 if best(rows) is rows[-1] else worse + 1
+    return rows
+
+
+def best(rows: list[dict]) -> dict:
+    """The row of the lowest classifier-FD; a NaN one (a model that drew NaN pictures) never wins."""
+    return min(rows, key=lambda r: r["classifier_fd"] if math.isfinite(r["classifier_fd"]) else math.inf)
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    eval: EvalOptions  # the model, the classifier, the sampler the weight is chosen for, the images a weight
+    weights: tuple[float, ...] = WEIGHTS
+    store: bool = True  # write the chosen weight into the model file
+
+
+def tune(opts: TuneOptions, device, status=lambda text: contextlib.nullcontext()) -> dict:
+    """Score each weight with the classifier, then (opts.store) keep the best in the model
+    file. Returns the report: the rows of `sweep`, the rule's weight, the one chosen."""
+    from diffcli.checkpoint import model_header, model_metadata
+    from diffcli.evaluation import evaluate, prepare
+    from diffcli.spec import default_guidance
+
+    path = opts.eval.ckpt
+    meta = model_metadata(model_header(path))
+    if not meta["class_names"]:
+        raise UserError("this model was trained without classes, so it has no guidance weight to tune.")
+    if meta["config"].get("distill"):
+        raise UserError("this is a distilled student, with its teacher's guidance built in; tune the teacher, "
+                        "then distil it again.")
+    digest = storable(path) if opts.store else None  # before minutes of sampling
+    ev = dataclasses.replace(opts.eval, memorisation=False, fid=False, pairs=None)
+    got = prepare(ev, device, status)
+    trained = got.model.trained
+    rule = default_guidance(trained._replace(tuned=None))
+    spec = ev.spec.resolve(got.cfg.diffusion.timesteps, None, trained)
+
+    def measure(w: float) -> dict:
+        at_w = dataclasses.replace(ev, spec=dataclasses.replace(ev.spec, guidance=w))
+        report, _, _ = evaluate(got.model, got.cfg, got.meta["class_names"], at_w, got.real, got.clf,
+                                status=lambda text: status(f"guidance {w:g}: {text}"))
+        return {k: report[k] for k in ("class_accuracy", "classifier_fd", "classifier_fd_real_floor", "sampling_s")}
+
+    rows = sweep(measure, opts.weights, always=[rule] + ([trained.tuned] if trained.tuned is not None else []))
+    chosen = best(rows)
+    if not math.isfinite(chosen["classifier_fd"]):
+        raise UserError("the model drew pictures the classifier could not score (NaN) at every weight; nothing was stored.")
+    images = len(got.meta["class_names"]) * ev.n_per_class
+    entry = {"weight": chosen["guidance"], "rule": rule, "sampler": spec.sampler, "steps": spec.steps,
+             "images_per_weight": images, "seed": ev.seed, "classifier": Path(ev.classifier).name,
+             "classifier_fd": {f"{r['guidance']:g}": round(r["classifier_fd"], 5) for r in rows},
+             "real_floor": round(rows[0]["classifier_fd_real_floor"], 5), "date": time.strftime("%Y-%m-%d")}
+    if digest is not None:
+        store(path, digest, entry)
+    return {"model": str(path), "sampler": spec.sampler, "steps": spec.steps, "images_per_weight": images,
+            "seed": ev.seed, "rule": rule, "previous": trained.tuned, "rows": rows, "chosen": chosen["guidance"],
+            "stored": digest is not None, "classifier": {"path": str(ev.classifier), "test_accuracy": got.clf_meta["test_accuracy"]}}
+
+
+def storable(path: Path) -> str:
+    """The model file's SHA-256, once it is clear that a weight could be stored in it: not in a
+    run still being written (its next checkpoint would drop it), and writable."""
+    from diffcli import runlock
+    from diffcli.files import sha256
+
+    real = path.resolve()  # a link: the file it names is the one tuned
+    if holder := runlock.busy(real.parent):
+        raise UserError(f"'{path}' is in a run still being written ({runlock.holder_text(holder)}), whose next checkpoint "
+                        "replaces it; tune it when the run ends, or pass --no-store to only measure.")
+    if not (os.access(real, os.W_OK) and os.access(real.parent, os.W_OK)):
+        raise UserError(f"'{path}' cannot be changed here (read-only file or folder); make it writable, or pass --no-store "
+                        "to only measure.")
+    return sha256(real)
+
+
+def store(path: Path, digest: str, entry: dict) -> None:
+    """Write `entry` into the model file's metadata, every weight's bytes unchanged, all or
+    nothing; refused when the file is no longer the one measured (`digest`). Under its run's
+    lock, where it has one, so that no run writes the file meanwhile."""
+    from diffcli import runlock
+    from diffcli.checkpoint import tuned_entry, with_metadata
+    from diffcli.files import atomic_write_bytes
+
+    real = path.resolve()
+    lock = (runlock.holding(real.parent, "diffcli tune-guidance", advice="nothing was stored; tune it when that run ends")
+            if (real.parent / runlock.LOCK_FILE).exists() else contextlib.nullcontext())
+    with lock:
+        data = real.read_bytes()
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise UserError(f"'{path}' changed while it was measured (a new checkpoint?), so nothing was stored; tune it again.")
+        atomic_write_bytes(real, with_metadata(data, tuned_entry(entry)))
