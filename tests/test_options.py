@@ -75,7 +75,7 @@ def inputs(tiny_run, tmp_path_factory):
     picture = folder / "in.png"
     Image.new("RGB", (20, 20), (10, 200, 30)).save(picture)
     return {"--ckpt": str(tiny_run / "model.safetensors"), "--data": "shapes", "CKPT": str(tiny_run / "model.safetensors"),
-            "IMAGE": str(picture), "IMAGES": str(picture), "--label": "0"}
+            "IMAGE": str(picture), "IMAGES": str(picture), "--label": "0", "--classifier": str(folder / "judge.safetensors")}
 
 
 def invoke(path, cmd, inputs, option, value, workdir, *more):
