@@ -183,10 +183,17 @@ def test_a_changed_teacher_stops_a_resume(tiny_run, tmp_path):
     out = tmp_path / "run"
     assert run("distill", "--teacher", teacher, "--steps", "1", "--teacher-steps", "2", "--max-steps", "1",
                "--batch-size", "2", "--out", out, "--device", "cpu").exit_code == 0
+    # A guidance weight tuned meanwhile rewrites only the header: the teacher is the same (twice, the entry copied along)
+    from diffcli.files import sha256
+    from diffcli.tuning import store
+
+    store(teacher, sha256(teacher), {"weight": 1.5})
+    store(teacher, sha256(teacher), {"weight": 2.5})
+    assert run("distill", "--out", out, "--resume", "--max-steps", "2").exit_code == 0
     tensors = load_file(str(teacher))
     from safetensors import safe_open
 
     with safe_open(str(teacher), "pt") as f:
-        meta = f.metadata()
+        meta = f.metadata()  # (the tuned entry with its hashes too: other tensors under it are still another teacher)
     save_file({k: v + 1 if k.endswith("weight") else v for k, v in tensors.items()}, str(teacher), metadata=meta)
-    one_sentence_error(run("distill", "--out", out, "--resume", "--max-steps", "2"), "has changed since this distillation began")
+    one_sentence_error(run("distill", "--out", out, "--resume", "--max-steps", "3"), "has changed since this distillation began")

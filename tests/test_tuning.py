@@ -92,7 +92,7 @@ def test_a_model_that_changed_while_measured_is_not_overwritten(tiny_run, tmp_pa
     shutil.copy(tiny_run / "model.safetensors", model)
     digest = sha256(model)
     tuning.store(model, digest, {"weight": 1.5})
-    assert model_metadata(model_header(model))["tuned_guidance"] == {"weight": 1.5}
+    assert model_metadata(model_header(model))["tuned_guidance"]["weight"] == 1.5
     newer = with_metadata(model.read_bytes(), {"step": "99"})  # a new checkpoint lands meanwhile
     model.write_bytes(newer)
     with pytest.raises(UserError, match="changed while it was measured"):
@@ -126,3 +126,60 @@ def test_unconditional_and_distilled_models_have_no_weight_to_tune(tiny_run, sha
     model.write_bytes(with_metadata((tiny_run / "model.safetensors").read_bytes(), {"class_names": "[]"}))
     r = runner.invoke(app, ["tune-guidance", "--ckpt", str(model), "--classifier", str(shapes_classifier)])
     assert r.exit_code == 1 and "without classes" in r.output
+
+
+def test_a_read_only_model_is_refused_before_any_sampling_even_for_root(tiny_run, shapes_classifier, tmp_path):
+    model = tmp_path / "model.safetensors"
+    shutil.copy(tiny_run / "model.safetensors", model)
+    model.chmod(0o444)  # (root may write it anyway: the mode bits say not to)
+    r = runner.invoke(app, ["tune-guidance", "--ckpt", str(model), "--classifier", str(shapes_classifier)])
+    assert r.exit_code == 1 and "is read-only" in r.output and "--no-store" in r.output
+
+
+def test_a_full_disk_while_storing_is_one_sentence_and_the_old_file(tiny_run, tmp_path, monkeypatch):
+    import errno
+
+    from diffcli import files
+
+    model = tmp_path / "model.safetensors"
+    shutil.copy(tiny_run / "model.safetensors", model)
+    before = model.read_bytes()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(files, "atomic_write_bytes", full)
+    with pytest.raises(UserError, match="could not write .*No space left"):
+        tuning.store(model, sha256(model), {"weight": 1.5})
+    assert model.read_bytes() == before
+
+
+def test_a_model_with_nan_weights_or_a_judge_of_other_classes_is_refused(tiny_run, shapes_classifier, tmp_path):
+    from safetensors import safe_open
+
+    from diffcli.classifier import Classifier, ClassifierConfig, save_classifier
+
+    model = tmp_path / "model.safetensors"
+    tensors = load_file(tiny_run / "model.safetensors")
+    with safe_open(tiny_run / "model.safetensors", "pt") as f:
+        meta = f.metadata()
+    first = next(iter(tensors))
+    tensors[first] = torch.full_like(tensors[first], float("nan"))
+    model.write_bytes(save(tensors, metadata=meta))
+    r = runner.invoke(app, ["tune-guidance", "--ckpt", str(model), "--classifier", str(shapes_classifier), "--device", "cpu"])
+    assert r.exit_code == 1 and "hold NaN or infinite" in r.output
+    other = tmp_path / "other.safetensors"  # the same count of classes, named otherwise
+    save_classifier(other, Classifier(ClassifierConfig(3, 32, 10, width=4)), [f"kind{i}" for i in range(10)], "elsewhere",
+                    {"test_accuracy": 0.5, "per_class_accuracy": [0.5] * 10, "test_images": 10}, True)
+    r = runner.invoke(app, ["tune-guidance", "--ckpt", str(tiny_run / "model.safetensors"), "--classifier", str(other),
+                            "--device", "cpu", "--real-n", "10"])
+    assert r.exit_code == 1 and "the classifier has the classes kind0" in " ".join(r.output.split()), r.output
+
+
+def test_a_resume_says_that_the_tuned_weight_goes_with_the_next_checkpoint(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    tuning.store(run / "model.safetensors", sha256(run / "model.safetensors"), {"weight": 1.5})
+    r = runner.invoke(app, ["train", "--out", str(run), "--resume", "--max-steps", "13", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert "tuned guidance weight 1.5 goes with its next checkpoint" in " ".join(r.output.split())
+    assert model_metadata(model_header(run / "model.safetensors"))["tuned_guidance"] is None

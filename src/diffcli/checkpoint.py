@@ -10,6 +10,7 @@ Every write is atomic (files.py): a crash leaves either the old file or the new 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -140,11 +141,38 @@ def tuned_entry(entry: dict | None) -> dict:
     return {} if entry is None else {TUNED: json.dumps(entry)}
 
 
+def trained_sha256(data: bytes) -> str:
+    """The SHA-256 of a model file (its bytes) as its training wrote it: the file's own, or,
+    once `tune-guidance` rewrote its header, the one it had before, which the tuned entry
+    keeps beside a hash of the tensors it left alone (so that other tensors under a copied
+    header do not pass). A distillation names its teacher by it (distill.py)."""
+    header = _header_of(data)
+    tuned = _tuned((header.get("__metadata__") or {}).get(TUNED)) or {}
+    kept = tuned.get("untuned_sha256")
+    if isinstance(kept, str) and tuned.get("tensors_sha256") == tensors_sha256(data):
+        return kept
+    return hashlib.sha256(data).hexdigest()
+
+
+def tensors_sha256(data: bytes) -> str:
+    """The SHA-256 of a safetensors file's tensors (names, dtypes, shapes, bytes), not of its metadata."""
+    header = _header_of(data)
+    header.pop("__metadata__", None)
+    digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
+    digest.update(data[8 + struct.unpack("<Q", data[:8])[0]:])
+    return digest.hexdigest()
+
+
+def _header_of(data: bytes) -> dict:
+    (n,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8:8 + n])
+
+
 def with_metadata(data: bytes, extra: dict[str, str]) -> bytes:
     """A safetensors file's bytes with `extra` added to its metadata and every tensor's bytes
     as they were: only the header is written anew (its offsets count from the data's start)."""
     (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + n])
+    header = _header_of(data)
     header["__metadata__"] = {**(header.get("__metadata__") or {}), **extra}
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # padded to 8 bytes, as safetensors writes it: the tensors stay aligned

@@ -104,7 +104,7 @@ class TrainConfig:
 @dataclass
 class DistillConfig:  # present only in a `diffcli distill` run: the student it makes (distill.py)
     teacher: str = ""  # the teacher's model.safetensors, as an absolute path
-    teacher_sha256: str = ""  # its hash when the run began: a resume refuses a changed teacher
+    teacher_sha256: str = ""  # its file's hash as trained (checkpoint.trained_sha256): a resume refuses a changed teacher
     steps: int = bounded(4, AT_LEAST_ONE)  # the student's network evaluations per image
     guidance: float | None = bounded(None, NON_NEGATIVE)  # the teacher's weight folded in; None: the sampling default
     teacher_steps: int = bounded(32, AT_LEAST_ONE)  # the teacher's DDIM path the student learns: its ceiling (docs/distill.md)

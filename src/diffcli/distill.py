@@ -23,12 +23,11 @@ from typing import Callable
 import torch
 
 from diffcli import samplers
-from diffcli.checkpoint import load_model, model_header, model_metadata, training
+from diffcli.checkpoint import load_model, model_header, model_metadata, trained_sha256, training
 from diffcli.config import DistillConfig, RunConfig, TrainConfig, apply_overrides, from_dict
 from diffcli.devices import pick_device, upload
 from diffcli.distributed import World, check_batch
 from diffcli.errors import UserError
-from diffcli.files import sha256
 from diffcli.fitting import TrainResult, fit
 from diffcli.generate import denoiser
 from diffcli.objective import Objective, of
@@ -157,7 +156,7 @@ def configure(teacher: Path, d: dict, train: dict) -> RunConfig:
         raise UserError("the teacher was trained without classes, so it has no guidance to distil; drop --guidance.")
     keep = {k: getattr(cfg.train, k) for k in ("preset", "grad_clip", "batch_size")}  # the teacher's, for its size
     cfg.train = TrainConfig(**keep, **TRAIN_DEFAULTS)
-    cfg.distill = DistillConfig(teacher=str(teacher.resolve()), teacher_sha256=sha256(teacher))
+    cfg.distill = DistillConfig(teacher=str(teacher.resolve()), teacher_sha256=trained_sha256(teacher.read_bytes()))
     apply_overrides(cfg, {"train": train, "distill": d})
     if not 1 <= cfg.distill.steps < cfg.diffusion.timesteps:
         raise UserError(f"--steps (distill.steps) must be between 1 and {cfg.diffusion.timesteps - 1}, below the teacher's "
@@ -179,7 +178,7 @@ def distill(cfg: RunConfig, out: Path, resume: bool = False, report: Callable[..
     path = Path(d.teacher)
     if not path.is_file():
         raise UserError(f"the teacher '{path}' of this distillation is gone; put it back to continue.")
-    if sha256(path) != d.teacher_sha256:
+    if trained_sha256(path.read_bytes()) != d.teacher_sha256:  # (a tuned guidance weight changes only the header)
         raise UserError(f"the teacher '{path}' has changed since this distillation began (its SHA-256 differs); "
                         f"distil the new teacher into a new --out folder.")
     teacher, _, meta = load_model(path, device)

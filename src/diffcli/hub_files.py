@@ -43,10 +43,15 @@ def export(ckpt: Path, out: Path) -> tuple[dict, str]:
                                           "scheduler": ["diffusers", scheduler], "unet": ["diffusers", "UNet2DModel"]})
     # what the guidance rule reads of its training, so that an import samples with the same default weight
     trained = {"step": meta["step"], "batch_size": cfg.train.batch_size, "label_knowledge": meta["label_knowledge"],
-               "label_gain": meta["label_gain"], "tuned_guidance": meta["tuned_guidance"]}
+               "label_gain": meta["label_gain"], "tuned_guidance": _exported(meta["tuned_guidance"])}
     write_json(out / "class_names.json", {"class_names": names, "null_label": k if k else None, "diffcli_training": trained})
     (out / "README.md").write_text(model_card(cfg, names, ckpt, default_guidance(model.trained)))
     return unet, scheduler
+
+
+def _exported(tuned: dict | None) -> dict | None:
+    """A tuned-guidance entry without the hashes of the diffcli file it was tuned in: the import is another file."""
+    return None if tuned is None else {k: v for k, v in tuned.items() if not k.endswith("_sha256")}
 
 
 def model_card(cfg: RunConfig, names: list[str], ckpt: Path, guidance: float) -> str:

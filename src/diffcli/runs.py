@@ -271,8 +271,11 @@ def _guidance(cfg: dict, meta: dict) -> dict:
     if tuned := meta.get("tuned_guidance"):  # chosen by measurement (tuning.py): say by what
         fd = tuned.get("classifier_fd") or {}
         scores = ", ".join(f"{w} {v:.3g}" if is_number(v) else f"{w} ?" for w, v in fd.items()) if isinstance(fd, dict) else "?"
-        return {"default_guidance": f"{tuned['weight']:g} (tuned with {tuned.get('classifier', '?')}: classifier-FD by weight "
-                                    f"{scores}; the rule's {tuned.get('rule', '?')})"}
+        how = ", ".join(str(tuned[k]) for k in ("sampler", "steps") if k in tuned)
+        rule = f"{tuned['rule']:g}" if is_number(tuned.get("rule")) else "?"
+        return {"default_guidance": f"{tuned['weight']:g} (tuned with {tuned.get('classifier', '?')} on {how or '?'}, "
+                                    f"{tuned.get('images_per_weight', '?')} images a weight: classifier-FD by weight {scores}; "
+                                    f"the rule's {rule})"}
     why = f"for {seen.images:,} training images" if seen.images else "training unknown"
     if seen.images and seen.knowledge is not None:
         why += f", label knowledge {seen.knowledge:.2f}" + ("" if seen.gain is None else f", label gain {seen.gain:.3f}")

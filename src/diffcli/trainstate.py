@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from diffcli.errors import UserError, listed
 from diffcli.runs import MODEL_FILE, STATE_FILE, state_path
 from diffcli.spec import LabelReading, Trained
 from diffcli.unet import UNet
+
+log = logging.getLogger("diffcli")
 
 MAX_ROLLBACKS = 3  # with on_nonfinite=rollback: give up after this many
 
@@ -120,6 +123,7 @@ class TrainState:
         self.batch_gen.set_state(tensors["rng.batch"])
         torch.set_rng_state(tensors["rng.torch"])
         self.step, self.labels = meta["step"], checkpoint.label_reading(meta)
+        _dropped_tuning(out / MODEL_FILE)
 
     # --- in memory (the rollback after a non-finite loss) -------------------------------
 
@@ -191,3 +195,15 @@ def check_classes(out: Path, class_names: list[str]) -> None:
     if saved != class_names:
         raise UserError(f"cannot resume: the run learned the classes {listed(saved)}, and the data now has {listed(class_names)}; "
                         "train a new run (another --out) on the changed data.")
+
+
+def _dropped_tuning(model: Path) -> None:
+    """Say that a tuned guidance weight (tuning.py) goes with the weights it was measured on: a
+    resumed run's next checkpoint writes new ones, and no tuned weight."""
+    try:
+        tuned = checkpoint.model_metadata(checkpoint.read_header(model))["tuned_guidance"]
+    except (UserError, OSError):
+        return
+    if tuned:
+        log.warning("the model's tuned guidance weight %g goes with its next checkpoint, whose weights it was not "
+                    "measured on; run `diffcli tune-guidance` again when training ends", tuned["weight"])

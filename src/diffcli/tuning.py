@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from diffcli.errors import UserError
+from diffcli.errors import UserError, listed, writing
 
 if TYPE_CHECKING:  # (evaluation imports torch, and the command line reads WEIGHTS and SEED without it)
     from diffcli.evaluation import EvalOptions
@@ -84,6 +84,7 @@ def tune(opts: TuneOptions, device, status=lambda text: contextlib.nullcontext()
     digest = storable(path) if opts.store else None  # before minutes of sampling
     ev = dataclasses.replace(opts.eval, memorisation=False, fid=False, pairs=None)
     got = prepare(ev, device, status)
+    _check_judge(got, opts.store)
     trained = got.model.trained
     rule = default_guidance(trained._replace(tuned=None))
     spec = ev.spec.resolve(got.cfg.diffusion.timesteps, None, trained)
@@ -94,20 +95,40 @@ def tune(opts: TuneOptions, device, status=lambda text: contextlib.nullcontext()
                                 status=lambda text: status(f"guidance {w:g}: {text}"))
         return {k: report[k] for k in ("class_accuracy", "classifier_fd", "classifier_fd_real_floor", "sampling_s")}
 
-    rows = sweep(measure, opts.weights, always=[rule] + ([trained.tuned] if trained.tuned is not None else []))
+    tried = [w + 0.0 for w in opts.weights]  # (+ 0.0: a -0 given is 0)
+    rows = sweep(measure, tried, always=[rule] + ([trained.tuned] if trained.tuned is not None else []))
     chosen = best(rows)
     if not math.isfinite(chosen["classifier_fd"]):
         raise UserError("the model drew pictures the classifier could not score (NaN) at every weight; nothing was stored.")
     images = len(got.meta["class_names"]) * ev.n_per_class
     entry = {"weight": chosen["guidance"], "rule": rule, "sampler": spec.sampler, "steps": spec.steps,
              "images_per_weight": images, "seed": ev.seed, "classifier": Path(ev.classifier).name,
-             "classifier_fd": {f"{r['guidance']:g}": round(r["classifier_fd"], 5) for r in rows},
-             "real_floor": round(rows[0]["classifier_fd_real_floor"], 5), "date": time.strftime("%Y-%m-%d")}
+             "classifier_fd": {f"{r['guidance']:g}": _rounded(r["classifier_fd"]) for r in rows},
+             "real_floor": _rounded(rows[0]["classifier_fd_real_floor"]), "date": time.strftime("%Y-%m-%d")}
     if digest is not None:
         store(path, digest, entry)
     return {"model": str(path), "sampler": spec.sampler, "steps": spec.steps, "images_per_weight": images,
             "seed": ev.seed, "rule": rule, "previous": trained.tuned, "rows": rows, "chosen": chosen["guidance"],
             "stored": digest is not None, "classifier": {"path": str(ev.classifier), "test_accuracy": got.clf_meta["test_accuracy"]}}
+
+
+def _rounded(x: float) -> float | None:
+    return round(x, 5) if math.isfinite(x) else None  # JSON has no NaN (an export's reader would refuse it)
+
+
+def _check_judge(got, storing: bool) -> None:
+    """Refuse a model whose weights hold NaN (every weight would draw the same black pictures),
+    and, for a weight to be stored, a classifier or real images of other classes than the model's."""
+    import torch
+
+    if not all(bool(torch.isfinite(p).all()) for p in got.model.parameters()):
+        raise UserError("this model's weights hold NaN or infinite numbers, so every weight draws the same broken "
+                        "pictures; resume its run from an earlier checkpoint, or train it again.")
+    names = got.meta["class_names"]
+    for what, theirs in (("the classifier", got.clf_meta["class_names"]), ("--data", got.real.train.class_names)):
+        if storing and theirs != names:
+            raise UserError(f"{what} has the classes {listed(theirs, 5)}, the model {listed(names, 5)}: a weight chosen "
+                            "on other classes' pictures would not be this model's; use its own, or --no-store to only measure.")
 
 
 def storable(path: Path) -> str:
@@ -118,12 +139,17 @@ def storable(path: Path) -> str:
 
     real = path.resolve()  # a link: the file it names is the one tuned
     if holder := runlock.busy(real.parent):
-        raise UserError(f"'{path}' is in a run still being written ({runlock.holder_text(holder)}), whose next checkpoint "
-                        "replaces it; tune it when the run ends, or pass --no-store to only measure.")
-    if not (os.access(real, os.W_OK) and os.access(real.parent, os.W_OK)):
-        raise UserError(f"'{path}' cannot be changed here (read-only file or folder); make it writable, or pass --no-store "
-                        "to only measure.")
+        raise UserError(f"'{path}' is in a run folder still being written ({runlock.holder_text(holder)}), whose next "
+                        "checkpoint may replace it; tune it when that ends, or pass --no-store to only measure.")
+    if _read_only(real) or _read_only(real.parent):
+        raise UserError(f"'{path}' is read-only (the file or its folder); make it writable, or pass --no-store to only measure.")
     return sha256(real)
+
+
+def _read_only(path: Path) -> bool:
+    """No write permission for us, or no write bit for anyone: root may write anything, but a
+    file its owner made read-only says not to change it."""
+    return not os.access(path, os.W_OK) or not path.stat().st_mode & 0o222
 
 
 def store(path: Path, digest: str, entry: dict) -> None:
@@ -131,7 +157,7 @@ def store(path: Path, digest: str, entry: dict) -> None:
     nothing; refused when the file is no longer the one measured (`digest`). Under its run's
     lock, where it has one, so that no run writes the file meanwhile."""
     from diffcli import runlock
-    from diffcli.checkpoint import tuned_entry, with_metadata
+    from diffcli.checkpoint import tensors_sha256, trained_sha256, tuned_entry, with_metadata
     from diffcli.files import atomic_write_bytes
 
     real = path.resolve()
@@ -141,4 +167,7 @@ def store(path: Path, digest: str, entry: dict) -> None:
         data = real.read_bytes()
         if hashlib.sha256(data).hexdigest() != digest:
             raise UserError(f"'{path}' changed while it was measured (a new checkpoint?), so nothing was stored; tune it again.")
-        atomic_write_bytes(real, with_metadata(data, tuned_entry(entry)))
+        # the file as trained, and its tensors, which this leaves alone: a distillation still knows its teacher
+        entry = {**entry, "untuned_sha256": trained_sha256(data), "tensors_sha256": tensors_sha256(data)}
+        with writing(path):  # a full disk: one sentence, and the old file as it was
+            atomic_write_bytes(real, with_metadata(data, tuned_entry(entry)))

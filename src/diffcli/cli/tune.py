@@ -44,10 +44,10 @@ def tune_guidance(
 ):
     """Choose a model's guidance weight with your classifier: draw the same seeds at each weight,
     keep the one of the lowest classifier-FD, and store it in the model file."""
+    tried = tuple(dict.fromkeys(parse_list(weights, float, "--weights", NON_NEGATIVE)))  # (before torch loads: a typo is told at once)
     from diffcli.evaluation import EvalOptions
     from diffcli.tuning import TuneOptions, tune
 
-    tried = tuple(dict.fromkeys(parse_list(weights, float, "--weights", NON_NEGATIVE)))
     spec = SamplerSpec(sampler, steps, None, eta, spacing=spacing, shift=shift)
     opts = TuneOptions(EvalOptions(ckpt, spec, n, seed, batch_size, classifier, data=data, data_root=data_root, real_n=real_n),
                        tried, store)
