@@ -33,8 +33,11 @@ def test_the_sweep_stops_two_past_the_valley_and_always_measures_the_rule():
     assert seen == [1, 1.5, 2, 2.5, 2.7]  # 3 and 3.5 lie past two worse weights; the rule's 2.7 is measured anyway
     assert tuning.best(rows)["guidance"] == 1.5
     seen.clear()
-    tuning.sweep(_valley(3.5, seen), [1, 1.5, 2, 2.5, 3, 3.5])
-    assert seen == [1, 1.5, 2, 2.5, 3, 3.5]  # falling all the way: nothing skipped
+    rows = tuning.sweep(_valley(4.2, seen), [1, 1.5, 2, 2.5, 3, 3.5])
+    assert seen == [1, 1.5, 2, 2.5, 3, 3.5, 4, 4.5, 5] and tuning.best(rows)["guidance"] == 4  # past the list, to the valley
+    seen.clear()
+    tuning.sweep(_valley(20, seen), [2, 3])
+    assert seen == [2, 3, 4, 5, 6, 7, 8]  # never past HIGHEST
 
 
 def test_one_worse_point_does_not_end_the_sweep():
@@ -72,7 +75,8 @@ def test_tune_guidance_stores_the_best_weight_which_sample_then_uses(tiny_run, s
     assert r.exit_code == 0, r.output
     report = json.loads(r.output)
     rows = {row["guidance"]: row["classifier_fd"] for row in report["rows"]}
-    assert set(rows) == {0, 3, report["rule"]} and report["stored"]
+    assert report["rule"] == 3 and report["stored"]  # (a 12-step model: the rule's ceiling)
+    assert set(rows) == ({0, 3, 6} if rows[3] < rows[0] else {0, 3})  # past the last weight, in its step, while best there
     assert report["chosen"] == min(rows, key=rows.get)
     tuned = model_metadata(model_header(model))["tuned_guidance"]
     assert tuned["weight"] == report["chosen"] and tuned["classifier_fd"] == {f"{w:g}": round(v, 5) for w, v in rows.items()}

@@ -39,19 +39,34 @@ SEED = 1_000_000
 # so the sweep stops after this many weights in a row worse than the best so far; two, so that
 # one noisy point does not end it.
 PAST_BEST = 2
+# Where the best is still the last weight, the sweep goes on past it, in the list's last step, up
+# to this: `edit`'s weight for a change of class (spec.EDIT_GUIDANCE), about Stable Diffusion's 7.5.
+HIGHEST = 8.0
 
 
 def sweep(measure: Callable[[float], dict], weights: Sequence[float], always: Sequence[float] = ()) -> list[dict]:
     """Rows {"guidance": w, **measure(w)} (measure gives at least "classifier_fd") for `weights`
-    in rising order, stopping after PAST_BEST in a row worse than the best; each weight of
-    `always` is measured whatever the stop, so that the table shows what tuning gains."""
+    in rising order, stopping after PAST_BEST in a row worse than the best, or going on past
+    the last weight (in the list's last step, up to HIGHEST) while the best is the last; each
+    weight of `always` is measured whatever the stop, so that the table shows what tuning gains."""
     rows: list[dict] = []
     worse = 0
-    for w in sorted(set(weights) | set(always)):
-        if worse >= PAST_BEST and w not in always:
-            continue
+
+    def measured(w: float) -> None:
+        nonlocal worse
         rows.append({"guidance": w, **measure(w)})
         worse = 0 if best(rows) is rows[-1] else worse + 1
+
+    for w in sorted(set(weights) | set(always)):
+        if worse < PAST_BEST or w in always:
+            measured(w)
+    given = sorted(set(weights))
+    step = given[-1] - given[-2] if len(given) > 1 else 0.5
+    w = rows[-1]["guidance"]
+    if rows[-1] is best(rows):  # still falling at the top (the rows rise): the valley lies beyond
+        while worse < PAST_BEST and w + step <= HIGHEST:
+            w = round(w + step, 6)
+            measured(w)
     return rows
 
 

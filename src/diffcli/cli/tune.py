@@ -24,7 +24,7 @@ def tune_guidance(
     classifier: Annotated[Path, typer.Option(help="A classifier from `diffcli classifier train` on the model's data: "
                                                   "it scores the pictures of each weight.")],
     weights: Annotated[str, typer.Option(help="Comma-separated guidance weights to try; the model's current weight is "
-                                              "always tried too. In rising order, the sweep stops two weights past the best.")] = _DEFAULT_WEIGHTS,
+                                              "always tried too. In rising order, the sweep stops two weights past the best, and goes on past the last while the best is there (up to 8).")] = _DEFAULT_WEIGHTS,
     n: Annotated[int, typer.Option("--n", "--per-label", help="Images drawn per class at each weight."),
                  Range(2, why="a covariance needs two images")] = 100,
     sampler: Sampler = "ddim",
