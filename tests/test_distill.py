@@ -116,7 +116,7 @@ def test_a_student_records_what_it_is_and_samples_that_way_by_default(student, t
     assert str((tiny_run / "model.safetensors").resolve()) in r.output and '"teacher_sha256"' in r.output
     assert (student / "samples" / "latest.png").exists() and (student / "metrics.jsonl").read_text().count("\n") >= 1
     r = run("sample", "--ckpt", student / "model.safetensors", "--n", "2", "--out", tmp_path / "s.png", "--device", "cpu")
-    assert r.exit_code == 0 and "ddim 2 steps, guidance 1" in r.output, r.output
+    assert r.exit_code == 0 and f"ddim 2 steps, guidance {GUIDANCE_CEILING:g} built in," in r.output, r.output
     for bad, fragment in ((("--sampler", "ddpm"), "distilled for ddim with 2 steps; --sampler ddpm"),
                           (("--steps", "5"), "--steps 5 cannot serve it"), (("--guidance", "3"), "drop --guidance")):
         one_sentence_error(run("sample", "--ckpt", student / "model.safetensors", *bad, "--out", tmp_path / "x.png"), fragment)

@@ -215,9 +215,10 @@ class SamplerSpec:
             raise UserError(f"{made} and the teacher's guidance {student.guidance:g} built in; drop --guidance-interval.")
         return dataclasses.replace(self, steps=student.steps, guidance=1.0)
 
-    def describe(self) -> str:
+    def describe(self, student: Student | None = None) -> str:
+        """As a command's line says it; a distilled `student` runs with its teacher's weight built in."""
         steps = "default steps" if self.steps is None else f"{self.steps} steps"
-        guidance = "auto" if self.guidance is None else f"{self.guidance:g}"
+        guidance = (f"{student.guidance:g} built in" if student else "auto" if self.guidance is None else f"{self.guidance:g}")
         shift = "" if self.shift == 1 else f", shift {self.shift:g}"
         return f"{self.sampler} {steps}{shift}, guidance {guidance}{interval_text(self.interval)}"
 

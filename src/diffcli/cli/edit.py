@@ -157,5 +157,5 @@ def interpolate(
         images, seconds = timed(work, dev)
     with writing(out):
         animation(images, out) if out.suffix.lower() == ".gif" else save_image(grid(images, frames), out)
-    console.print(f"wrote [cyan]{out}[/]: {frames} frames, {what}, {spec.resolve(objective.T, model.student, model.trained).describe()}, "
+    console.print(f"wrote [cyan]{out}[/]: {frames} frames, {what}, {spec.resolve(objective.T, model.student, model.trained).describe(model.student)}, "
                   f"{seconds:.1f} s on {describe(dev)}", highlight=False)

@@ -93,7 +93,7 @@ def _sample(world, dev, ckpt, spec, label, n, seed, out, save_individual, batch_
             recorder.xt, recorder.x0, recorder.timesteps, imgs, scale=enlargement(imgs))
         with writing(trajectory):
             trajectory_gif(recorder.xt, recorder.x0, imgs, trajectory) if strip is None else save_image(strip, trajectory)
-    console.print(f"wrote [cyan]{out}[/]: {len(per_image)} images, {spec.describe()}, "
+    console.print(f"wrote [cyan]{out}[/]: {len(per_image)} images, {spec.describe(model.student)}, "
                   f"{seconds:.1f} s ({len(per_image) / seconds:.1f} images/s) on {where(dev, world)}", highlight=False)
     if trajectory:
         console.print(f"trajectory: [cyan]{trajectory}[/] (t = {', '.join(map(str, recorder.timesteps))})", highlight=False)
