@@ -17,6 +17,11 @@ from diffcli.cli._ranks import processes, where
 from diffcli.errors import UserError, listed
 from diffcli.spec import SamplerSpec, interval_text
 
+# The real images a model's pictures are measured against: `eval`'s and `tune-guidance`'s.
+RealData = Annotated[Optional[str], typer.Option(help="The real images to compare with (default: the model's training data).")]
+RealDataRoot = Annotated[Optional[str], typer.Option(help="Where that dataset lives (default: as when the model was trained).")]
+RealN = Annotated[Optional[int], typer.Option(help="Use only the first N real test images as the reference (default: all)."), Range(2)]
+
 
 def evaluate(
     ckpt: Ckpt,
@@ -34,9 +39,9 @@ def evaluate(
     guidance: Guidance = None,
     guidance_interval: GuidanceInterval = None,
     seed: ImageSeed = 0,
-    data: Annotated[Optional[str], typer.Option(help="The real images to compare with (default: the model's training data).")] = None,
-    data_root: Annotated[Optional[str], typer.Option(help="Where that dataset lives (default: as when the model was trained).")] = None,
-    real_n: Annotated[Optional[int], typer.Option(help="Use only the first N real test images as the reference (default: all)."), Range(2)] = None,
+    data: RealData = None,
+    data_root: RealDataRoot = None,
+    real_n: RealN = None,
     batch_size: BatchSize = 250,
     device: Device = "auto",
     as_json: AsJson = False,

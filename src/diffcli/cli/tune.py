@@ -12,6 +12,7 @@ from diffcli.checks import NON_NEGATIVE, Range
 from diffcli.cli._common import (AsJson, as_json_text, BatchSize, Ckpt, Device, Eta, ImageSeed, Sampler, Shift, Spacing, Steps, console,
                                  parse_list, print_notice)
 from diffcli.cli._ranks import processes, where
+from diffcli.cli.evaluate import RealData, RealDataRoot, RealN
 from diffcli.errors import UserError
 from diffcli.spec import SamplerSpec
 from diffcli.tuning import SEED, WEIGHTS
@@ -33,9 +34,9 @@ def tune_guidance(
     shift: Shift = 1.0,
     eta: Eta = 0.0,
     seed: ImageSeed = SEED,
-    data: Annotated[Optional[str], typer.Option(help="The real images to compare with (default: the model's training data).")] = None,
-    data_root: Annotated[Optional[str], typer.Option(help="Where that dataset lives (default: as when the model was trained).")] = None,
-    real_n: Annotated[Optional[int], typer.Option(help="Use only the first N real test images as the reference (default: all)."), Range(2)] = None,
+    data: RealData = None,
+    data_root: RealDataRoot = None,
+    real_n: RealN = None,
     store: Annotated[bool, typer.Option("--store/--no-store", help="Write the chosen weight into the model file, where "
                                                                   "sample, eval, compare, distill and export take it as the default.")] = True,
     batch_size: BatchSize = 250,
