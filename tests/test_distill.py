@@ -197,3 +197,6 @@ def test_a_changed_teacher_stops_a_resume(tiny_run, tmp_path):
         meta = f.metadata()  # (the tuned entry with its hashes too: other tensors under it are still another teacher)
     save_file({k: v + 1 if k.endswith("weight") else v for k, v in tensors.items()}, str(teacher), metadata=meta)
     one_sentence_error(run("distill", "--out", out, "--resume", "--max-steps", "3"), "has changed since this distillation began")
+    for damaged in (b"abc", b"\x10" + bytes(7) + b"[1, 2]" + b" " * 10, teacher.read_bytes()[:1000]):  # not a header, a list, cut
+        teacher.write_bytes(damaged)
+        one_sentence_error(run("distill", "--out", out, "--resume", "--max-steps", "3"), "has changed since this distillation began")

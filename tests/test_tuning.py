@@ -33,11 +33,14 @@ def test_the_sweep_stops_two_past_the_valley_and_always_measures_the_rule():
     assert seen == [1, 1.5, 2, 2.5, 2.7]  # 3 and 3.5 lie past two worse weights; the rule's 2.7 is measured anyway
     assert tuning.best(rows)["guidance"] == 1.5
     seen.clear()
-    rows = tuning.sweep(_valley(4.2, seen), [1, 1.5, 2, 2.5, 3, 3.5])
+    rows = tuning.sweep(_valley(4.2, seen), tuning.WEIGHTS, beyond=True)
     assert seen == [1, 1.5, 2, 2.5, 3, 3.5, 4, 4.5, 5] and tuning.best(rows)["guidance"] == 4  # past the list, to the valley
     seen.clear()
-    tuning.sweep(_valley(20, seen), [2, 3])
-    assert seen == [2, 3, 4, 5, 6, 7, 8]  # never past HIGHEST
+    tuning.sweep(_valley(4.2, seen), [1, 1.001], always=[3])
+    assert seen == [1, 1.001, 3]  # a list given is measured as given
+    seen.clear()
+    tuning.sweep(_valley(20, seen), [2, 3], beyond=True)
+    assert seen == [2, 3, 3.5, 4, 4.5, 5, 5.5, 6, 6.5, 7, 7.5, 8]  # in the default weights' step, never past HIGHEST
 
 
 def test_one_worse_point_does_not_end_the_sweep():
@@ -76,7 +79,7 @@ def test_tune_guidance_stores_the_best_weight_which_sample_then_uses(tiny_run, s
     report = json.loads(r.output)
     rows = {row["guidance"]: row["classifier_fd"] for row in report["rows"]}
     assert report["rule"] == 3 and report["stored"]  # (a 12-step model: the rule's ceiling)
-    assert set(rows) == ({0, 3, 6} if rows[3] < rows[0] else {0, 3})  # past the last weight, in its step, while best there
+    assert set(rows) == {0, 3}  # the weights given, and no others
     assert report["chosen"] == min(rows, key=rows.get)
     tuned = model_metadata(model_header(model))["tuned_guidance"]
     assert tuned["weight"] == report["chosen"] and tuned["classifier_fd"] == {f"{w:g}": round(v, 5) for w, v in rows.items()}
@@ -183,7 +186,10 @@ def test_a_resume_says_that_the_tuned_weight_goes_with_the_next_checkpoint(tiny_
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     tuning.store(run / "model.safetensors", sha256(run / "model.safetensors"), {"weight": 1.5})
+    r = runner.invoke(app, ["train", "--out", str(run), "--resume", "--max-steps", "12", "--device", "cpu"])
+    assert r.exit_code == 0, r.output  # at its limit already: the same weights are written, and keep their weight
+    assert model_metadata(model_header(run / "model.safetensors"))["tuned_guidance"]["weight"] == 1.5
     r = runner.invoke(app, ["train", "--out", str(run), "--resume", "--max-steps", "13", "--device", "cpu"])
     assert r.exit_code == 0, r.output
-    assert "tuned guidance weight 1.5 goes with its next checkpoint" in " ".join(r.output.split())
+    assert "tuned guidance weight 1.5 goes with the first checkpoint of new steps" in " ".join(r.output.split())
     assert model_metadata(model_header(run / "model.safetensors"))["tuned_guidance"] is None

@@ -146,11 +146,13 @@ def trained_sha256(data: bytes) -> str:
     once `tune-guidance` rewrote its header, the one it had before, which the tuned entry
     keeps beside a hash of the tensors it left alone (so that other tensors under a copied
     header do not pass). A distillation names its teacher by it (distill.py)."""
-    header = _header_of(data)
-    tuned = _tuned((header.get("__metadata__") or {}).get(TUNED)) or {}
-    kept = tuned.get("untuned_sha256")
-    if isinstance(kept, str) and tuned.get("tensors_sha256") == tensors_sha256(data):
-        return kept
+    try:
+        tuned = _tuned((_header_of(data).get("__metadata__") or {}).get(TUNED)) or {}
+        kept = tuned.get("untuned_sha256")
+        if isinstance(kept, str) and tuned.get("tensors_sha256") == tensors_sha256(data):
+            return kept
+    except (struct.error, ValueError, TypeError, AttributeError):  # not a safetensors file (any more): its own hash
+        pass
     return hashlib.sha256(data).hexdigest()
 
 

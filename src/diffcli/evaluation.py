@@ -193,6 +193,7 @@ def evaluate(model, cfg, class_names: list[str], opts: EvalOptions, real: RealIm
     if not world.is_main:  # rank 0 measures
         return {}, images, None
     report = {"images": len(labels), "sampler": spec.sampler, "steps": spec.steps, "guidance": spec.guidance,
+              **({"guidance_built_in": model.student.guidance} if model.student else {}),
               "guidance_interval": spec.interval, "shift": spec.shift, "eta": spec.eta, "seed": opts.seed, "sampling_s": round(seconds, 2)}
     if clf is not None:
         # The floor: real images the reference does not hold, as many as generated.

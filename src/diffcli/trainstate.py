@@ -85,7 +85,7 @@ class TrainState:
                     **checkpoint.labels_entry(self.labels)}
         checkpoint.save_tensors(out / STATE_FILE, tensors, metadata)
         checkpoint.save_model(out / MODEL_FILE, self.ema.state_dict(), to_dict(cfg), class_names, self.step, epoch,
-                              self.labels)
+                              self.labels, _tuning_at(out / MODEL_FILE, self.step))
 
     def load(self, out: Path) -> None:
         """Continue from the run in `out`: weights, moments, RNG states and step."""
@@ -197,13 +197,25 @@ def check_classes(out: Path, class_names: list[str]) -> None:
                         "train a new run (another --out) on the changed data.")
 
 
-def _dropped_tuning(model: Path) -> None:
-    """Say that a tuned guidance weight (tuning.py) goes with the weights it was measured on: a
-    resumed run's next checkpoint writes new ones, and no tuned weight."""
+def _tuned(model: Path) -> tuple[dict | None, int]:
+    """The tuned guidance entry (tuning.py) of a run's model file, and its step."""
     try:
-        tuned = checkpoint.model_metadata(checkpoint.read_header(model))["tuned_guidance"]
+        meta = checkpoint.model_metadata(checkpoint.read_header(model))
     except (UserError, OSError):
-        return
+        return None, -1
+    return meta["tuned_guidance"], meta["step"]
+
+
+def _tuning_at(model: Path, step: int) -> dict | None:
+    """The tuned entry to keep in a checkpoint of `step`: the file's, while it is that step's
+    (a resume that trained nothing writes the same weights), else none: it was measured on others."""
+    tuned, at = _tuned(model)
+    return tuned if at == step else None
+
+
+def _dropped_tuning(model: Path) -> None:
+    """Say that a tuned guidance weight goes with the weights it was measured on."""
+    tuned, _ = _tuned(model)
     if tuned:
-        log.warning("the model's tuned guidance weight %g goes with its next checkpoint, whose weights it was not "
-                    "measured on; run `diffcli tune-guidance` again when training ends", tuned["weight"])
+        log.warning("the model's tuned guidance weight %g goes with the first checkpoint of new steps, whose weights it "
+                    "was not measured on; run `diffcli tune-guidance` again when training ends", tuned["weight"])

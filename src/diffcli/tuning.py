@@ -39,16 +39,19 @@ SEED = 1_000_000
 # so the sweep stops after this many weights in a row worse than the best so far; two, so that
 # one noisy point does not end it.
 PAST_BEST = 2
-# Where the best is still the last weight, the sweep goes on past it, in the list's last step, up
-# to this: `edit`'s weight for a change of class (spec.EDIT_GUIDANCE), about Stable Diffusion's 7.5.
+# Where the best is still the highest weight measured, a sweep of the default weights goes on past
+# it in their step, up to this: `edit`'s weight for a change of class (spec.EDIT_GUIDANCE), about
+# Stable Diffusion's 7.5. A list the user gives is measured as given.
 HIGHEST = 8.0
+STEP = 0.5  # WEIGHTS' own
 
 
-def sweep(measure: Callable[[float], dict], weights: Sequence[float], always: Sequence[float] = ()) -> list[dict]:
+def sweep(measure: Callable[[float], dict], weights: Sequence[float], always: Sequence[float] = (),
+          beyond: bool = False) -> list[dict]:
     """Rows {"guidance": w, **measure(w)} (measure gives at least "classifier_fd") for `weights`
-    in rising order, stopping after PAST_BEST in a row worse than the best, or going on past
-    the last weight (in the list's last step, up to HIGHEST) while the best is the last; each
-    weight of `always` is measured whatever the stop, so that the table shows what tuning gains."""
+    in rising order, stopping after PAST_BEST in a row worse than the best, and (`beyond`) going
+    on past the highest weight in STEPs, up to HIGHEST, while the best is there; each weight of
+    `always` is measured whatever the stop, so that the table shows what tuning gains."""
     rows: list[dict] = []
     worse = 0
 
@@ -60,12 +63,10 @@ def sweep(measure: Callable[[float], dict], weights: Sequence[float], always: Se
     for w in sorted(set(weights) | set(always)):
         if worse < PAST_BEST or w in always:
             measured(w)
-    given = sorted(set(weights))
-    step = given[-1] - given[-2] if len(given) > 1 else 0.5
     w = rows[-1]["guidance"]
-    if rows[-1] is best(rows):  # still falling at the top (the rows rise): the valley lies beyond
-        while worse < PAST_BEST and w + step <= HIGHEST:
-            w = round(w + step, 6)
+    if beyond and rows[-1] is best(rows):  # still falling at the top (the rows rise): the valley lies beyond
+        while worse < PAST_BEST and w + STEP <= HIGHEST:
+            w += STEP
             measured(w)
     return rows
 
@@ -78,7 +79,7 @@ def best(rows: list[dict]) -> dict:
 @dataclass(frozen=True)
 class TuneOptions:
     eval: EvalOptions  # the model, the classifier, the sampler the weight is chosen for, the images a weight
-    weights: tuple[float, ...] = WEIGHTS
+    weights: tuple[float, ...] | None = None  # None: WEIGHTS, and on past them while the best is the highest
     store: bool = True  # write the chosen weight into the model file
 
 
@@ -110,8 +111,9 @@ def tune(opts: TuneOptions, device, status=lambda text: contextlib.nullcontext()
                                 status=lambda text: status(f"guidance {w:g}: {text}"))
         return {k: report[k] for k in ("class_accuracy", "classifier_fd", "classifier_fd_real_floor", "sampling_s")}
 
-    tried = [w + 0.0 for w in opts.weights]  # (+ 0.0: a -0 given is 0)
-    rows = sweep(measure, tried, always=[rule] + ([trained.tuned] if trained.tuned is not None else []))
+    tried = [w + 0.0 for w in opts.weights or WEIGHTS]  # (+ 0.0: a -0 given is 0)
+    rows = sweep(measure, tried, always=[rule] + ([trained.tuned] if trained.tuned is not None else []),
+                 beyond=opts.weights is None)
     chosen = best(rows)
     if not math.isfinite(chosen["classifier_fd"]):
         raise UserError("the model drew pictures the classifier could not score (NaN) at every weight; nothing was stored.")

@@ -98,7 +98,7 @@ def edit(
         work = partial(E.inpaint, *args, redraw=redraw.repeat_interleave(n, dim=0), seeds=seeds, jumps=JUMPS if jumps is None else jumps, **common)
     else:
         work = partial(E.img2img, *args, seeds=seeds, strength=EDIT_STRENGTH if strength is None else strength, **common)
-    with console.status(f"editing {len(images)} image(s), {len(per_image)} result(s) with {spec.describe()} on "
+    with console.status(f"editing {len(images)} image(s), {len(per_image)} result(s) with {spec.describe(model.student)} on "
                         f"{describe(dev)} ..."):
         results, seconds = timed(work, dev)
     sheet = edit_sheet(inputs, results, redraw)
@@ -109,7 +109,7 @@ def edit(
             save_image(to_pil(img), path)
     mode = "inverted" if invert else "inpainted" if mask is not None else "edited"
     console.print(f"wrote [cyan]{out}[/]: {len(images)} image(s) {mode} toward "
-                  f"{class_names[target] if class_names else 'the model'}, {len(results)} result(s), {spec.describe()}, "
+                  f"{class_names[target] if class_names else 'the model'}, {len(results)} result(s), {spec.describe(model.student)}, "
                   f"{seconds:.1f} s on {describe(dev)}", highlight=False)
 
 

@@ -76,8 +76,10 @@ def evaluate(
 
 
 def _print_report(report: dict) -> None:
+    built_in = report.get("guidance_built_in")  # a distilled student's: it samples at 1 with its teacher's weight in it
+    guidance = f"{report['guidance']:g}" if built_in is None else f"{built_in:g} built in"
     console.print(f"{report['images']:,} images from {report['model']}: {report['sampler']} {report['steps']} steps{_eta_text(report['eta'])}, "
-                  f"guidance {report['guidance']:g}{interval_text(report['guidance_interval'])}, seeds {report['seed']}.., {report['sampling_s']:.1f} s on {report['device']}",
+                  f"guidance {guidance}{interval_text(report['guidance_interval'])}, seeds {report['seed']}.., {report['sampling_s']:.1f} s on {report['device']}",
                   highlight=False)
     table = Table(show_header=True, title_justify="left")
     table.add_column("metric")

@@ -24,8 +24,10 @@ def tune_guidance(
     ckpt: Ckpt,
     classifier: Annotated[Path, typer.Option(help="A classifier from `diffcli classifier train` on the model's data: "
                                                   "it scores the pictures of each weight.")],
-    weights: Annotated[str, typer.Option(help="Comma-separated guidance weights to try; the model's current weight is "
-                                              "always tried too. In rising order, the sweep stops two weights past the best, and goes on past the last while the best is there (up to 8).")] = _DEFAULT_WEIGHTS,
+    weights: Annotated[Optional[str], typer.Option(help="Comma-separated guidance weights to try, in rising order until two are "
+                                                        "worse than the best; the model's current weight is always tried too "
+                                                        f"(default: {_DEFAULT_WEIGHTS}, and on past 3.5 in steps of 0.5, up to 8, "
+                                                        "while the best is the highest).")] = None,
     n: Annotated[int, typer.Option("--n", "--per-label", help="Images drawn per class at each weight."),
                  Range(2, why="a covariance needs two images")] = 100,
     sampler: Sampler = "ddim",
@@ -45,7 +47,7 @@ def tune_guidance(
 ):
     """Choose a model's guidance weight with your classifier: draw the same seeds at each weight,
     keep the one of the lowest classifier-FD, and store it in the model file."""
-    tried = tuple(dict.fromkeys(parse_list(weights, float, "--weights", NON_NEGATIVE)))  # (before torch loads: a typo is told at once)
+    tried = tuple(dict.fromkeys(parse_list(weights, float, "--weights", NON_NEGATIVE))) if weights else None  # (before torch loads)
     from diffcli.evaluation import EvalOptions
     from diffcli.tuning import TuneOptions, tune
 
