@@ -117,6 +117,8 @@ def test_a_student_records_what_it_is_and_samples_that_way_by_default(student, t
     assert (student / "samples" / "latest.png").exists() and (student / "metrics.jsonl").read_text().count("\n") >= 1
     r = run("sample", "--ckpt", student / "model.safetensors", "--n", "2", "--out", tmp_path / "s.png", "--device", "cpu")
     assert r.exit_code == 0 and f"ddim 2 steps, guidance {GUIDANCE_CEILING:g} built in," in r.output, r.output
+    r = run("eval", "--ckpt", student / "model.safetensors", "--n", "2", "--real-n", "10", "--device", "cpu")
+    assert r.exit_code == 0 and f"ddim 2 steps, guidance {GUIDANCE_CEILING:g} built in," in " ".join(r.output.split()), r.output
     for bad, fragment in ((("--sampler", "ddpm"), "distilled for ddim with 2 steps; --sampler ddpm"),
                           (("--steps", "5"), "--steps 5 cannot serve it"), (("--guidance", "3"), "drop --guidance")):
         one_sentence_error(run("sample", "--ckpt", student / "model.safetensors", *bad, "--out", tmp_path / "x.png"), fragment)
