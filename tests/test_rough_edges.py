@@ -54,6 +54,9 @@ def test_the_option_a_bad_label_came_from_is_named(tiny_run, tmp_path):
 def test_seeds_that_are_not_whole_numbers_say_so(tiny_run):
     r = cli("interpolate", "--ckpt", tiny_run / "model.safetensors", "--seeds", "a,b")
     assert r.exit_code == 1 and "--seeds must be a comma-separated list of whole numbers" in said(r), said(r)
+    for option, text in (("--steps", "4,,5"), ("--guidance", "1,2,")):  # a value left out is not read as fewer values
+        r = cli("compare", "--ckpt", tiny_run / "model.safetensors", option, text)
+        assert r.exit_code == 1 and f"{option} has an empty item in '{text}'" in said(r), said(r)
 
 
 def test_diffcli_s_other_files_are_told_apart_from_models(tiny_run, tmp_path):

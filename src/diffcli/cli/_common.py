@@ -142,9 +142,12 @@ def parse_labels(text: str, class_names: list[str], option: str = "--label") -> 
 
 
 def parse_list(text: str, kind: type, option: str, bounds: Range | None = None) -> list:
-    """'10,20,50' -> [10, 20, 50], each value checked like a single number option."""
+    """'10,20,50' -> [10, 20, 50], each checked as one number option is; '4,,5' is refused (a value left out?)."""
+    parts = text.split(",")
+    if len(parts) > 1 and not all(p.strip() for p in parts):
+        raise UserError(f"{option} has an empty item in '{text}'; separate the values with single commas.")
     try:
-        values = [kind(v) for v in text.split(",") if v.strip()]
+        values = [kind(v) for v in parts if v.strip()]
     except ValueError:
         what = {int: "whole numbers", float: "numbers"}.get(kind, "values")
         raise UserError(f"{option} must be a comma-separated list of {what}, got '{text}'.") from None
