@@ -23,8 +23,9 @@ def test_precedence_defaults_preset_file_cli(tmp_path):
     cfg = build_config("small", str(run), {})
     assert cfg.train.preset == "small" and cfg.model == preset_config("small").model and cfg.diffusion.schedule == "linear"
     assert (cfg.train.lr, cfg.train.batch_size, cfg.train.grid_steps) == (preset_config("small").train.lr, 64, 25)  # not tiny's
-    with pytest.raises(UserError, match="unknown preset 'bogus'"):
-        build_config("bogus", str(run), {})
+    for bad in ("bogus", ""):  # ("" was read as auto: a preset left out of a script)
+        with pytest.raises(UserError, match=f"unknown preset '{bad}'"):
+            build_config(bad, str(run), {})
     assert build_config(None, str(run), {}).model == preset_config("tiny").model
 
 

@@ -221,7 +221,7 @@ def build_config(preset: str | None, config_file: str | None, cli: dict,
     if not isinstance(file_values, dict):
         raise UserError(f"config file '{config_file}' must hold a mapping with sections model, diffusion, data, train.")
     file_train = file_values.get("train") or {}
-    given, preset = preset, preset or file_train.get("preset") or "auto"
+    given, preset = preset, (file_train.get("preset") or "auto") if preset is None else preset  # ("": no preset, refused)
     if preset == "auto":
         preset = auto_preset((cli.get("train") or {}).get("device") or file_train.get("device") or "auto")
     if given not in (None, "auto", file_train.get("preset", preset)):  # a --preset beats the file's: all a preset sets
