@@ -17,6 +17,7 @@ import math
 import struct
 from pathlib import Path
 
+from diffcli.checks import is_number
 from diffcli.errors import UserError
 from diffcli.files import atomic_write_bytes
 from diffcli.spec import LabelReading, Trained
@@ -125,15 +126,19 @@ def _tuned(text: str | None) -> dict | None:
     if text is None:
         return None
     try:
-        entry = json.loads(text)
-        weight = entry["weight"]
-        if isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight) and weight >= 0:
+        if (entry := valid_tuned(json.loads(text))) is not None:
             return entry
-    except (ValueError, TypeError, KeyError):
+    except ValueError:
         pass
     log.warning("this model's tuned guidance weight is damaged; it samples with the rule's weight "
                 "(`diffcli tune-guidance` measures it again).")
     return None
+
+
+def valid_tuned(entry) -> dict | None:
+    """A tuned-guidance entry whose weight a sampler can use (a finite number >= 0), else None."""
+    weight = entry.get("weight") if isinstance(entry, dict) else None
+    return entry if is_number(weight) and math.isfinite(weight) and weight >= 0 else None
 
 
 def tuned_entry(entry: dict | None) -> dict:
@@ -147,7 +152,7 @@ def trained_sha256(data: bytes) -> str:
     keeps beside a hash of the tensors it left alone (so that other tensors under a copied
     header do not pass). A distillation names its teacher by it (distill.py)."""
     try:
-        tuned = _tuned((_header_of(data).get("__metadata__") or {}).get(TUNED)) or {}
+        tuned = _tuned((_split(data)[0].get("__metadata__") or {}).get(TUNED)) or {}
         kept = tuned.get("untuned_sha256")
         if isinstance(kept, str) and tuned.get("tensors_sha256") == tensors_sha256(data):
             return kept
@@ -158,27 +163,27 @@ def trained_sha256(data: bytes) -> str:
 
 def tensors_sha256(data: bytes) -> str:
     """The SHA-256 of a safetensors file's tensors (names, dtypes, shapes, bytes), not of its metadata."""
-    header = _header_of(data)
+    header, tensors = _split(data)
     header.pop("__metadata__", None)
     digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
-    digest.update(data[8 + struct.unpack("<Q", data[:8])[0]:])
+    digest.update(tensors)
     return digest.hexdigest()
 
 
-def _header_of(data: bytes) -> dict:
+def _split(data: bytes) -> tuple[dict, bytes]:
+    """A safetensors file's bytes as its JSON header and the tensors' bytes after it."""
     (n,) = struct.unpack("<Q", data[:8])
-    return json.loads(data[8:8 + n])
+    return json.loads(data[8:8 + n]), data[8 + n:]
 
 
 def with_metadata(data: bytes, extra: dict[str, str]) -> bytes:
     """A safetensors file's bytes with `extra` added to its metadata and every tensor's bytes
     as they were: only the header is written anew (its offsets count from the data's start)."""
-    (n,) = struct.unpack("<Q", data[:8])
-    header = _header_of(data)
+    header, tensors = _split(data)
     header["__metadata__"] = {**(header.get("__metadata__") or {}), **extra}
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # padded to 8 bytes, as safetensors writes it: the tensors stay aligned
-    return struct.pack("<Q", len(text)) + text + data[8 + n:]
+    return struct.pack("<Q", len(text)) + text + tensors
 
 
 def labels_entry(labels: LabelReading | None) -> dict:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from diffcli.checkpoint import valid_tuned
 from diffcli.checks import is_number
 from diffcli.config import RunConfig
 from diffcli.errors import UserError
@@ -151,8 +152,7 @@ def _training(entry, cfg: RunConfig) -> tuple[int, LabelReading | None, dict | N
     entry = entry if isinstance(entry, dict) else {}
     step, batch, knowledge, gain = (entry.get(k) for k in ("step", "batch_size", "label_knowledge", "label_gain"))
     number = lambda v: is_number(v) and math.isfinite(v)  # noqa: E731
-    tuned = entry.get("tuned_guidance")
-    tuned = tuned if isinstance(tuned, dict) and number(tuned.get("weight")) and tuned["weight"] >= 0 else None
+    tuned = valid_tuned(entry.get("tuned_guidance"))
     if not (is_number(step, int) and step >= 0 and is_number(batch, int) and batch >= 1):
         return 0, None, tuned
     cfg.train.batch_size = batch

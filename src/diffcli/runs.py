@@ -267,7 +267,6 @@ def _guidance(cfg: dict, meta: dict) -> dict:
     """The weight `sample` uses by default for this model, and why (spec.default_guidance)."""
     if not meta["class_names"]:
         return {}
-    seen = checkpoint.training(from_dict(cfg), meta)
     if tuned := meta.get("tuned_guidance"):  # chosen by measurement (tuning.py): say by what
         fd = tuned.get("classifier_fd") or {}
         scores = ", ".join(f"{w} {v:.3g}" if is_number(v) else f"{w} ?" for w, v in fd.items()) if isinstance(fd, dict) else "?"
@@ -276,6 +275,7 @@ def _guidance(cfg: dict, meta: dict) -> dict:
         return {"default_guidance": f"{tuned['weight']:g} (tuned with {tuned.get('classifier', '?')} on {how or '?'}, "
                                     f"{tuned.get('images_per_weight', '?')} images a weight: classifier-FD by weight {scores}; "
                                     f"the rule's {rule})"}
+    seen = checkpoint.training(from_dict(cfg), meta)
     why = f"for {seen.images:,} training images" if seen.images else "training unknown"
     if seen.images and seen.knowledge is not None:
         why += f", label knowledge {seen.knowledge:.2f}" + ("" if seen.gain is None else f", label gain {seen.gain:.3f}")
