@@ -53,6 +53,7 @@ def test_benchmark_scripts_run(mnist_root, tmp_path):
     knowledge_root = shutil.copytree(mnist_root, tmp_path / "knowledge-data")
     folder_root = shutil.copytree(mnist_root, tmp_path / "folder-data")
     flow_root = shutil.copytree(mnist_root, tmp_path / "flow-data")
+    fd_root = shutil.copytree(mnist_root, tmp_path / "fd-data")
     flow_cfg = build_config("tiny", None, {"data": {"name": "mnist", "root": str(flow_root)}, "diffusion": {"objective": "flow"}})
     flow_cfg.model.image_size, flow_cfg.model.in_channels, flow_cfg.model.num_classes = 28, 1, 10
     flow_model = tmp_path / "flow.safetensors"  # untrained, as the v model beside it
@@ -78,6 +79,8 @@ def test_benchmark_scripts_run(mnist_root, tmp_path):
                          "--out", str(tmp_path / "flow.png")],
         "label_knowledge.py": [f"{model}=mnist", "--data-root", str(knowledge_root), "--n", "4", "--draws", "1",
                                "--timesteps", "500"],
+        "fd_forms.py": ["--models", f"{model}@2", "--classifiers", str(clf), "--n", "2", "--steps", "2",
+                        "--data-root", str(fd_root)],
         "class_folder.py": ["mnist", "--classes", "3,5", "--limit", "4", "--data-root", str(folder_root),
                             "--out", str(tmp_path / "pair")],
     }
@@ -114,6 +117,8 @@ def test_benchmark_scripts_run(mnist_root, tmp_path):
     assert "| v | euler | 2 | 4 |" in flows and "| flow | euler | 2 | 4 |" in flows
     assert (tmp_path / "flow.png").stat().st_size > 0
     assert "16/8: training" in out["size_cost.py"] and "| t = 500 | gain |" in out["label_knowledge.py"]
+    assert f"| {model} at 2 | clf.safetensors | " in out["fd_forms.py"]  # five forms, each with its ratio to the floor
+    assert out["fd_forms.py"].splitlines()[-1].count("×)") == 5
     from diffcli import data as D  # the folder reads back as --data reads it: two classes, both splits
 
     pair = D.load(str(tmp_path / "pair"))

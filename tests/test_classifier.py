@@ -15,6 +15,7 @@ from diffcli.classifier import (
     load_classifier,
     per_class_accuracy,
     predict,
+    save_classifier,
     score,
     shift,
     train_classifier,
@@ -93,6 +94,7 @@ def test_cli_trains_saves_and_reports_what_a_reload_measures(tmp_path):
     assert "test accuracy" in r.output and out.exists()
     model, meta = load_classifier(out)
     assert meta["class_names"] == list(D.SHAPES) and meta["dataset"] == "shapes" and meta["augmented"] is False
+    assert meta["epochs"] == 5 and json.loads(runner.invoke(app, ["inspect", str(out), "--json"]).output)["epochs"] == 5
     rescored = score(model, D.load("shapes", split="test"))
     assert rescored["test_accuracy"] == pytest.approx(meta["test_accuracy"], abs=1e-6)
     assert rescored["per_class_accuracy"] == pytest.approx(meta["per_class_accuracy"], abs=1e-6)
@@ -173,3 +175,14 @@ def test_classifier_train_run_inside_its_data_writes_beside_it(tmp_path, monkeyp
     r = runner.invoke(app, ["classifier", "train", "--data", ".", "--epochs", "1", "--width", "4"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "pets-classifier.safetensors").is_file() and not list(data.rglob("*.safetensors"))
+
+
+def test_inspect_json_of_a_classifier_with_a_nan_score_is_strict_json(tmp_path):
+    out = tmp_path / "c.safetensors"
+    save_classifier(out, Classifier(ClassifierConfig(1, 28, 2, width=4)), ["a", "b"], "x",
+                    {"test_accuracy": float("nan"), "per_class_accuracy": [None, None], "test_images": 0})
+    r = runner.invoke(app, ["inspect", str(out), "--json"])
+
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+    assert r.exit_code == 0 and json.loads(r.stdout, parse_constant=refuse)["test_accuracy"] is None

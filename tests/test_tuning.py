@@ -68,7 +68,7 @@ def test_new_metadata_leaves_every_tensor_byte_as_it_was(tmp_path):
         assert f.metadata() == {"format": "x", "kept": "yes", "added": "1.5"}
 
 
-def test_tune_guidance_stores_the_best_weight_which_sample_then_uses(tiny_run, shapes_classifier, tmp_path):
+def test_tune_guidance_stores_the_best_weight_which_sample_then_uses(tiny_run, shapes_classifier, tmp_path, caplog):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)  # (the session's run stays as it was)
     model = run / "model.safetensors"
@@ -76,7 +76,8 @@ def test_tune_guidance_stores_the_best_weight_which_sample_then_uses(tiny_run, s
     r = runner.invoke(app, ["tune-guidance", "--ckpt", str(model), "--classifier", str(shapes_classifier), "--weights", "0,3",
                             "--n", "2", "--steps", "2", "--real-n", "100", "--json", "--device", "cpu"])
     assert r.exit_code == 0, r.output
-    report = json.loads(r.output)
+    report = json.loads(r.stdout)
+    assert "trained for 2 epoch(s), fewer than the 16" in caplog.text and report["classifier"]["epochs"] == 2  # (the fixture's quick judge)
     rows = {row["guidance"]: row["classifier_fd"] for row in report["rows"]}
     assert report["rule"] == 3 and report["stored"]  # (a 12-step model: the rule's ceiling)
     assert set(rows) == {0, 3}  # the weights given, and no others
@@ -193,3 +194,22 @@ def test_a_resume_says_that_the_tuned_weight_goes_with_the_next_checkpoint(tiny_
     assert r.exit_code == 0, r.output
     assert "tuned guidance weight 1.5 goes with the first checkpoint of new steps" in " ".join(r.output.split())
     assert model_metadata(model_header(run / "model.safetensors"))["tuned_guidance"] is None
+
+
+def test_a_judge_trained_short_is_told_apart_from_a_full_one_or_an_older_file():
+    from diffcli.classifier import ClassifierConfig, classifier_metadata, trained_short
+
+    def meta(**extra):
+        header = {"format": "diffcli-classifier", "config": json.dumps({"in_channels": 3, "image_size": 32, "num_classes": 2,
+                                                                        "arch": "resnet"}),
+                  "class_names": "[\"a\", \"b\"]", "test_accuracy": "0.9", "per_class_accuracy": "[0.9, 0.9]",
+                  "test_images": "10", **extra}
+        return classifier_metadata({"__metadata__": header})
+    assert isinstance(meta()["config"], ClassifierConfig)
+    assert trained_short(meta(epochs="1.0")) == 16  # (the ResNet's default)
+    assert trained_short(meta(epochs="16.0")) is None and trained_short(meta(epochs="40.0")) is None
+    assert trained_short(meta()) is None  # a file from before the epochs were kept says nothing
+    for odd in ("nan", "inf", "-1", "0", "abc", ""):  # it only feeds a warning: an odd value is as if absent, never damage
+        assert meta(epochs=odd)["epochs"] is None
+    grey = meta(epochs="3.0", config=json.dumps({"in_channels": 1, "image_size": 28, "num_classes": 2, "arch": "cnn"}))
+    assert trained_short(grey) == 10

@@ -10,8 +10,9 @@ dataset only, never across datasets or with Inception FID.
 
 Files are safetensors with metadata {"format": "diffcli-classifier", "config",
 "class_names", "dataset", "test_accuracy", "per_class_accuracy", "test_images",
-"augmented"} (the last absent from files made before `augment`; files made before the
-ResNet have no "arch" in their config, and are the CNN).
+"augmented", "epochs"} ("augmented" absent from files made before `augment`, "epochs" from
+files made before it was kept; files made before the ResNet have no "arch" in their config,
+and are the CNN).
 """
 
 from __future__ import annotations
@@ -137,6 +138,13 @@ def default_epochs(channels: int, size: int) -> float:
     return 16 if arch_for(channels, size) == "resnet" else 10
 
 
+def trained_short(meta: dict) -> int | None:
+    """`default_epochs` for a classifier's images where it trained for fewer (it is then a
+    weaker judge than `classifier train` makes); None where it did not, or did not say."""
+    usual = default_epochs(meta["config"].in_channels, meta["config"].image_size)
+    return usual if meta["epochs"] is not None and meta["epochs"] < usual else None
+
+
 def train_classifier(train: ImageData, test: ImageData, epochs: float | None = None, batch_size: int = 128, lr: float = 3e-3,
                      width: int = ClassifierConfig.width, seed: int = 0, device: torch.device | str = "cpu",
                      report: Callable[..., None] | None = None, augmented: bool = True, flip: bool = False,
@@ -145,7 +153,7 @@ def train_classifier(train: ImageData, test: ImageData, epochs: float | None = N
     False), then score on `test`; `flip` also makes the classifier judge mirror images
     together. `epochs`: default `default_epochs`. AdamW with a short warm-up and a cosine decay to zero (the
     one-cycle shape that converges fast in few epochs). `arch`: default `arch_for` the
-    images' channels. Returns (model in eval mode, scores from `score`).
+    images' channels. Returns (model in eval mode, scores from `score` and the epochs trained).
     `report("step", step=, total=, loss=)` is called every step."""
     if train.num_classes < 2:
         raise UserError(f"'{train.name}' has {train.num_classes} class(es); a classifier needs at least 2 (sub-folders = classes).")
@@ -188,7 +196,7 @@ def train_classifier(train: ImageData, test: ImageData, epochs: float | None = N
             if step == total:
                 break
     model.eval()
-    return model, score(model, test)
+    return model, {**score(model, test), "epochs": step / steps_per_epoch}  # (saved with its scores: what ran, in whole steps)
 
 
 def score(model: Classifier, test: ImageData) -> dict:
@@ -219,6 +227,7 @@ def save_classifier(path: Path, model: Classifier, class_names: list[str], datas
         "test_accuracy": repr(scores["test_accuracy"]),
         "per_class_accuracy": json.dumps(scores["per_class_accuracy"]),
         "test_images": str(scores["test_images"]),
+        **({"epochs": repr(float(scores["epochs"]))} if "epochs" in scores else {}),
     }
     checkpoint.save_tensors(path, model.state_dict(), metadata)
 
@@ -231,9 +240,20 @@ def classifier_metadata(header: dict) -> dict:
         return {"config": ClassifierConfig(**json.loads(meta["config"])), "class_names": json.loads(meta["class_names"]),
                 "dataset": meta.get("dataset", "?"), "test_accuracy": float(meta["test_accuracy"]),
                 "per_class_accuracy": json.loads(meta["per_class_accuracy"]), "test_images": int(meta["test_images"]),
-                "augmented": json.loads(meta.get("augmented", "false"))}  # files before augmentation had none
+                "augmented": json.loads(meta.get("augmented", "false")),  # files before augmentation had none
+                "epochs": _epochs(meta.get("epochs"))}
     except (KeyError, ValueError, TypeError):
         raise UserError("the metadata of this classifier file is damaged.") from None
+
+
+def _epochs(text: str | None) -> float | None:
+    """How long a classifier trained, where its file says so plainly: it only feeds a warning,
+    so a value that is not a positive number reads as absent rather than as damage."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) and value > 0 else None
 
 
 def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tuple[Classifier, dict]:

@@ -196,12 +196,10 @@ def evaluate(model, cfg, class_names: list[str], opts: EvalOptions, real: RealIm
               **({"guidance_built_in": model.student.guidance} if model.student else {}),
               "guidance_interval": spec.interval, "shift": spec.shift, "eta": spec.eta, "seed": opts.seed, "sampling_s": round(seconds, 2)}
     if clf is not None:
-        # The floor: real images the reference does not hold, as many as generated.
-        source = real.pool if real.pool is not None else real.train
-        floor = source.images[torch.randperm(len(source.labels), generator=torch.Generator().manual_seed(opts.seed))[:len(labels)]]
         with status("classifying ..."):
             known = real.known.setdefault((id(clf), opts.seed, len(labels)), {})  # the same from one call to the next
-            report.update(class_fidelity(clf, images, labels, real.reference.images, floor, known))
+            report.update(class_fidelity(clf, images, labels, real.reference.images, floor_images(real, len(labels), opts.seed),
+                                         known))
     mem = None
     if opts.memorisation:
         with status("searching the nearest training images ..."):
@@ -218,6 +216,12 @@ def evaluate(model, cfg, class_names: list[str], opts: EvalOptions, real: RealIm
             report["fid"] = fid.fid(net, images, mu, cov)
         report["fid_reference"] = f"{len(real.reference.labels)} real images never trained on ({'cached' if cached else 'computed now'})"
     return report, images, mem
+
+
+def floor_images(real: RealImages, n: int, seed: int) -> torch.Tensor:
+    """The floor's images: `n` real ones the reference does not hold, drawn by `seed`."""
+    source = real.pool if real.pool is not None else real.train
+    return source.images[torch.randperm(len(source.labels), generator=torch.Generator().manual_seed(seed))[:n]]
 
 
 def class_fidelity(clf: Classifier, images: torch.Tensor, labels: torch.Tensor, real_images: torch.Tensor,

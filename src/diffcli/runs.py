@@ -219,7 +219,8 @@ def classifier_summary(header: dict) -> dict:
     meta = classifier_metadata(header)
     return {"kind": "classifier", "dataset": meta["dataset"], **asdict(meta["config"]), "classes": meta["class_names"],
             "test_accuracy": meta["test_accuracy"], "per_class_accuracy": [None if a is None else round(a, 4) for a in meta["per_class_accuracy"]],
-            "test_images": meta["test_images"], "augmented": meta["augmented"]}
+            "test_images": meta["test_images"], "augmented": meta["augmented"],
+            **({"epochs": meta["epochs"]} if meta["epochs"] is not None else {})}  # (older files do not say)
 
 
 def model_summary(header: dict, meta: dict, file_size: int) -> dict:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import logging
 import math
 import os
 import time
@@ -27,6 +28,8 @@ from diffcli.errors import UserError, listed, writing
 
 if TYPE_CHECKING:  # (evaluation imports torch, and the command line reads WEIGHTS and SEED without it)
     from diffcli.evaluation import EvalOptions
+
+log = logging.getLogger("diffcli")
 
 # Tried when no weights are given, with the rule's own: the rule's span (1.25 to 3) widened to
 # the plain conditional model, 1, and to 3.5, where CIFAR-10's four vehicles drew best after
@@ -126,7 +129,8 @@ def tune(opts: TuneOptions, device, status=lambda text: contextlib.nullcontext()
         store(path, digest, entry)
     return {"model": str(path), "sampler": spec.sampler, "steps": spec.steps, "images_per_weight": images,
             "seed": ev.seed, "rule": rule, "previous": trained.tuned, "rows": rows, "chosen": chosen["guidance"],
-            "stored": digest is not None, "classifier": {"path": str(ev.classifier), "test_accuracy": got.clf_meta["test_accuracy"]}}
+            "stored": digest is not None, "classifier": {"path": str(ev.classifier), "test_accuracy": got.clf_meta["test_accuracy"],
+                           "epochs": got.clf_meta["epochs"]}}
 
 
 def _rounded(x: float) -> float | None:
@@ -135,8 +139,11 @@ def _rounded(x: float) -> float | None:
 
 def _check_judge(got, storing: bool) -> None:
     """Refuse a model whose weights hold NaN (every weight would draw the same black pictures),
-    and, for a weight to be stored, a classifier or real images of other classes than the model's."""
+    and, for a weight to be stored, a classifier or real images of other classes than the model's;
+    warn of a classifier trained short."""
     import torch
+
+    from diffcli.classifier import trained_short
 
     if not all(bool(torch.isfinite(p).all()) for p in got.model.parameters()):
         raise UserError("this model's weights hold NaN or infinite numbers, so every weight draws the same broken "
@@ -146,6 +153,10 @@ def _check_judge(got, storing: bool) -> None:
         if storing and theirs != names:
             raise UserError(f"{what} has the classes {listed(theirs, 5)}, the model {listed(names, 5)}: a weight chosen "
                             "on other classes' pictures would not be this model's; use its own, or --no-store to only measure.")
+    if usual := trained_short(got.clf_meta):  # docs/results.md, "How much the weight depends on the judge"
+        log.warning("the classifier trained for %g epoch(s), fewer than the %d `diffcli classifier train` gives it by default, so "
+                    "it may choose a weight far from a fully trained judge's (on CIFAR-10's vehicles one epoch chose 1.5 where the "
+                    "full judge chose 3.5); train it again without --epochs.", got.clf_meta["epochs"], usual)
 
 
 def storable(path: Path) -> str:

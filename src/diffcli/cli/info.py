@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,7 +9,7 @@ import typer
 from rich.table import Table
 
 from diffcli.checks import IMAGE_SIZE, SEED, TIMESTEPS, Range
-from diffcli.cli._common import AsJson, console, parse_list, writing
+from diffcli.cli._common import AsJson, as_json_text, console, parse_list, writing
 from diffcli.errors import UserError
 
 
@@ -23,7 +22,7 @@ def inspect(
 
     info = describe(ckpt)
     if as_json:
-        print(json.dumps(info, indent=2))
+        print(as_json_text(info))
         return
     table = Table(title=str(ckpt), show_header=False, title_justify="left")
     for key, value in info.items():
