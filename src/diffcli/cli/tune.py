@@ -22,8 +22,8 @@ _DEFAULT_WEIGHTS = ",".join(f"{w:g}" for w in WEIGHTS)
 
 def tune_guidance(
     ckpt: Ckpt,
-    classifier: Annotated[Path, typer.Option(help="A classifier from `diffcli classifier train` on the model's data: "
-                                                  "it scores the pictures of each weight.")],
+    classifier: Annotated[Path, typer.Option(help="A classifier from `diffcli classifier train` on the model's data, "
+                                                  "trained for its default epochs: it scores the pictures of each weight.")],
     weights: Annotated[Optional[str], typer.Option(help="Comma-separated guidance weights to try, in rising order until two are "
                                                         "worse than the best; the model's current weight is always tried too "
                                                         f"(default: {_DEFAULT_WEIGHTS}, and on past 3.5 in steps of 0.5, up to 8, "
