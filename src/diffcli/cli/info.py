@@ -18,7 +18,7 @@ def inspect(
     as_json: AsJson = False,
 ):
     """Tell what a checkpoint (or a run folder) holds; reads only file headers."""
-    from diffcli.runs import describe
+    from diffcli.inspection import describe
 
     info = describe(ckpt)
     if as_json:
