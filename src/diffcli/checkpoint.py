@@ -152,7 +152,7 @@ def trained_sha256(data: bytes) -> str:
     keeps beside a hash of the tensors it left alone (so that other tensors under a copied
     header do not pass). A distillation names its teacher by it (distill.py)."""
     try:
-        tuned = _tuned((_split(data)[0].get("__metadata__") or {}).get(TUNED)) or {}
+        tuned = valid_tuned(json.loads((_split(data)[0].get("__metadata__") or {}).get(TUNED) or "null")) or {}  # (no warning: a hash)
         kept = tuned.get("untuned_sha256")
         if isinstance(kept, str) and tuned.get("tensors_sha256") == tensors_sha256(data):
             return kept
